@@ -1,0 +1,5 @@
+import sys
+
+from simzss.cli import main
+
+sys.exit(main())

@@ -1,0 +1,176 @@
+"""Typed configuration for training and models.
+
+Configs are plain dataclasses. YAML files and ``key.sub=value`` command-line overrides are merged
+onto them with OmegaConf, which rejects unknown keys by name. Library code receives these
+dataclasses (or explicit arguments taken from them), never an argparse namespace.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+@dataclass
+class VisionConfig:
+    """Frozen DINOv2 vision tower (a timm model)."""
+
+    name: str = "vit_base_patch14_reg4_dinov2.lvd142m"
+    pretrained: bool = True
+    weights: Optional[str] = None  # local weights file (.safetensors/.pth/.bin); implies no hub download
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (e.g. depth)
+    compile: bool = False
+
+
+@dataclass
+class TextConfig:
+    """Trainable text tower: a CLIP-style causal transformer from scratch, or a pretrained AutoModel."""
+
+    kind: str = "scratch"  # scratch | pretrained
+    name_or_path: Optional[str] = None  # for kind=pretrained
+    layers: int = 12
+    width: int = 512
+    heads: int = 8
+    context_length: int = 77
+    pooling: str = "eos"  # eos (last non-pad token) | cls (first token) | mean
+    compile: bool = False
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    tokenizer: str = "openai/clip-vit-base-patch32"  # HF fast tokenizer, hub name or local path
+    tau: float = 0.1  # temperature of the patch-query softmax
+    query: str = "concept"  # concept (the paper) | prototype (the official release)
+    concept_weight: float = 0.05  # lambda; 0 turns SimZSS into LiT
+    concept_target: str = "label"  # label (true labels) | argmax (official release)
+    concept_scale: Optional[float] = 1 / 0.07  # fixed logit scale of the concept loss; null = learned scale
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_max: float = math.log(100.0)
+
+
+@dataclass
+class DataConfig:
+    shards: List[str] = field(default_factory=list)  # brace patterns, paths, pipe: or URLs
+    num_samples: Optional[int] = None  # samples per epoch; default: sum of sizes.json
+    image_size: int = 224
+    crop_scale: Tuple[float, float] = (0.9, 1.0)
+    workers: int = 4
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    max_concepts: int = 32
+    concept_bank: Optional[str] = None  # text file; default: the built-in evaluation vocabulary
+    synonyms: Optional[str] = None
+    spacy_model: str = "en_core_web_sm"  # used only when shards lack concepts.json
+    feature_cache: Optional[str] = None  # cache-features output: train without the vision tower
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-5
+    scale_lr: bool = True  # lr *= global_batch / 256
+    weight_decay: float = 0.2
+    betas: Tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup: float = 0.1  # fraction of total steps
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class EvalHookConfig:
+    """Zero-shot segmentation run by the trainer at the end (and every ``every`` steps if > 0)."""
+
+    datasets: List[str] = field(default_factory=list)  # e.g. ["folder:/data/toy/val"]
+    every: int = 0
+    templates: str = "single"
+    image_size: int = 448  # short side
+    crop: int = 448
+    stride: int = 224
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalHookConfig = field(default_factory=EvalHookConfig)
+    output_dir: str = "runs"
+    run_name: str = "simzss"
+    seed: int = 0
+    batch_size: int = 1024  # per device
+    epochs: int = 10
+    max_steps: Optional[int] = None  # overrides epochs when set
+    grad_accum: int = 1
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | bf16 | fp16 | no
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    report_to: str = "none"  # wandb | tensorboard | none
+    resume: Optional[str] = None  # latest | PATH
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def load_config(
+    schema: type[T], path: Optional[str | Path] = None, overrides: Sequence[str] = ()
+) -> T:
+    """Build ``schema`` from defaults, then a YAML file, then ``key.sub=value`` overrides."""
+    base = OmegaConf.structured(schema)
+    try:
+        if path is not None:
+            base = OmegaConf.merge(base, OmegaConf.load(str(path)))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+    except ConfigKeyError as e:
+        raise ConfigError(f"unknown config key: {e.full_key!s} ({e.msg.splitlines()[0]})") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0] + (f" (key: {e.full_key})" if getattr(e, "full_key", None) else "")) from None
+    return OmegaConf.to_object(base)  # type: ignore[return-value]
+
+
+def config_from_dict(schema: type[T], data: Dict[str, Any]) -> T:
+    """Rebuild a config dataclass from its ``to_dict`` form (checkpoints, exports)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    """JSON-serialisable dict of a config dataclass (tuples become lists)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+__all__ = [
+    "VisionConfig",
+    "TextConfig",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "EvalHookConfig",
+    "TrainConfig",
+    "ConfigError",
+    "load_config",
+    "config_from_dict",
+    "to_dict",
+    "to_yaml",
+]
