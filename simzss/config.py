@@ -114,6 +114,8 @@ class TrainConfig:
     report_to: str = "none"  # wandb | tensorboard | none
     resume: Optional[str] = None  # latest | PATH
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    cpu: bool = False  # train on the CPU even when a GPU is visible
+    find_unused_parameters: Optional[bool] = None  # DDP; null = auto (true for a pretrained text model)
 
 
 T = TypeVar("T")

@@ -1,0 +1,8 @@
+"""Thin entry point: ``python eval.py MODEL --task ... --datasets ...`` == ``simzss eval ...``."""
+
+import sys
+
+from simzss.eval.runner import main
+
+if __name__ == "__main__":
+    sys.exit(main())

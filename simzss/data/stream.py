@@ -1,0 +1,650 @@
+"""The webdataset training stream: tar shards -> decoded, augmented, tokenised :class:`Batch` es.
+
+Layout of one rank's stream (everything below the DataLoader runs inside each worker):
+
+    shard list (repeated forever, reshuffled every pass with seed/epoch/pass; or resampled with replacement)
+    -> split by node (explicit rank / world_size) -> split by worker
+    -> tar reading (errors logged + counted) -> sample shuffle buffer
+    -> explicit decode (images / UTF-8 text / JSON only, nothing else is ever decoded or unpickled)
+    -> batching -> concepts (from ``KEY.concepts.json`` or spaCy on the fly) + tokenisation -> Batch
+
+Equal epochs on every rank: each worker's stream is infinite, and worker ``w`` of ``W`` emits exactly
+``num_batches // W + (w < num_batches % W)`` batches, so every rank's DataLoader yields exactly
+``num_batches = num_samples // (batch_size * world_size)`` batches whatever the shard sizes (no DDP hang).
+Because streams are infinite, an "epoch" visits approximately (not exactly) every sample once.
+
+Resume: the loader tracks how many batches each worker has delivered in the current epoch. The
+DataLoader takes batches from workers strictly round-robin (skipping finished workers), so that count
+is known exactly in the main process. On resume every worker replays its stream (same seeds) and
+discards the batches it had already delivered before collation/tokenisation. Cost: those samples are
+read, decoded and augmented again (about ``consumed / num_batches`` of an epoch's loading work, spread
+over the workers), but nothing is tokenised or sent between processes. Exact replay needs the same
+shards, ``seed``, ``world_size`` and number of workers; random crops are not replayed bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import webdataset as wds
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.utils import make_seed
+
+from simzss.config import DataConfig
+from simzss.data.shards import IMAGE_EXTENSIONS, SIZES_FILE, expand_urls, read_sizes
+from simzss.data.transforms import decode_image, decode_min_size, normalize_batch, train_crop
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from simzss.concepts import ConceptBank, ConceptExtractor
+
+logger = logging.getLogger(__name__)
+
+CAPTION_EXTENSION = "txt"
+CONCEPTS_EXTENSION = "concepts.json"
+
+# Per worker, epoch and reason, the first few skips are logged at WARNING, the rest at DEBUG (counts stay exact).
+_LOG_FIRST_SKIPS = 10
+
+ConceptSpans = List[Tuple[int, List[Tuple[int, int]]]]  # [(class_id, char spans), ...] of one caption
+
+_TENSOR_FIELDS = (
+    "images",
+    "input_ids",
+    "attention_mask",
+    "concept_mask",
+    "concept_labels",
+    "vision_cls",
+    "vision_patches",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One training batch (see docs/CONTRACTS.md)."""
+
+    images: Optional[Tensor]  # [B,3,H,W] float, ImageNet-normalised (None when features are cached)
+    input_ids: Tensor  # [B,L] long
+    attention_mask: Tensor  # [B,L] long
+    concept_mask: Tensor  # [B,K,L] bool
+    concept_labels: Tensor  # [B,K] long, -1 padding
+    captions: List[str]
+    keys: List[str]
+    skipped: Dict[str, int] = field(default_factory=dict)  # samples skipped by reason since the worker's previous batch
+    vision_cls: Optional[Tensor] = None  # [B,D] cached features (simzss.features)
+    vision_patches: Optional[Tensor] = None  # [B,h,w,D]
+
+    def _map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "Batch":
+        changes = {name: fn(getattr(self, name)) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """Copy of the batch with every tensor on ``device``."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Copy with tensors in pinned memory (called by the DataLoader's pin-memory thread)."""
+        return self._map_tensors(lambda t: t.pin_memory())
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards and epoch size
+# --------------------------------------------------------------------------------------------------
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def local_shard_path(url: str) -> Optional[Path]:
+    """Filesystem path of a local shard (plain path or ``file:``), None for ``pipe:`` commands and URLs."""
+    if url.startswith("pipe:") or _URL_SCHEME.match(url):
+        return Path(url[len("file://") :]) if url.startswith("file://") else None
+    if url.startswith("file:"):
+        return Path(url[len("file:") :])
+    return Path(url)
+
+
+def expand_shards(specs: Sequence[str]) -> List[str]:
+    """Brace-expand shard specs (local paths, ``pipe:`` commands, URLs); local shards must exist."""
+    if not specs:
+        raise ValueError("no training shards: set data.shards (paths, brace patterns, pipe: commands or URLs)")
+    urls = expand_urls(specs)
+    missing = [u for u in urls if (p := local_shard_path(u)) is not None and not p.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{len(missing)} training shard(s) not found: {shown}")
+    return urls
+
+
+def count_samples(urls: Sequence[str]) -> int:
+    """Number of samples in ``urls`` according to the ``sizes.json`` next to each shard."""
+    tables: Dict[Path, Dict[str, int]] = {}  # folder -> its sizes.json
+    total = 0
+    unknown: List[str] = []
+    for url in urls:
+        path = local_shard_path(url)
+        if path is None:
+            raise ValueError(f"cannot size remote shard {url!r}: set data.num_samples")
+        if path.parent not in tables:
+            tables[path.parent] = read_sizes(path.parent)
+        n = tables[path.parent].get(path.name)
+        if n is None:
+            unknown.append(url)
+        else:
+            total += n
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} shard(s) missing from their {SIZES_FILE} (e.g. {unknown[0]!r}); "
+            "re-run `simzss prepare` or set data.num_samples"
+        )
+    return total
+
+
+def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Batches every rank yields per epoch: ``num_samples // (batch_size * world_size)``."""
+    return num_samples // (batch_size * world_size)
+
+
+def worker_share(num_batches: int, worker: int, num_workers: int) -> int:
+    """Batches worker ``worker`` of ``num_workers`` produces per epoch; the shares sum to ``num_batches``."""
+    return num_batches // num_workers + int(worker < num_batches % num_workers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker-side stages
+# --------------------------------------------------------------------------------------------------
+
+
+class _SkipStats:
+    """Per-worker bookkeeping: skipped samples by reason (drained into each Batch) and raw sample count."""
+
+    def __init__(self, worker: int) -> None:
+        self.worker = worker
+        self.pending: Counter[str] = Counter()
+        self.totals: Counter[str] = Counter()
+        self.raw_samples = 0
+
+    def skip(self, reason: str, detail: str) -> None:
+        self.pending[reason] += 1
+        self.totals[reason] += 1
+        level = logging.WARNING if self.totals[reason] <= _LOG_FIRST_SKIPS else logging.DEBUG
+        logger.log(
+            level, "skipping sample (%s): %s [worker %d, %d so far]", reason, detail, self.worker, self.totals[reason]
+        )
+
+    def tar_error(self, exc: Exception) -> bool:
+        """webdataset handler: count and log a tar read error, then continue with the stream."""
+        self.skip("read_error", f"{type(exc).__name__}: {exc}"[:500])
+        return True
+
+    def drain(self) -> Dict[str, int]:
+        out = dict(self.pending)
+        self.pending.clear()
+        return out
+
+
+def _split_by_node(src: Iterable[Dict[str, Any]], rank: int, world_size: int) -> Iterator[Dict[str, Any]]:
+    """Every ``world_size``-th shard from ``rank`` on (rank passed explicitly, never read from the env)."""
+    return itertools.islice(src, rank, None, world_size)
+
+
+def _repeated_shards(urls: Sequence[str], seed: int) -> Iterator[Dict[str, Any]]:
+    """The shard list repeated forever, each pass shuffled with its own seed (identical on every rank)."""
+    for n in itertools.count():
+        yield from wds.SimpleShardList(list(urls), seed=make_seed(seed, n))
+
+
+def _worker_seed(rank: int) -> int:
+    info = get_worker_info()
+    return rank * 1000 + (info.id if info is not None else 0)
+
+
+def _count_raw(src: Iterable[Dict[str, Any]], stats: _SkipStats) -> Iterator[Dict[str, Any]]:
+    for sample in src:
+        stats.raw_samples += 1
+        yield sample
+
+
+def _fail_if_unproductive(src: Iterable[Dict[str, Any]], stats: _SkipStats, limit: int) -> Iterator[Dict[str, Any]]:
+    """Raise instead of spinning forever when ``limit`` shards in a row yield no sample at all."""
+    idle, last = 0, stats.raw_samples
+    for shard in src:
+        idle = idle + 1 if stats.raw_samples == last else 0
+        last = stats.raw_samples
+        if idle > limit:
+            raise RuntimeError(
+                f"{limit} consecutive training shards yielded no sample (last: {shard.get('url')!r}); "
+                "check data.shards and the warnings above"
+            )
+        yield shard
+
+
+def _group(src: Iterable[Dict[str, Any]], size: int) -> Iterator[List[Dict[str, Any]]]:
+    """Full lists of ``size`` samples (the stream is endless, so there is never a partial one).
+
+    Unlike ``wds.batched``, a list is emitted as soon as it is full rather than when the next sample
+    arrives, so the skips counted while filling it belong to it and nothing is read ahead.
+    """
+    it = iter(src)
+    while len(group := list(itertools.islice(it, size))) == size:
+        yield group
+
+
+def _skip_batches(src: Iterable[List[Dict[str, Any]]], n: int, stats: _SkipStats) -> Iterator[List[Dict[str, Any]]]:
+    """Drop the first ``n`` (already consumed) sample lists; their skip counts were reported before."""
+    it = iter(src)
+    if n > 0:
+        for _ in itertools.islice(it, n):
+            pass
+        stats.drain()
+    yield from it
+
+
+class _SharedState:
+    """Epoch, seed and per-worker resume offsets in shared memory, so that persistent workers see updates."""
+
+    _HEADER = 2  # epoch, seed
+
+    def __init__(self, num_workers: int, epoch: int = 0, seed: int = 0) -> None:
+        self.num_workers = max(1, num_workers)
+        self._arr = multiprocessing.Array("q", self._HEADER + self.num_workers)
+        self.set(epoch, seed, [0] * self.num_workers)
+
+    def set(self, epoch: int, seed: int, skips: Sequence[int]) -> None:
+        with self._arr.get_lock():
+            self._arr[0], self._arr[1] = int(epoch), int(seed)
+            for i, s in enumerate(skips):
+                self._arr[self._HEADER + i] = int(s)
+
+    def get(self, worker: int) -> Tuple[int, int, int]:
+        """(epoch, seed, batches to skip for ``worker``)."""
+        with self._arr.get_lock():
+            return int(self._arr[0]), int(self._arr[1]), int(self._arr[self._HEADER + worker])
+
+
+class _TrainStream(IterableDataset):
+    """One rank's stream of :class:`Batch` es; each DataLoader worker builds its own wds pipeline."""
+
+    def __init__(
+        self,
+        urls: List[str],
+        cfg: DataConfig,
+        tokenizer: "PreTrainedTokenizerBase",
+        bank: "ConceptBank",
+        *,
+        batch_size: int,
+        context_length: int,
+        rank: int,
+        world_size: int,
+        num_batches: int,
+        state: _SharedState,
+    ) -> None:
+        super().__init__()
+        self.urls = urls
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.bank = bank
+        self.batch_size = batch_size
+        self.context_length = context_length
+        self.rank = rank
+        self.world_size = world_size
+        self.num_batches = num_batches
+        self.state = state
+        self.crop = train_crop(cfg.image_size, cfg.crop_scale)  # uint8 per image; normalised per batch
+        self.min_decode_size = decode_min_size(cfg.image_size, cfg.crop_scale)
+        self._extractor: Optional["ConceptExtractor"] = None  # created lazily, per worker
+        self._warned_on_the_fly = False
+
+    # -- pipeline -------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, seed, skip = self.state.get(worker)
+        todo = worker_share(self.num_batches, worker, num_workers) - skip
+        if todo <= 0:
+            return iter(())
+        stats = _SkipStats(worker)
+        if self.cfg.resampled:
+            # Each worker draws shards with replacement from its own deterministic (seed, epoch, rank,
+            # worker) generator; no split is needed.
+            shards: List[Any] = [
+                wds.ResampledShards(
+                    self.urls,
+                    seed=make_seed(seed, epoch),
+                    worker_seed=partial(_worker_seed, self.rank),
+                    deterministic=True,
+                )
+            ]
+        else:
+            # Split an endless, per-pass reshuffled shard list: every worker of every rank always has
+            # shards, however few there are and however uneven their sizes.
+            shards = [
+                partial(_repeated_shards, self.urls, make_seed(seed, epoch)),
+                partial(_split_by_node, rank=self.rank, world_size=self.world_size),
+                wds.split_by_worker,
+            ]
+        stages: List[Any] = [
+            *shards,
+            partial(_fail_if_unproductive, stats=stats, limit=4 * len(self.urls) + 32),
+            wds.tarfile_to_samples(handler=stats.tar_error),
+            partial(_count_raw, stats=stats),
+        ]
+        if self.cfg.shuffle_buffer > 1:
+            buf = self.cfg.shuffle_buffer
+            stages.append(wds.shuffle(buf, initial=min(buf, 100), seed=make_seed(seed, epoch, self.rank, worker)))
+        stages += [
+            partial(self._decode_samples, stats=stats),
+            partial(_group, size=self.batch_size),
+            partial(_skip_batches, n=skip, stats=stats),
+            wds.map(partial(self._collate, stats=stats)),
+        ]
+        return iter(wds.DataPipeline(*stages).with_epoch(todo))
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def _decode_samples(self, src: Iterable[Dict[str, Any]], stats: _SkipStats) -> Iterator[Dict[str, Any]]:
+        for raw in src:
+            sample = self._decode_one(raw, stats)
+            if sample is not None:
+                yield sample
+
+    def _decode_one(self, raw: Dict[str, Any], stats: _SkipStats) -> Optional[Dict[str, Any]]:
+        """Decode the image, caption and concepts of one raw tar sample; None (counted) if unusable.
+
+        Only these members are read; anything else (``.json`` metadata, ``.pyd``/``.pickle``/``.pth``...)
+        is dropped as raw bytes and never deserialised.
+        """
+        key = str(raw.get("__key__"))
+        where = f"{key} in {raw.get('__url__')}"
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if image_ext is None:
+            stats.skip("missing_image", where)
+            return None
+        caption_bytes = raw.get(CAPTION_EXTENSION)
+        if caption_bytes is None:
+            stats.skip("missing_caption", where)
+            return None
+        try:
+            caption = caption_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            stats.skip("caption_not_utf8", where)
+            return None
+        if not caption.strip():  # kept unstripped: concept char spans index the caption as stored
+            stats.skip("empty_caption", where)
+            return None
+        concepts: Optional[ConceptSpans] = None
+        if CONCEPTS_EXTENSION in raw:
+            try:
+                concepts = self._parse_concepts(raw[CONCEPTS_EXTENSION])
+            except ValueError as exc:
+                stats.skip("bad_concepts", f"{where}: {exc}"[:500])
+                return None
+        try:
+            image = self.crop(decode_image(raw[image_ext], self.min_decode_size))
+        except Exception as exc:  # untrusted bytes: PIL raises many types (OSError, ValueError, SyntaxError, ...)
+            stats.skip("corrupt_image", f"{where}: {type(exc).__name__}: {exc}"[:500])
+            return None
+        return {"key": key, "caption": caption, "image": image, "concepts": concepts}
+
+    def _parse_concepts(self, data: bytes) -> ConceptSpans:
+        """In-bank concepts of a ``KEY.concepts.json`` member as (class id, char spans)."""
+        from simzss.concepts import Concept
+
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"invalid concepts.json: {exc}") from exc
+        if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get("concepts"), list):
+            raise ValueError("concepts.json must be {'version': 1, 'concepts': [...]}")
+        return self._in_bank(Concept.from_json(d) for d in doc["concepts"])
+
+    def _in_bank(self, concepts: Iterable[Any]) -> ConceptSpans:
+        out: ConceptSpans = []
+        for c in concepts:
+            class_id = self.bank.lookup(c.concept)
+            if class_id is not None:
+                out.append((class_id, [tuple(s) for s in c.spans]))
+        return out
+
+    # -- batching -------------------------------------------------------------------------------
+
+    def _annotate(self, captions: List[str]) -> List[ConceptSpans]:
+        """Concepts of captions whose shard has no concepts.json, extracted with spaCy in this worker."""
+        if self._extractor is None:
+            from simzss.concepts import ConceptExtractor
+
+            self._extractor = ConceptExtractor(self.cfg.spacy_model)
+        if not self._warned_on_the_fly:
+            self._warned_on_the_fly = True
+            logger.warning(
+                "shards without concepts.json: extracting concepts with spaCy (%s) in the data workers, "
+                "which is much slower; run `simzss prepare` on the shards once instead",
+                self.cfg.spacy_model,
+            )
+        return [self._in_bank(cs) for cs in self._extractor(captions)]
+
+    def _collate(self, samples: List[Dict[str, Any]], stats: _SkipStats) -> Batch:
+        from simzss.data.tokenize import tokenize_batch
+
+        captions = [s["caption"] for s in samples]
+        concepts = [s["concepts"] for s in samples]
+        missing = [i for i, c in enumerate(concepts) if c is None]
+        if missing:
+            for i, found in zip(missing, self._annotate([captions[i] for i in missing])):
+                concepts[i] = found
+        tokens = tokenize_batch(
+            self.tokenizer, captions, concepts, self.context_length, max_concepts=self.cfg.max_concepts
+        )
+        return Batch(
+            images=normalize_batch(torch.stack([s["image"] for s in samples])),
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            concept_mask=tokens["concept_mask"],
+            concept_labels=tokens["concept_labels"],
+            captions=captions,
+            keys=[s["key"] for s in samples],
+            skipped=stats.drain(),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Loader
+# --------------------------------------------------------------------------------------------------
+
+
+def _identity(x: Batch) -> Batch:
+    return x
+
+
+class TrainLoader:
+    """Iterable of :class:`Batch`; ``len()`` batches per epoch, identical on every rank.
+
+    Iterating runs (the rest of) the current epoch; when an epoch is exhausted the loader moves on to
+    the next one by itself. ``set_epoch(e)`` selects epoch ``e`` (from its start, unless ``e`` is the
+    current epoch, so that a resumed mid-epoch position survives the trainer's usual ``set_epoch``).
+    """
+
+    def __init__(self, dataset: _TrainStream, *, num_samples: int, num_workers: int, seed: int) -> None:
+        self.dataset = dataset
+        self.num_samples = num_samples
+        self.num_batches = dataset.num_batches
+        self.num_workers = num_workers
+        self.seed = seed
+        self.epoch = 0
+        self._done = [0] * max(1, num_workers)  # batches delivered by each worker in this epoch
+        generator = torch.Generator()
+        generator.manual_seed(make_seed(seed, dataset.rank))  # worker base seeds -> augmentation RNG
+        self.loader = DataLoader(
+            dataset,
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=generator,
+        )
+
+    @property
+    def batches_consumed(self) -> int:
+        """Batches of the current epoch already handed out."""
+        return sum(self._done)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select ``epoch``; restarts it from its first batch unless it is already the current epoch."""
+        if epoch != self.epoch:
+            self.epoch = int(epoch)
+            self._done = [0] * len(self._done)
+
+    def __iter__(self) -> Iterator[Batch]:
+        workers = len(self._done)
+        shares = [worker_share(self.num_batches, w, workers) for w in range(workers)]
+        remaining = [s - d for s, d in zip(shares, self._done)]
+        if sum(remaining) > 0:
+            self.dataset.state.set(self.epoch, self.seed, self._done)
+            # The DataLoader returns batches strictly round-robin over the workers that still have
+            # some, so this schedule says which worker produced each batch.
+            schedule = [w for r in range(max(remaining)) for w in range(workers) if remaining[w] > r]
+            batches = iter(self.loader)
+            for produced, worker in enumerate(schedule):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    raise RuntimeError(f"training stream ended after {produced} of {len(schedule)} batches") from None
+                self._done[worker] += 1
+                yield batch
+        self.epoch += 1
+        self._done = [0] * workers
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Resume position: epoch, batches consumed (in total and per worker) and the stream seed."""
+        return {
+            "epoch": self.epoch,
+            "batches_consumed": self.batches_consumed,
+            "worker_batches": list(self._done),
+            "num_batches": self.num_batches,
+            "seed": self.seed,
+            "resampled": bool(self.dataset.cfg.resampled),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: same epoch, same stream seed, consumed batches skipped."""
+        try:
+            epoch, consumed, seed = int(state["epoch"]), int(state["batches_consumed"]), int(state["seed"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"invalid TrainLoader state {state!r}") from exc
+        if state.get("num_batches", self.num_batches) != self.num_batches:
+            logger.warning(
+                "epoch size changed since the checkpoint (%s -> %d batches); resuming by batch count",
+                state.get("num_batches"),
+                self.num_batches,
+            )
+        workers = len(self._done)
+        per_worker = state.get("worker_batches")
+        if not (isinstance(per_worker, list) and len(per_worker) == workers and sum(per_worker) == consumed):
+            if consumed:
+                logger.warning(
+                    "the checkpoint was written with a different number of data workers; the rest of epoch %d "
+                    "is approximate (%d batches skipped)",
+                    epoch,
+                    consumed,
+                )
+            per_worker = [math.ceil(max(0, consumed - w) / workers) for w in range(workers)]
+        shares = [worker_share(self.num_batches, w, workers) for w in range(workers)]
+        self.epoch, self.seed = epoch, seed
+        self._done = [min(int(d), s) for d, s in zip(per_worker, shares)]
+
+
+def build_train_loader(
+    cfg: DataConfig,
+    tokenizer: "PreTrainedTokenizerBase",
+    bank: "ConceptBank",
+    *,
+    batch_size: int,
+    context_length: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> TrainLoader:
+    """The training loader of one rank: ``len()`` = ``num_samples // (batch_size * world_size)`` batches.
+
+    ``num_samples`` is ``cfg.num_samples`` or the sum of ``sizes.json`` over the matched shards.
+    """
+    if batch_size < 1 or context_length < 2:
+        raise ValueError(f"batch_size must be >= 1 and context_length >= 2, got {batch_size}, {context_length}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if cfg.workers < 0:
+        raise ValueError(f"data.workers must be >= 0, got {cfg.workers}")
+    urls = expand_shards(cfg.shards)
+    num_samples = cfg.num_samples if cfg.num_samples is not None else count_samples(urls)
+    num_batches = batches_per_epoch(num_samples, batch_size, world_size)
+    if num_batches < 1:
+        raise ValueError(
+            f"{num_samples} samples per epoch are fewer than one global batch "
+            f"({batch_size} x {world_size} ranks); lower batch_size or set data.num_samples"
+        )
+    if cfg.workers > 0:
+        # Tokenising in forked workers after the parent used the Rust thread pool would deadlock-warn.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    state = _SharedState(cfg.workers, seed=seed)
+    dataset = _TrainStream(
+        urls,
+        cfg,
+        tokenizer,
+        bank,
+        batch_size=batch_size,
+        context_length=context_length,
+        rank=rank,
+        world_size=world_size,
+        num_batches=num_batches,
+        state=state,
+    )
+    logger.info(
+        "training stream: %d shards, %d samples/epoch, %d batches/epoch/rank (rank %d of %d, %d workers%s)",
+        len(urls),
+        num_samples,
+        num_batches,
+        rank,
+        world_size,
+        cfg.workers,
+        ", resampled" if cfg.resampled else "",
+    )
+    return TrainLoader(dataset, num_samples=num_samples, num_workers=cfg.workers, seed=seed)
+
+
+__all__ = [
+    "Batch",
+    "TrainLoader",
+    "build_train_loader",
+    "expand_shards",
+    "count_samples",
+    "local_shard_path",
+    "batches_per_epoch",
+    "worker_share",
+]

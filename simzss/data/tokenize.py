@@ -1,0 +1,339 @@
+"""Tokenizers: loading, training a byte-level BPE on captions, and caption/concept tokenization.
+
+``tokenize_batch`` turns captions plus the character spans of their in-bank concepts into the training
+tensors: token ids, attention mask, and for every kept concept a boolean mask over the caption's tokens
+(a token belongs to a concept when its character range overlaps one of the concept's word spans).
+
+``simzss tokenizer --shards 'data/shard-{000000..000009}.tar' --out tok/ --vocab-size 8192`` trains the
+BPE on the ``KEY.txt`` captions of image-text tar shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import operator
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN]
+
+Span = Tuple[int, int]
+CaptionConcepts = List[Tuple[int, List[Span]]]  # [(class_id, char spans), ...] of one caption
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and training
+# --------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(name_or_path: Union[str, Path]) -> PreTrainedTokenizerFast:
+    """Load a fast (Rust-backed) Hugging Face tokenizer from a local folder or a hub name.
+
+    A local folder is read with ``local_files_only`` (never a network call). Tokenizers without a pad
+    token get their EOS token as pad token (a common convention for GPT-style vocabularies).
+    """
+    name = str(name_or_path)
+    local = Path(name).exists()
+    if local and not Path(name).is_dir():
+        raise ValueError(f"tokenizer path {name!r} is a file; give the folder written by save_pretrained")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        where = "local folder" if local else "Hugging Face hub name (or its cached copy)"
+        raise OSError(f"cannot load tokenizer from {where} {name!r}: {exc}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"tokenizer {name!r} is a slow (Python) tokenizer ({type(tokenizer).__name__}); a fast tokenizer "
+            "is required for character offsets (convert it or save a tokenizer.json)"
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {name!r} has neither a pad nor an eos token")
+        logger.info("tokenizer %r has no pad token; using its eos token %r", name, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def train_bpe_tokenizer(
+    captions: Iterable[str], out_dir: Union[str, Path], vocab_size: int = 8192, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Train a lower-casing byte-level BPE on ``captions`` and save it (atomically) to ``out_dir``.
+
+    Special tokens ``<|startoftext|>``, ``<|endoftext|>``, ``<|pad|>`` (ids 0, 1, 2); every encoding
+    is wrapped in bos ... eos. Offsets exclude the space a byte-level token carries. The folder is
+    written with ``save_pretrained`` so :func:`load_tokenizer` reads it back.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    min_size = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+    if vocab_size < min_size:
+        raise ValueError(f"vocab_size must be >= {min_size} (256 bytes + special tokens), got {vocab_size}")
+
+    counts = {"captions": 0, "skipped": 0}
+
+    def texts() -> Iterator[str]:
+        for caption in captions:
+            if not isinstance(caption, str) or not caption.strip():
+                counts["skipped"] += 1
+                continue
+            counts["captions"] += 1
+            yield caption
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts(), trainer)
+    if counts["skipped"]:
+        logger.warning("skipped %d empty or non-text captions", counts["skipped"])
+    if counts["captions"] == 0:
+        raise ValueError("no captions to train the tokenizer on")
+    bos, eos = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOS_TOKEN)
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=True),  # offsets of "Ġdog" cover "dog", not " dog"
+            processors.TemplateProcessing(
+                single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
+                pair=f"{BOS_TOKEN} $A {EOS_TOKEN} $B:1 {EOS_TOKEN}:1",
+                special_tokens=[(BOS_TOKEN, bos), (EOS_TOKEN, eos)],
+            ),
+        ]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+    _save_atomic(tokenizer, Path(out_dir))
+    logger.info("trained a %d-token BPE on %d captions -> %s", tok.get_vocab_size(), counts["captions"], out_dir)
+    return tokenizer
+
+
+def _save_atomic(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
+    """save_pretrained into a temporary sibling folder, then swap it into place."""
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old: Optional[Path] = None
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            if not out_dir.is_dir():
+                raise NotADirectoryError(f"tokenizer output {out_dir} exists and is not a folder")
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old)  # onto an empty folder: allowed by rename(2)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists():
+            os.replace(old, out_dir)  # put the previous tokenizer back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch tokenization
+# --------------------------------------------------------------------------------------------------
+
+
+def tokenize_batch(
+    tokenizer: PreTrainedTokenizerFast,
+    captions: List[str],
+    concepts: List[CaptionConcepts],
+    context_length: int,
+    max_concepts: int = 32,
+) -> Dict[str, torch.Tensor]:
+    """Tokenize captions and map each concept's character spans to a mask over its tokens.
+
+    Returns ``input_ids`` / ``attention_mask`` [B, L] long (right-padded, L = longest caption,
+    <= ``context_length``; truncation keeps the tokenizer's EOS last), ``concept_mask`` [B, K, L] bool and
+    ``concept_labels`` [B, K] long (-1 = padding), K = the most concepts kept by any caption, capped at
+    ``max_concepts`` (K may be 0). A concept none of whose tokens is left after truncation is dropped;
+    beyond ``max_concepts`` the first ones (caption order as given) are kept.
+    """
+    if len(captions) != len(concepts):
+        raise ValueError(f"{len(captions)} captions but {len(concepts)} concept lists")
+    if context_length < 1 or max_concepts < 0:
+        raise ValueError(f"context_length must be >= 1 and max_concepts >= 0, got {context_length}, {max_concepts}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad token (load it with simzss.data.tokenize.load_tokenizer)")
+    batch = len(captions)
+    if batch == 0:
+        empty = torch.zeros(0, 0, dtype=torch.long)
+        return {"input_ids": empty, "attention_mask": empty.clone(),
+                "concept_mask": torch.zeros(0, 0, 0, dtype=torch.bool), "concept_labels": empty.clone()}
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise TypeError(f"caption {i} is {type(caption).__name__}, expected str")
+
+    kwargs = {} if getattr(tokenizer, "padding_side", "right") == "right" else {"padding_side": "right"}
+    enc = tokenizer(
+        captions,
+        truncation=True,
+        max_length=context_length,
+        padding="longest",
+        return_offsets_mapping=True,
+        return_tensors="pt",
+        **kwargs,
+    )
+    input_ids = enc["input_ids"].long()
+    attention_mask = enc["attention_mask"].long()
+    offsets = enc["offset_mapping"]  # [B, L, 2]; special and pad tokens are (0, 0)
+    starts, ends = offsets[..., 0], offsets[..., 1]
+    real = (ends > starts) & attention_mask.bool()
+    length = input_ids.shape[1]
+
+    kept: List[List[Tuple[int, torch.Tensor]]] = []
+    for b, caption_concepts in enumerate(concepts):
+        row: List[Tuple[int, torch.Tensor]] = []
+        for label, spans in caption_concepts:
+            label = _check_concept(b, label, spans)
+            mask = torch.zeros(length, dtype=torch.bool)
+            for s, e in spans:
+                mask |= (starts[b] < e) & (ends[b] > s)  # half-open ranges overlap
+            mask &= real[b]
+            if mask.any():
+                row.append((label, mask))
+        if len(row) > max_concepts:
+            logger.debug("caption %d: keeping the first %d of %d concepts", b, max_concepts, len(row))
+        kept.append(row[:max_concepts])
+
+    k = max((len(row) for row in kept), default=0)
+    concept_mask = torch.zeros(batch, k, length, dtype=torch.bool)
+    concept_labels = torch.full((batch, k), -1, dtype=torch.long)
+    for b, row in enumerate(kept):
+        for j, (label, mask) in enumerate(row):
+            concept_mask[b, j] = mask
+            concept_labels[b, j] = label
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "concept_mask": concept_mask,
+        "concept_labels": concept_labels,
+    }
+
+
+def _check_concept(b: int, label: object, spans: Sequence[Span]) -> int:
+    """Validate one (class_id, spans) entry; returns the class id as int."""
+    try:
+        if isinstance(label, bool):
+            raise TypeError
+        label = operator.index(label)  # int, numpy integer or integer scalar tensor
+    except TypeError:
+        raise TypeError(f"caption {b}: concept class id {label!r} is not an integer") from None
+    if label < 0:
+        raise ValueError(f"caption {b}: concept class id {label} is negative")
+    for span in spans:
+        if len(span) != 2 or not (0 <= span[0] < span[1]):
+            raise ValueError(f"caption {b}: invalid concept span {span!r}")
+    return label
+
+
+# --------------------------------------------------------------------------------------------------
+# `simzss tokenizer`
+# --------------------------------------------------------------------------------------------------
+
+
+def expand_shards(patterns: Sequence[str]) -> List[str]:
+    """Expand brace patterns / ``::`` lists (:func:`simzss.data.shards.expand_urls`); a folder stands for
+    its ``*.tar`` files."""
+    from simzss.data.shards import expand_urls
+
+    paths: List[str] = []
+    for path in expand_urls(patterns):
+        if os.path.isdir(path):
+            paths.extend(sorted(str(p) for p in Path(path).glob("*.tar")))
+        else:
+            paths.append(path)
+    return paths
+
+
+def iter_shard_captions(paths: Sequence[str], stats: Optional[Dict[str, int]] = None) -> Iterator[str]:
+    """Yield the UTF-8 ``KEY.txt`` captions of tar shards (stdlib tarfile; nothing is unpickled).
+
+    Unreadable shards and undecodable captions are skipped, counted in ``stats`` and logged.
+    """
+    from simzss.data.shards import split_key
+
+    stats = stats if stats is not None else {}
+    for key in ("shards", "captions", "bad_shards", "bad_captions"):
+        stats.setdefault(key, 0)
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"shard not found: {path}")
+        try:
+            with tarfile.open(path, mode="r:*") as tar:
+                for member in tar:
+                    key_ext = split_key(member.name) if member.isfile() else None
+                    if key_ext is None or key_ext[1] != "txt":
+                        continue
+                    data = tar.extractfile(member)
+                    try:
+                        text = data.read().decode("utf-8") if data is not None else None
+                    except UnicodeDecodeError:
+                        text = None
+                    if text is None:
+                        stats["bad_captions"] += 1
+                        logger.warning("%s: %s is not UTF-8 text; skipped", path, member.name)
+                        continue
+                    stats["captions"] += 1
+                    yield text.strip()
+            stats["shards"] += 1
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            stats["bad_shards"] += 1
+            logger.warning("%s: unreadable tar shard (%s); skipped the rest of it", path, exc)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``simzss tokenizer``: train a byte-level BPE tokenizer on the captions of tar shards."""
+    parser = argparse.ArgumentParser(prog="simzss tokenizer", description=main.__doc__)
+    parser.add_argument("--shards", nargs="+", required=True, help="tar shards: paths, brace patterns or folders")
+    parser.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a BPE merge")
+    parser.add_argument("--max-captions", type=int, default=None, help="train on at most this many captions")
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        paths = expand_shards(args.shards)
+    except ValueError:
+        paths = []
+    if not paths:
+        print("simzss tokenizer: no shards matched", file=sys.stderr)
+        return 2
+    stats: Dict[str, int] = {}
+    captions: Iterable[str] = iter_shard_captions(paths, stats)
+    if args.max_captions is not None:
+        captions = (c for i, c in zip(range(args.max_captions), captions))
+    try:
+        tokenizer = train_bpe_tokenizer(captions, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"simzss tokenizer: {exc}", file=sys.stderr)
+        return 1
+    logger.info(
+        "read %d captions from %d shards (%d unreadable shards, %d bad captions); vocabulary %d -> %s",
+        stats["captions"], stats["shards"], stats["bad_shards"], stats["bad_captions"], len(tokenizer), args.out,
+    )
+    return 0

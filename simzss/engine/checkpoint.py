@@ -1,0 +1,251 @@
+"""Pickle-free training checkpoints: atomic directories, rotation, RNG capture.
+
+Layout of ``RUN/checkpoints/step-000001000/``::
+
+    model.safetensors        trainable weights (SimZSS.trainable_state_dict)
+    optimizer.safetensors    tensors of the optimizer state   } tensors: safetensors
+    optimizer.json           the rest of it (param groups...) } everything else: JSON
+    scheduler.json
+    trainer_state.json       step, epoch, run id, data-stream position, resolved config
+    config.yaml              the resolved config, human-readable
+    rng-rank{R}.json / .safetensors   python / numpy / torch / cuda RNG of every rank
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a crash
+never leaves a half-written ``step-*`` directory behind; ``latest_checkpoint`` only sees complete ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+CKPT_RE = re.compile(r"^step-(\d+)$")
+TMP_PREFIX = ".tmp-"
+
+
+# --- tensors <-> (safetensors, JSON) -------------------------------------------------------------
+
+
+def flatten_state(obj: Any) -> Tuple[Any, Dict[str, torch.Tensor]]:
+    """Split a nested state (dicts, lists, tuples, tensors, numpy arrays, scalars) into a
+    JSON-serialisable skeleton and a flat ``{name: tensor}`` dict for safetensors.
+
+    Non-string dict keys and tuples are tagged so that :func:`unflatten_state` restores them exactly.
+    """
+    tensors: Dict[str, torch.Tensor] = {}
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = x.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(x, np.ndarray):
+            key = f"t{len(tensors)}"
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(x))
+            return {"__ndarray__": key}
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x):
+                return {k: walk(v) for k, v in x.items()}
+            return {"__items__": [[walk(k), walk(v)] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [walk(v) for v in x]}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if isinstance(x, np.generic):
+            return x.item()
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot store a {type(x).__name__} in a checkpoint")
+
+    return walk(obj), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            if "__tensor__" in x:
+                return tensors[x["__tensor__"]]
+            if "__ndarray__" in x:
+                return tensors[x["__ndarray__"]].numpy()
+            if "__tuple__" in x:
+                return tuple(walk(v) for v in x["__tuple__"])
+            if "__items__" in x:
+                return {walk(k): walk(v) for k, v in x["__items__"]}
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(skeleton)
+
+
+def save_state(obj: Any, directory: Path, name: str) -> None:
+    """Write ``name.json`` (+ ``name.safetensors`` when there are tensors) into ``directory``."""
+    skeleton, tensors = flatten_state(obj)
+    if tensors:
+        save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(skeleton), encoding="utf-8")
+
+
+def load_state(directory: Path, name: str) -> Any:
+    """Read back what :func:`save_state` wrote."""
+    tensor_path = directory / f"{name}.safetensors"
+    tensors = load_file(str(tensor_path)) if tensor_path.exists() else {}
+    skeleton = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
+    return unflatten_state(skeleton, tensors)
+
+
+# --- RNG -----------------------------------------------------------------------------------------
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, numpy, torch (and CUDA when present) RNG states of this process."""
+    state: Dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only when the device count matches)."""
+    random.setstate(_as_python_rng(state["python"]))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([t.to(torch.uint8) for t in cuda])
+        else:
+            log.warning("checkpoint has %d CUDA RNG states, this machine %d GPUs: not restored",
+                        len(cuda), torch.cuda.device_count())
+
+
+def _as_python_rng(s: Any) -> tuple:
+    # random.setstate wants (version, tuple_of_ints, gauss_next); JSON may have given lists.
+    version, internal, gauss = s
+    return (version, tuple(internal), gauss)
+
+
+# --- directories ---------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> List[Path]:
+    """Complete checkpoints in ``ckpt_dir``, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Optional[Path]:
+    ckpts = list_checkpoints(ckpt_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(resume: str, ckpt_dir: str | Path) -> Optional[Path]:
+    """``latest`` -> newest checkpoint in ``ckpt_dir`` (None when there is none yet, so a requeued
+    job can start from scratch); a path -> that checkpoint, or the newest inside a run folder."""
+    if resume == "latest":
+        return latest_checkpoint(ckpt_dir)
+    path = Path(resume)
+    if (path / "trainer_state.json").exists():
+        return path
+    for candidate in (path / "checkpoints", path):
+        found = latest_checkpoint(candidate)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"resume={resume!r}: not a checkpoint (no trainer_state.json) nor a folder with checkpoints")
+
+
+def rotate_checkpoints(ckpt_dir: str | Path, keep: int) -> List[Path]:
+    """Delete all but the newest ``keep`` checkpoints (keep <= 0 keeps everything); returns the deleted."""
+    if keep <= 0:
+        return []
+    old = list_checkpoints(ckpt_dir)[:-keep]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
+
+
+def tmp_checkpoint_dir(ckpt_dir: str | Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"{TMP_PREFIX}{checkpoint_name(step)}"
+
+
+def clean_tmp(ckpt_dir: str | Path) -> None:
+    """Remove temporary directories left by a checkpoint write that was killed half-way."""
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def finalize_checkpoint(tmp: Path, ckpt_dir: str | Path, step: int) -> Path:
+    """Atomically move a fully written temporary checkpoint into place (replacing one of the same step)."""
+    final = Path(ckpt_dir) / checkpoint_name(step)
+    if final.exists():
+        # os.replace cannot replace a non-empty directory: move the old one aside first.
+        aside = Path(ckpt_dir) / f"{TMP_PREFIX}old-{final.name}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def save_model_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
+    """Trainable weights as safetensors (shared storage is copied, as safetensors requires)."""
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(path))
+
+
+def load_model_weights(path: Path) -> Dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+__all__ = [
+    "flatten_state",
+    "unflatten_state",
+    "save_state",
+    "load_state",
+    "rng_state",
+    "set_rng_state",
+    "checkpoint_name",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "resolve_resume",
+    "rotate_checkpoints",
+    "tmp_checkpoint_dir",
+    "clean_tmp",
+    "finalize_checkpoint",
+    "save_model_weights",
+    "load_model_weights",
+]

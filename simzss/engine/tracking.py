@@ -1,0 +1,111 @@
+"""Experiment tracking for the trainer: ``metrics.jsonl`` always, plus wandb or TensorBoard.
+
+Only the main process constructs a :class:`MetricLogger` with ``enabled=True``; other ranks get a
+disabled one so that call sites need no rank checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+log = logging.getLogger(__name__)
+
+REPORT_TO = ("none", "wandb", "tensorboard")
+
+
+def new_run_id() -> str:
+    """A short random id; reused on resume so wandb continues the same run."""
+    return uuid.uuid4().hex[:8]
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no nan/inf
+    return v
+
+
+class MetricLogger:
+    """Writes metric dicts to ``run_dir/metrics.jsonl`` and the configured tracker.
+
+    wandb runs offline unless ``WANDB_MODE`` says otherwise (the machines may have no network);
+    the run id is passed in so that a resumed job appends to the same wandb run (``resume="allow"``).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        report_to: str = "none",
+        *,
+        run_id: str,
+        run_name: str,
+        config: Optional[Dict[str, Any]] = None,
+        enabled: bool = True,
+    ) -> None:
+        if report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, got {report_to!r}")
+        self.enabled = enabled
+        self.report_to = report_to
+        self.run_id = run_id
+        self.run_dir = Path(run_dir)
+        self._wandb: Any = None
+        self._tb: Any = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if report_to == "wandb":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "simzss"),
+                name=run_name,
+                id=run_id,
+                resume="allow",
+                dir=str(self.run_dir),
+                mode=os.environ.get("WANDB_MODE", "offline"),
+                config=config,
+            )
+        elif report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            if config is not None:
+                self._tb.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+
+    def log(self, metrics: Dict[str, Any], step: int) -> None:
+        """Record ``metrics`` (scalars or 0-d tensors) at ``step``."""
+        if not self.enabled:
+            return
+        row = {k: _jsonable(v) for k, v in metrics.items()}
+        assert self._jsonl is not None
+        self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
+        self._jsonl.flush()
+        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+__all__ = ["MetricLogger", "new_run_id", "REPORT_TO"]

@@ -1,0 +1,604 @@
+"""The SimZSS / LiT trainer (``simzss train``): accelerate DDP, checkpoints, preemption, evaluation.
+
+Runs as a plain process or under ``accelerate launch`` (multi-GPU, multi-node). Only the model,
+optimizer and scheduler go through ``accelerator.prepare``; the webdataset stream is built per rank
+from the accelerator's rank and world size. One loop iteration = one batch = one optimizer step
+(``step`` counts batches consumed, including skipped non-finite ones, so the schedule and the data
+position stay aligned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from simzss.config import ConfigError, TrainConfig, load_config, to_dict, to_yaml
+from simzss.engine import checkpoint as ckpt_io
+from simzss.engine.optim import build_optimizer, build_scheduler
+from simzss.engine.signals import GracefulStop
+from simzss.engine.tracking import REPORT_TO, MetricLogger, new_run_id
+
+log = logging.getLogger(__name__)
+
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; a checkpoint was written before raising."""
+
+
+# --- config checks -------------------------------------------------------------------------------
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Reject settings the trainer cannot honour, naming the field (raises :class:`ConfigError`)."""
+    if cfg.grad_accum != 1:
+        raise ConfigError(
+            f"grad_accum={cfg.grad_accum} is not supported: accumulating micro-batches would shrink the contrastive "
+            "negatives to one micro-batch (SimZSS needs the global batch). Use more GPUs or a smaller batch_size "
+            "with grad_accum: 1."
+        )
+    checks = [
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.max_steps is not None or cfg.epochs >= 1, f"epochs must be >= 1 (or set max_steps), got {cfg.epochs}"),
+        (cfg.max_steps is None or cfg.max_steps >= 1, f"max_steps must be >= 1 or null, got {cfg.max_steps}"),
+        (cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at the end), got {cfg.checkpoint_every}"),
+        (cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}"),
+        (cfg.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {cfg.max_nonfinite}"),
+        (cfg.report_to in REPORT_TO, f"report_to must be one of {REPORT_TO}, got {cfg.report_to!r}"),
+        (cfg.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}, got {cfg.mixed_precision!r}"),
+        (0.0 <= cfg.optim.warmup < 1.0, f"optim.warmup is a fraction in [0, 1), got {cfg.optim.warmup}"),
+        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
+        (cfg.optim.grad_clip is None or cfg.optim.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {cfg.optim.grad_clip}"),
+        (cfg.eval.every >= 0, f"eval.every must be >= 0, got {cfg.eval.every}"),
+        (bool(cfg.run_name) and "/" not in cfg.run_name, f"run_name must be a non-empty folder name, got {cfg.run_name!r}"),
+        (bool(cfg.data.shards) or cfg.data.feature_cache is not None, "data.shards is empty (and no data.feature_cache)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def check_eval_datasets(cfg: TrainConfig) -> None:
+    """Fail at start-up, not after training, when an ``eval.datasets`` path (``NAME:PATH``) is missing."""
+    for i, spec in enumerate(cfg.eval.datasets):
+        name, sep, path = spec.partition(":")
+        if not sep or not path:
+            raise ConfigError(f"eval.datasets[{i}]={spec!r}: expected NAME:PATH (e.g. folder:demo/data/val)")
+        if "://" not in path and not Path(path).exists():
+            raise ConfigError(f"eval.datasets[{i}]={spec!r}: {path} does not exist (override eval.datasets=[] to skip)")
+
+
+def resolve_mixed_precision(setting: str, use_cuda: bool) -> str:
+    """``auto``: bf16 on a GPU that supports it (fp16 on older GPUs), full fp32 on the CPU."""
+    if setting != "auto":
+        return setting
+    if not use_cuda:
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def needs_find_unused(cfg: TrainConfig) -> bool:
+    """Whether DDP must look for parameters without a gradient in a step.
+
+    The frozen vision tower has ``requires_grad=False`` and is ignored by DDP. Every trainable
+    parameter of SimZSS (scratch text tower, projection, the one logit scale, which the concept loss
+    shares when ``concept_scale`` is null) feeds the global loss every step, in LiT too, so the
+    cheaper ``find_unused_parameters=False`` is safe. A pretrained HF text model may carry heads the
+    tower never calls (e.g. a BERT pooler): then DDP has to search.
+    """
+    if cfg.find_unused_parameters is not None:
+        return cfg.find_unused_parameters
+    return cfg.model.text.kind != "scratch"
+
+
+# --- builders (module level so tests can substitute small fakes) --------------------------------
+
+
+def build_tokenizer(cfg: TrainConfig) -> Any:
+    """The text tokenizer named by ``cfg.model.tokenizer``."""
+    from simzss.data.tokenize import load_tokenizer
+
+    return load_tokenizer(cfg.model.tokenizer)
+
+
+def build_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
+    """The SimZSS model; without a vision tower when training on cached features."""
+    from simzss.models.simzss import SimZSS
+
+    return SimZSS.from_config(cfg.model, tokenizer, build_vision=cfg.data.feature_cache is None)
+
+
+def build_loader(cfg: TrainConfig, tokenizer: Any, *, rank: int, world_size: int) -> Any:
+    """This rank's training stream (a ``TrainLoader``)."""
+    from simzss.concepts import ConceptBank
+    from simzss.data.stream import build_train_loader
+
+    if cfg.data.concept_bank:
+        bank = ConceptBank.from_file(cfg.data.concept_bank, synonyms=cfg.data.synonyms)
+    else:
+        bank = ConceptBank.default()
+    return build_train_loader(
+        cfg.data,
+        tokenizer,
+        bank,
+        batch_size=cfg.batch_size,
+        context_length=cfg.model.text.context_length,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.seed,
+    )
+
+
+def run_evaluation(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> Dict[str, Any]:
+    """Zero-shot segmentation on every ``cfg.eval.datasets`` spec; ``{spec: {"mIoU", ...}}``."""
+    from simzss.eval import evaluate_segmentation
+
+    return {
+        spec: evaluate_segmentation(
+            model,
+            spec,
+            templates=cfg.eval.templates,
+            short_side=cfg.eval.image_size,
+            crop=cfg.eval.crop,
+            stride=cfg.eval.stride,
+            accelerator=accelerator,
+        )
+        for spec in cfg.eval.datasets
+    }
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    """In-place all-reduce across ranks (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def _scalar(x: Any) -> float:
+    if isinstance(x, torch.Tensor):
+        return float(x.detach().float().item())
+    return float(x)
+
+
+def _vision_weights_needed(cfg: TrainConfig) -> bool:
+    """A random-init vision tower cannot be rebuilt from its name: keep its weights in checkpoints."""
+    return cfg.data.feature_cache is None and not cfg.model.vision.pretrained and cfg.model.vision.weights is None
+
+
+def _checkpoint_weights(model: nn.Module, cfg: TrainConfig) -> Dict[str, torch.Tensor]:
+    state = dict(model.trainable_state_dict())
+    vision = getattr(model, "vision", None)
+    if _vision_weights_needed(cfg) and vision is not None:
+        state.update({f"vision.{k}": v for k, v in vision.state_dict().items()})
+    return state
+
+
+def _load_weights(model: nn.Module, state: Dict[str, torch.Tensor], source: Path) -> None:
+    """Load checkpoint weights; everything trainable must be present, frozen vision weights may be absent."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing_trainable = sorted(set(missing) & trainable)
+    if unexpected or missing_trainable:
+        raise ValueError(
+            f"{source}: weights do not match the model built from the config "
+            f"(missing: {missing_trainable[:5]}, unexpected: {sorted(unexpected)[:5]})"
+        )
+
+
+class _SkipCounter:
+    """Sums ``Batch.skipped`` (samples the stream dropped, by reason) over the run."""
+
+    def __init__(self) -> None:
+        self.by_reason: Counter = Counter()
+
+    def add(self, skipped: Optional[Dict[str, int]]) -> None:
+        for reason, n in (skipped or {}).items():
+            self.by_reason[reason] += int(n)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the prepared objects of one run; :func:`train` is the entry point."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        validate_config(cfg)
+        self.cfg = cfg
+        use_cuda = torch.cuda.is_available() and not cfg.cpu
+        if use_cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.accelerator = Accelerator(
+            cpu=cfg.cpu,
+            mixed_precision=resolve_mixed_precision(cfg.mixed_precision, use_cuda),
+            step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=needs_find_unused(cfg))],
+        )
+        acc = self.accelerator
+        self.is_main = acc.is_main_process
+        self.run_dir = Path(cfg.output_dir) / cfg.run_name
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.clean_tmp(self.ckpt_dir)
+            _write_text_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
+        acc.wait_for_everyone()
+
+        check_eval_datasets(cfg)
+        self.resume_from: Optional[Path] = ckpt_io.resolve_resume(cfg.resume, self.ckpt_dir) if cfg.resume else None
+        if cfg.resume == "latest" and self.resume_from is None:
+            log.info("resume=latest: no checkpoint in %s yet, starting from scratch", self.ckpt_dir)
+        self.resume_state: Dict[str, Any] = (
+            json.loads((self.resume_from / "trainer_state.json").read_text(encoding="utf-8")) if self.resume_from else {}
+        )
+        self.run_id: str = self.resume_state.get("run_id") or new_run_id()
+
+        set_seed(cfg.seed)  # identical model init on every rank
+        self.tokenizer = build_tokenizer(cfg)
+        model = build_model(cfg, self.tokenizer)
+        if cfg.model.text.compile and hasattr(model, "text"):
+            model.text.compile()
+        if cfg.model.vision.compile and getattr(model, "vision", None) is not None:
+            model.vision.compile()
+        self.loader = build_loader(cfg, self.tokenizer, rank=acc.process_index, world_size=acc.num_processes)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"the training stream has no full batch per rank (batch_size={cfg.batch_size}, "
+                f"{acc.num_processes} process(es)); check data.shards / data.num_samples"
+            )
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self.global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+        optimizer = build_optimizer(model, cfg.optim, self.global_batch)
+        scheduler = build_scheduler(optimizer, self.total_steps, cfg.optim.warmup)
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.step = 0
+        self.epoch = 0
+        self.nonfinite_total = 0
+        self.skips = _SkipCounter()
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        else:
+            set_seed(cfg.seed, device_specific=True)  # per-rank randomness from here on
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    # -- checkpoints --
+
+    def save_checkpoint(self) -> Path:
+        """Write ``step-N`` atomically (all ranks take part), then keep only the newest K."""
+        acc, cfg = self.accelerator, self.cfg
+        tmp = ckpt_io.tmp_checkpoint_dir(self.ckpt_dir, self.step)
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rank_state = {"rng": ckpt_io.rng_state(), "loader": self.loader.state_dict()}
+        ckpt_io.save_state(rank_state, tmp, f"rank-{acc.process_index}")
+        if self.is_main:
+            ckpt_io.save_model_weights(_checkpoint_weights(self.unwrapped, cfg), tmp / "model.safetensors")
+            ckpt_io.save_state(self.optimizer.state_dict(), tmp, "optimizer")
+            ckpt_io.save_state(self.scheduler.state_dict(), tmp, "scheduler")
+            (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+            if hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            trainer_state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "total_steps": self.total_steps,
+                "world_size": acc.num_processes,
+                "run_id": self.run_id,
+                "nonfinite_total": self.nonfinite_total,
+                "skipped": dict(self.skips.by_reason),
+                "loader": self.loader.state_dict(),
+                "config": to_dict(cfg),
+            }
+            # Written last: list_checkpoints treats a folder without it as incomplete.
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+        acc.wait_for_everyone()
+        final = self.ckpt_dir / ckpt_io.checkpoint_name(self.step)
+        if self.is_main:
+            final = ckpt_io.finalize_checkpoint(tmp, self.ckpt_dir, self.step)
+            removed = ckpt_io.rotate_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+            log.info("checkpoint %s%s", final, f" (removed {len(removed)} old)" if removed else "")
+        acc.wait_for_everyone()
+        return final
+
+    def _restore(self, path: Path) -> None:
+        """Continue exactly where ``path`` left off: weights, optimizer, schedule, RNG, data position."""
+        acc = self.accelerator
+        st = self.resume_state
+        _load_weights(self.unwrapped, ckpt_io.load_model_weights(path / "model.safetensors"), path)
+        self.optimizer.load_state_dict(ckpt_io.load_state(path, "optimizer"))
+        self.scheduler.load_state_dict(ckpt_io.load_state(path, "scheduler"))
+        self.step = int(st["step"])
+        self.epoch = int(st["epoch"])
+        self.nonfinite_total = int(st.get("nonfinite_total", 0))
+        self.skips.by_reason.update(st.get("skipped", {}))
+        if st.get("total_steps") not in (None, self.total_steps):
+            log.warning("the run now has %d steps (checkpoint: %s): the schedule is stretched from here",
+                        self.total_steps, st.get("total_steps"))
+        rank_file = path / f"rank-{acc.process_index}.json"
+        if st.get("world_size") == acc.num_processes and rank_file.exists():
+            rank_state = ckpt_io.load_state(path, f"rank-{acc.process_index}")
+            self.loader.load_state_dict(rank_state["loader"])
+            ckpt_io.set_rng_state(rank_state["rng"])
+        else:
+            log.warning("checkpoint written by %s process(es), now %d: data position from rank 0, fresh RNG "
+                        "(the run continues, not bit-exactly)", st.get("world_size"), acc.num_processes)
+            self.loader.load_state_dict(st["loader"])
+            from accelerate.utils import set_seed
+
+            set_seed(self.cfg.seed + self.step, device_specific=True)
+        log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+
+    # -- evaluation --
+
+    def evaluate(self, logger: MetricLogger) -> Dict[str, Any]:
+        """Run the eval hook, log ``eval/...`` metrics, write ``RUN/eval.json`` (main process)."""
+        if not self.cfg.eval.datasets:
+            return {}
+        if getattr(self.unwrapped, "vision", None) is None:
+            log.warning("no vision tower (training on cached features): zero-shot evaluation skipped")
+            return {}
+        model = self.unwrapped
+        model.eval()
+        try:
+            with torch.no_grad():
+                results = run_evaluation(self.cfg, model, self.accelerator)
+        finally:
+            model.train()
+        metrics = {f"eval/{spec}/mIoU": r["mIoU"] for spec, r in results.items() if "mIoU" in r}
+        logger.log(metrics, self.step)
+        if self.is_main:
+            _write_text_atomic(self.run_dir / "eval.json",
+                               json.dumps({"step": self.step, "results": results}, indent=1, default=str))
+            with open(self.run_dir / "eval_history.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+        return results
+
+    # -- the loop --
+
+    def fit(self) -> Dict[str, Any]:
+        """Train to ``total_steps`` (or a stop signal); returns final metrics and paths."""
+        acc, cfg = self.accelerator, self.cfg
+        from tqdm.auto import tqdm
+
+        logger = MetricLogger(self.run_dir, cfg.report_to, run_id=self.run_id, run_name=cfg.run_name,
+                              config=to_dict(cfg), enabled=self.is_main)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
+                   desc=cfg.run_name)
+        last: Dict[str, Any] = {}
+        eval_results: Dict[str, Any] = {}
+        stopped: Optional[str] = None
+        consecutive_nonfinite = 0
+        last_ckpt: Optional[Path] = self.resume_from
+        # The first epoch after a resume continues the loader's restored position instead of restarting it.
+        fresh_epoch = self.resume_from is None or self.step == 0
+        self.model.train()
+        try:
+            with GracefulStop() as stop:
+                while self.step < self.total_steps and stopped is None:
+                    if fresh_epoch:
+                        self.loader.set_epoch(self.epoch)
+                    fresh_epoch = True
+                    t_data = time.perf_counter()
+                    for batch in self.loader:
+                        t_step = time.perf_counter()
+                        data_time = t_step - t_data
+                        self.skips.add(getattr(batch, "skipped", None))
+                        out = self.model(batch.to(acc.device))
+                        loss = out.loss
+                        # One tiny all-reduce per step: every rank must agree to skip and to stop.
+                        flags = torch.tensor(
+                            [0.0 if torch.isfinite(loss.detach()).item() else 1.0, 1.0 if stop.requested else 0.0],
+                            device=acc.device,
+                        )
+                        bad_loss, stop_now = (bool(v) for v in _all_reduce(flags, "max").tolist())
+                        # Backward even on a bad loss (grads are zeroed below) so DDP ranks stay in lockstep.
+                        acc.backward(loss)
+                        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.optim.grad_clip or math.inf)
+                        bad_grad = acc.scaler is None and grad_norm is not None and not math.isfinite(_scalar(grad_norm))
+                        if bad_loss or bad_grad:
+                            self.nonfinite_total += 1
+                            consecutive_nonfinite += 1
+                            if acc.scaler is not None:
+                                acc.scaler.update()  # unscale_ ran in clip_grad_norm_; close the fp16 iteration
+                            log.warning("step %d: non-finite %s, update skipped (%d in a row)", self.step + 1,
+                                        "loss" if bad_loss else "gradient", consecutive_nonfinite)
+                        else:
+                            self.optimizer.step()
+                            consecutive_nonfinite = 0
+                        self.optimizer.zero_grad(set_to_none=True)
+                        with warnings.catch_warnings():
+                            # torch warns when a skipped (non-finite) first step leaves the optimizer unstepped
+                            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                            self.scheduler.step()
+                        self.step += 1
+                        bar.update(1)
+                        step_time = time.perf_counter() - t_step
+
+                        if self.step % cfg.log_every == 0 or self.step == self.total_steps or stop_now:
+                            last = self._metrics(out, loss, grad_norm, data_time, step_time, len(batch))
+                            logger.log(last, self.step)
+                            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['concept_accuracy']:.3f}")
+
+                        if consecutive_nonfinite >= cfg.max_nonfinite:
+                            last_ckpt = self.save_checkpoint()
+                            raise NonFiniteLossError(
+                                f"{consecutive_nonfinite} consecutive non-finite losses/gradients at step {self.step} "
+                                f"(max_nonfinite={cfg.max_nonfinite}); checkpoint {last_ckpt}. Lower optim.lr, set "
+                                "optim.grad_clip, or check the data."
+                            )
+                        done = self.step >= self.total_steps
+                        if stop_now:
+                            stopped = stop.requested or "signal"
+                        if (done or stop_now or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
+                            last_ckpt = self.save_checkpoint()
+                        if cfg.eval.every and self.step % cfg.eval.every == 0 and not done and not stop_now:
+                            eval_results = self.evaluate(logger)
+                        if done or stop_now:
+                            break
+                        t_data = time.perf_counter()
+                    else:
+                        self.epoch += 1  # the stream is exhausted: next epoch
+            bar.close()
+            if stopped is None:
+                if last_ckpt is None or last_ckpt.name != ckpt_io.checkpoint_name(self.step):
+                    last_ckpt = self.save_checkpoint()
+                eval_results = self.evaluate(logger) or eval_results
+                if self.is_main:
+                    for spec, r in eval_results.items():
+                        if "mIoU" in r:
+                            print(f"final mIoU {spec}: {float(r['mIoU']):.4f}", flush=True)
+            else:
+                log.warning("stopped by %s at step %d; checkpoint %s (resume with resume=latest)",
+                            stopped, self.step, last_ckpt)
+        finally:
+            bar.close()
+            logger.close()
+        return {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,  # epochs done (fraction)
+            "total_steps": self.total_steps,
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(last_ckpt) if last_ckpt else None,
+            "run_id": self.run_id,
+            "stopped": stopped,
+            "nonfinite_steps": self.nonfinite_total,
+            "skipped": dict(self.skips.by_reason),
+            "metrics": last,
+            "eval": eval_results,
+        }
+
+    def _metrics(self, out: Any, loss: torch.Tensor, grad_norm: Any, data_time: float, step_time: float,
+                 batch_len: int) -> Dict[str, Any]:
+        """The per-step log row; the skipped-sample count is summed over ranks (all ranks call this)."""
+        skipped = _all_reduce(torch.tensor([float(self.skips.total)], device=self.accelerator.device), "sum")
+        metrics: Dict[str, Any] = {
+            "loss": _scalar(loss),
+            "global_loss": _scalar(out.global_loss),
+            "concept_loss": _scalar(out.concept_loss),
+            "concept_accuracy": _scalar(out.concept_accuracy),
+            "concepts_per_batch": int(out.num_concepts),
+            "classes_per_batch": int(out.num_classes),
+            "logit_scale": _scalar(out.logit_scale),
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "grad_norm": _scalar(grad_norm) if grad_norm is not None else float("nan"),
+            "samples_per_s_per_gpu": batch_len / max(step_time + data_time, 1e-9),
+            "data_time": data_time,
+            "step_time": step_time,
+            "epoch": self.step / self.steps_per_epoch,
+            "skipped_samples": int(skipped.item()),
+            "nonfinite_steps": self.nonfinite_total,
+        }
+        metrics.update({f"skipped/{k}": v for k, v in self.skips.by_reason.items()})
+        return metrics
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train a SimZSS (or LiT, ``model.concept_weight: 0``) model as configured.
+
+    Returns ``{"step", "epoch", "run_dir", "checkpoint", "stopped", "metrics", "eval", ...}``;
+    ``stopped`` is the signal name when SIGTERM/SIGUSR1 ended the run early (after a checkpoint).
+    Raises :class:`ConfigError` for unusable settings and :class:`NonFiniteLossError` after
+    ``max_nonfinite`` consecutive bad steps.
+    """
+    return Trainer(cfg).fit()
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="simzss train",
+        description="Train SimZSS (or LiT with model.concept_weight=0). Works as a plain process or under "
+        "`accelerate launch` (multi-GPU / multi-node).",
+        epilog="example: simzss train --config configs/demo.yaml max_steps=50 optim.lr=1e-3",
+    )
+    p.add_argument("--config", help="YAML file in the TrainConfig schema (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. batch_size=256 model.text.layers=6")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``simzss train`` / ``python train.py``; exit 0 (done or preempted), 1 (non-finite stop), 2 (bad config)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        validate_config(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"simzss train: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    try:
+        result = train(cfg)
+    except ConfigError as e:
+        print(f"simzss train: config error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"simzss train: stopped: {e}", file=sys.stderr)
+        return 1
+    if result["stopped"]:
+        print(f"simzss train: stopped by {result['stopped']} at step {result['step']}, checkpoint "
+              f"{result['checkpoint']}; resume with resume=latest", file=sys.stderr)
+    return 0
+
+
+__all__ = [
+    "NonFiniteLossError",
+    "Trainer",
+    "train",
+    "main",
+    "validate_config",
+    "check_eval_datasets",
+    "needs_find_unused",
+    "resolve_mixed_precision",
+    "build_tokenizer",
+    "build_model",
+    "build_loader",
+    "run_evaluation",
+]

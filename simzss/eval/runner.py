@@ -1,0 +1,275 @@
+"""``simzss eval``: zero-shot segmentation / classification / retrieval of a model on several datasets.
+
+Examples::
+
+    simzss eval exports/simzss-b14 --task segmentation --datasets voc20:/data/VOCdevkit context59:/data/VOCdevkit
+    accelerate launch -m simzss.cli eval runs/x/checkpoints/step-5000 --task segmentation \\
+        --datasets folder:demo/data/val --out results.json --report-to-run runs/x
+    simzss eval exports/simzss-b14 --task classification --datasets imagenet:/data/imagenet/val
+    simzss eval exports/simzss-b14 --task retrieval --datasets karpathy:/data/coco/dataset_coco.json
+
+Under ``accelerate launch`` the images of each dataset are split across processes and the counts reduced; a plain
+``simzss eval`` is one process (GPU if present, else CPU). Results are printed as a table and, with ``--out``,
+written as JSON (atomically). ``--report-to-run RUN_DIR`` also writes them to ``RUN_DIR/eval/`` and logs
+``eval/<spec>/<metric>`` scalars at the checkpoint's step to the run's ``metrics.jsonl`` and its tracker
+(TensorBoard folder or wandb run, as configured in ``RUN_DIR/config.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+log = logging.getLogger("simzss.eval")
+
+TASKS = ("segmentation", "classification", "retrieval")
+DEFAULT_TEMPLATES = {"segmentation": "single", "classification": "imagenet80", "retrieval": None}
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def load_model(path: str, device: Any = "cpu") -> Any:
+    """Load a SimZSS model from an export folder or a trainer checkpoint (step folder, checkpoints folder or run
+    folder: the newest complete checkpoint) via :func:`simzss.export.load_model`."""
+    from simzss.export import load_model as _load
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model not found: {p}")
+    return _load(p, device)
+
+
+def checkpoint_step(path: str) -> Optional[int]:
+    """Training step encoded in a checkpoint path (``.../step-5000``), if any."""
+    m = re.search(r"step-(\d+)", Path(path).name) or re.search(r"step-(\d+)", str(path))
+    return int(m.group(1)) if m else None
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> None so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temp file in the same folder + ``os.replace`` (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_json_safe(data), f, indent=2, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_COLUMNS = {
+    "segmentation": [("mIoU", "mIoU"), ("pixel_acc", "pixAcc"), ("num_images", "images"), ("skipped", "skipped")],
+    "classification": [("top1", "top1"), ("top5", "top5"), ("num_images", "images"), ("skipped", "skipped")],
+    "retrieval": [
+        ("i2t_R@1", "I→T R@1"), ("i2t_R@5", "R@5"), ("i2t_R@10", "R@10"),
+        ("t2i_R@1", "T→I R@1"), ("t2i_R@5", "R@5"), ("t2i_R@10", "R@10"),
+        ("num_images", "images"), ("num_texts", "texts"),
+    ],
+}
+
+
+def format_table(task: str, results: Dict[str, Dict[str, Any]]) -> str:
+    """Plain-text table: one row per dataset spec, the task's headline metrics as columns."""
+    cols = _COLUMNS[task]
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.2f}"
+        if isinstance(v, dict):
+            return str(sum(v.values()))
+        return str(v)
+
+    rows = [["dataset"] + [h for _, h in cols]]
+    rows += [[spec] + [cell(r.get(k, "")) for k, _ in cols] for spec, r in results.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _scalars(task: str, spec: str, r: Dict[str, Any]) -> Dict[str, float]:
+    """``eval/<spec>/<metric>`` scalars (the trainer's eval-hook naming)."""
+    keys = [k for k, _ in _COLUMNS[task] if not k.startswith(("num_", "skipped"))]
+    return {f"eval/{spec}/{k}": float(r[k]) for k in keys if isinstance(r.get(k), (int, float))}
+
+
+def _run_tracking(run_dir: Path) -> Tuple[str, Optional[str], str]:
+    """(report_to, run_id, run_name) of a training run, from ``RUN/config.yaml`` and its newest checkpoint."""
+    report_to, run_name, run_id = "none", run_dir.name, None
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        from simzss.config import TrainConfig, load_config
+
+        cfg = load_config(TrainConfig, cfg_path)
+        report_to, run_name = cfg.report_to, cfg.run_name
+    from simzss.engine.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    if ckpt is not None and (ckpt / "trainer_state.json").is_file():
+        run_id = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("run_id")
+    return report_to, run_id, run_name
+
+
+def report_to_run(run_dir: Path, task: str, payload: Dict[str, Any], step: Optional[int]) -> Path:
+    """Save results as ``RUN_DIR/eval/<task>-step-N.json`` and log ``eval/<spec>/<metric>`` scalars at ``step``
+    through the run's own tracker (:class:`simzss.engine.tracking.MetricLogger`: ``metrics.jsonl`` plus the
+    run's wandb run (same id) or TensorBoard folder). Returns the JSON path."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--report-to-run: run folder not found: {run_dir}")
+    stamp = f"step-{step}" if step is not None else _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = run_dir / "eval" / f"{task}-{stamp}.json"
+    write_json_atomic(out, payload)
+    from simzss.engine.tracking import MetricLogger, new_run_id
+
+    report_to, run_id, run_name = _run_tracking(run_dir)
+    if report_to == "wandb" and run_id is None:
+        log.warning("%s: no run id found in its checkpoints; eval scalars go to metrics.jsonl only", run_dir)
+        report_to = "none"
+    scalars: Dict[str, float] = {}
+    for spec, r in payload["results"].items():
+        scalars.update(_scalars(task, spec, r))
+    logger = MetricLogger(run_dir, report_to, run_id=run_id or new_run_id(), run_name=run_name)
+    try:
+        logger.log(scalars, step if step is not None else 0)
+    finally:
+        logger.close()
+    log.info("logged %d eval scalars to %s (%s)", len(scalars), run_dir, report_to)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="simzss eval", description="Zero-shot segmentation / classification / retrieval of a SimZSS model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", help="export folder (simzss export) or training checkpoint folder (RUN/checkpoints/step-N)")
+    p.add_argument("--task", choices=TASKS, default="segmentation")
+    p.add_argument("--datasets", nargs="+", required=True, metavar="NAME:PATH",
+                   help="segmentation: voc, voc20, context60, context59, coco_object, coco_stuff, cityscapes, ade20k, "
+                        "folder; classification: imagenet, imagefolder; retrieval: wds, karpathy")
+    p.add_argument("--templates", default=None, help="imagenet80 | tcl9 | single (default: single for segmentation, "
+                   "imagenet80 for classification)")
+    g = p.add_argument_group("segmentation")
+    g.add_argument("--short-side", type=int, default=448, help="resize the short side to this (0 = keep size)")
+    g.add_argument("--max-long", type=int, default=2048, help="cap on the long side after resizing")
+    g.add_argument("--crop", type=int, default=448)
+    g.add_argument("--stride", type=int, default=224)
+    g.add_argument("--window-batch", type=int, default=16)
+    g.add_argument("--background", choices=("threshold", "class"), default=None,
+                   help="background handling for datasets with a background class (default: threshold)")
+    g.add_argument("--bg-threshold", type=float, default=None,
+                   help="threshold mode: default 0.95 voc/coco_object, 0.35 context60, 0.5 folder")
+    g = p.add_argument_group("classification / retrieval")
+    g.add_argument("--image-size", type=int, default=224)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--split", default="test", help="Karpathy json split")
+    g.add_argument("--image-root", default=None, help="Karpathy images root (default: the json's folder)")
+    g = p.add_argument_group("run")
+    g.add_argument("--workers", type=int, default=4, help="data-loading workers (threads for retrieval)")
+    g.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images of each dataset")
+    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    g.add_argument("--cpu", action="store_true", help="force CPU")
+    g.add_argument("--out", default=None, help="write results JSON here")
+    g.add_argument("--report-to-run", default=None, metavar="RUN_DIR", help="also log results to this training run")
+    g.add_argument("--step", type=int, default=None, help="step to log at (default: from a step-N checkpoint name)")
+    g.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run_task(model: Any, task: str, spec: str, args: argparse.Namespace, accelerator: Any) -> Dict[str, Any]:
+    """Evaluate one dataset spec (translates CLI options into library arguments)."""
+    common = dict(accelerator=accelerator, max_images=args.max_images, workers=args.workers,
+                  progress=not args.no_progress)
+    templates = args.templates or DEFAULT_TEMPLATES[task]
+    if task == "segmentation":
+        from simzss.eval.segmentation import evaluate_segmentation
+
+        return evaluate_segmentation(
+            model, spec, templates=templates, short_side=args.short_side or None, crop=args.crop,
+            stride=args.stride, window_batch=args.window_batch, background=args.background,
+            bg_threshold=args.bg_threshold, max_long=args.max_long, **common,
+        )
+    if task == "classification":
+        from simzss.eval.classification import evaluate_classification
+
+        return evaluate_classification(model, spec, templates=templates, image_size=args.image_size,
+                                       batch_size=args.batch_size, **common)
+    from simzss.eval.retrieval import evaluate_retrieval
+
+    return evaluate_retrieval(model, spec, image_size=args.image_size, batch_size=args.batch_size,
+                              image_root=args.image_root, split=args.split, **common)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        model = load_model(args.model, accelerator.device)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # ExportError is a RuntimeError
+        log.error("%s", e)
+        return 2
+    model.eval()
+    results: Dict[str, Dict[str, Any]] = {}
+    failed = 0
+    for spec in args.datasets:
+        try:
+            results[spec] = run_task(model, args.task, spec, args, accelerator)
+        except (FileNotFoundError, ValueError) as e:  # a bad dataset: report, go on with the others
+            log.error("%s: %s", spec, e)
+            failed += 1
+    if accelerator.is_main_process and results:
+        print(format_table(args.task, results))
+        payload = {
+            "model": str(args.model),
+            "task": args.task,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "num_processes": accelerator.num_processes,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("model", "task", "datasets", "out")},
+            "results": results,
+        }
+        if args.out:
+            write_json_atomic(Path(args.out), payload)
+            log.info("results written to %s", args.out)
+        if args.report_to_run:
+            report_to_run(Path(args.report_to_run), args.task, payload,
+                          args.step if args.step is not None else checkpoint_step(args.model))
+    accelerator.wait_for_everyone()
+    return 1 if failed else 0
+
+
+__all__ = ["TASKS", "load_model", "checkpoint_step", "write_json_atomic", "format_table", "report_to_run",
+           "build_parser", "run_task", "main"]

@@ -1,0 +1,240 @@
+"""The SimZSS model: frozen vision tower + trainable text tower, L = L_g + λ L_l."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from simzss.config import ModelConfig
+from simzss.losses import class_prototypes, concept_loss, contrastive_loss, pool_visual_concepts
+from simzss.models.text import TextTower
+from simzss.models.vision import FrozenVisionTower, vision_embed_dim
+
+if TYPE_CHECKING:  # only for annotations; the data module may not be importable with the model alone
+    from simzss.data.stream import Batch
+
+__all__ = ["SimZSS", "SimZSSOutput"]
+
+_QUERIES = ("concept", "prototype")
+_TARGETS = ("label", "argmax")
+
+
+@dataclass
+class SimZSSOutput:
+    """One training step's losses and statistics (statistics are detached, over the global batch)."""
+
+    loss: Tensor  # global_loss + concept_weight * concept_loss
+    global_loss: Tensor
+    concept_loss: Tensor
+    concept_accuracy: Tensor  # argmax == true label over concepts; nan when none (or LiT)
+    num_concepts: int
+    num_classes: int
+    logit_scale: Tensor  # exp of the clamped learned logit scale
+
+
+class SimZSS(nn.Module):
+    """SimZSS (``concept_weight > 0``) or LiT (``concept_weight == 0``, the concept branch is skipped).
+
+    ``vision`` may be ``None`` when training from cached vision features (``batch.vision_cls`` and
+    ``batch.vision_patches``); then ``embed_dim`` must be given and ``encode_image`` is unavailable.
+    ``concept_scale=None`` uses the learned (clamped, exponentiated) logit scale in the concept loss.
+    """
+
+    def __init__(
+        self,
+        vision: FrozenVisionTower | None,
+        text: TextTower,
+        *,
+        embed_dim: int,
+        tau: float = 0.1,
+        query: str = "concept",
+        concept_weight: float = 0.05,
+        concept_target: str = "label",
+        concept_scale: float | None = 1 / 0.07,
+        logit_scale_init: float = math.log(1 / 0.07),
+        logit_scale_max: float = math.log(100.0),
+    ) -> None:
+        super().__init__()
+        if query not in _QUERIES:
+            raise ValueError(f"query must be one of {_QUERIES}, got {query!r}")
+        if concept_target not in _TARGETS:
+            raise ValueError(f"concept_target must be one of {_TARGETS}, got {concept_target!r}")
+        if concept_weight < 0:
+            raise ValueError(f"concept_weight must be >= 0, got {concept_weight}")
+        if vision is not None and vision.embed_dim != embed_dim:
+            raise ValueError(f"embed_dim {embed_dim} != vision width {vision.embed_dim}")
+        if text.proj.out_features != embed_dim:
+            raise ValueError(f"text projection outputs {text.proj.out_features}, expected embed_dim {embed_dim}")
+        self.vision = vision
+        self.text = text
+        self.embed_dim = embed_dim
+        self.tau = tau
+        self.query = query
+        self.concept_weight = concept_weight
+        self.concept_target = concept_target
+        self.concept_scale = concept_scale
+        self.logit_scale_max = logit_scale_max
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        self.config: ModelConfig | None = None
+        self.tokenizer: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, tokenizer: Any, *, build_vision: bool = True) -> "SimZSS":
+        """Build from a ``ModelConfig`` and a (fast) tokenizer, which sets the text vocabulary and padding.
+
+        ``build_vision=False`` skips the vision tower (cached-feature training); its width is then
+        read from the timm architecture without allocating weights.
+        """
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+        vc = cfg.vision
+        vision = None
+        if build_vision:
+            vision = FrozenVisionTower(
+                vc.name, pretrained=vc.pretrained, weights=vc.weights, model_kwargs=dict(vc.model_kwargs)
+            )
+            embed_dim = vision.embed_dim
+        else:
+            embed_dim = vision_embed_dim(vc.name, dict(vc.model_kwargs))
+        text = TextTower(cfg.text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, output_dim=embed_dim)
+        model = cls(
+            vision,
+            text,
+            embed_dim=embed_dim,
+            tau=cfg.tau,
+            query=cfg.query,
+            concept_weight=cfg.concept_weight,
+            concept_target=cfg.concept_target,
+            concept_scale=cfg.concept_scale,
+            logit_scale_init=cfg.logit_scale_init,
+            logit_scale_max=cfg.logit_scale_max,
+        )
+        model.config = cfg
+        model.tokenizer = tokenizer
+        return model
+
+    # ----------------------------------------------------------------------------------- training
+    def scale(self) -> Tensor:
+        """The exponentiated logit scale, clamped at exp(logit_scale_max)."""
+        return self.logit_scale.clamp(max=self.logit_scale_max).exp()
+
+    def _vision_features(self, batch: "Batch") -> tuple[Tensor, Tensor]:
+        """(cls [B,D], patches [B,h,w,D]) in fp32: cached features when the batch has them."""
+        cached_cls, cached_patches = getattr(batch, "vision_cls", None), getattr(batch, "vision_patches", None)
+        if cached_cls is not None and cached_patches is not None:
+            return cached_cls.float(), cached_patches.float()
+        if self.vision is None:
+            raise ValueError("the model has no vision tower and the batch carries no cached vision features")
+        if batch.images is None:
+            raise ValueError("the batch has neither images nor cached vision features")
+        cls, patches = self.vision(batch.images)
+        return cls.float(), patches.float()
+
+    def forward(self, batch: "Batch") -> SimZSSOutput:
+        """Losses for one (per-rank) batch; negatives and prototypes come from the global batch."""
+        cls, patches = self._vision_features(batch)
+        tokens, pooled = self.text(batch.input_ids, batch.attention_mask)
+        scale = self.scale()
+        global_loss = contrastive_loss(cls, self.text.proj(pooled), scale)
+        if self.concept_weight == 0:  # LiT: no concept work at all
+            zero = global_loss.new_zeros(())
+            nan = torch.full((), float("nan"), device=zero.device)
+            return SimZSSOutput(global_loss, global_loss, zero, nan, 0, 0, scale.detach())
+
+        mask = batch.concept_mask.to(tokens.dtype)  # [B, K, L]
+        counts = mask.sum(-1)
+        valid = (batch.concept_labels >= 0) & (counts > 0)  # a concept without tokens cannot be pooled
+        labels = batch.concept_labels[valid]
+        span_mean = torch.einsum("bkl,bld->bkd", mask, tokens) / counts.clamp(min=1).unsqueeze(-1)
+        concepts = self.text.proj(span_mean)  # c_t for every slot, [B, K, D]
+        text_concepts = concepts[valid]  # [n, D]
+        if self.query == "concept":
+            queries = concepts
+        else:  # each concept queries with its class prototype over the global batch
+            protos, _, index = class_prototypes(text_concepts, labels)
+            queries = torch.zeros_like(concepts).masked_scatter(valid.unsqueeze(-1), protos[index])
+        b, h, w, d = patches.shape
+        visual = pool_visual_concepts(patches.reshape(b, h * w, d), queries, self.tau)[valid]
+        stats = concept_loss(
+            text_concepts,
+            visual,
+            labels,
+            scale=scale if self.concept_scale is None else self.concept_scale,
+            target=self.concept_target,
+            return_stats=True,
+        )
+        loss = global_loss + self.concept_weight * stats.loss
+        return SimZSSOutput(
+            loss, global_loss, stats.loss, stats.accuracy, stats.num_concepts, stats.num_classes, scale.detach()
+        )
+
+    # ---------------------------------------------------------------------------------- inference
+    def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """L2-normalised CLS [B, D] and patch grid [B, h, w, D] (fp32) of ImageNet-normalised images."""
+        if self.vision is None:
+            raise ValueError("this model was built without a vision tower (build_vision=False)")
+        cls, patches = self.vision(images)
+        return F.normalize(cls.float(), dim=-1), F.normalize(patches.float(), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """L2-normalised projected pooled text features [B, D]."""
+        _, pooled = self.text(input_ids, attention_mask)
+        return F.normalize(self.text.proj(pooled).float(), dim=-1)
+
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """Tokenize with ``self.tokenizer`` (truncated to the context length) and ``encode_text``."""
+        if self.tokenizer is None:
+            raise ValueError("no tokenizer attached to the model (build it with from_config / from_pretrained)")
+        if isinstance(texts, str):
+            raise TypeError("encode_texts expects a list of strings, got a single string")
+        ctx = self.config.text.context_length if self.config is not None else self.text.context_length
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=ctx is not None, max_length=ctx, return_tensors="pt"
+        )
+        device = self.logit_scale.device
+        return self.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+    # ---------------------------------------------------------------------------------- weights
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Everything but the frozen vision tower: text tower, projection and logit scale."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("vision.")}
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a ``trainable_state_dict``; every non-vision key must be present and no other."""
+        vision_keys = [k for k in state if k.startswith("vision.")]
+        if vision_keys:
+            raise ValueError(f"trainable state must not contain vision weights, got {vision_keys[:5]}")
+        result = self.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("vision.")]
+        unexpected = list(result.unexpected_keys)
+        if missing or unexpected:
+            raise ValueError(f"trainable state mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}")
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "SimZSS":
+        """Load an export folder (delegates to ``simzss.export.load_pretrained``)."""
+        from simzss.export import load_pretrained
+
+        return load_pretrained(path)
+
+    def segment(self, image: Tensor, labels: Sequence[str], **slide_kw: Any) -> tuple[Tensor, Tensor]:
+        """Zero-shot segmentation of one normalised image [1,3,H,W] (or [3,H,W]) into ``labels``.
+
+        Returns (prediction [H, W] long, class probabilities [C', H, W]) from ``simzss.eval``;
+        ``templates`` (a set name such as "single" or a list of "{}" prompts) and the sliding-window /
+        background options are passed on to ``text_classifier`` / ``segment_image``.
+        """
+        from simzss.eval import segment_image, text_classifier
+
+        templates = slide_kw.pop("templates", "single")
+        if image.ndim == 3:
+            image = image.unsqueeze(0)
+        with torch.no_grad():
+            classifier = text_classifier(self, list(labels), templates)
+            probs = segment_image(self, image, classifier, **slide_kw)
+        return probs.argmax(0), probs

@@ -1,0 +1,68 @@
+"""Config loading: YAML + overrides, unknown keys rejected by name, shipped configs valid, CLI exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simzss.config import ConfigError, TrainConfig, load_config, to_dict
+from simzss.engine.trainer import main, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_unknown_key_rejected_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"optim\.lrr"):
+        load_config(TrainConfig, None, ["optim.lrr=1e-3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  text:\n    layerz: 3\n")
+    with pytest.raises(ConfigError, match=r"model\.text\.layerz"):
+        load_config(TrainConfig, bad)
+
+
+def test_override_beats_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("batch_size: 64\noptim:\n  lr: 0.001\nmodel:\n  vision:\n    model_kwargs: {depth: 4}\n")
+    cfg = load_config(TrainConfig, f, ["optim.lr=0.5", "model.vision.model_kwargs.depth=2", "data.crop_scale=[0.5,1.0]"])
+    assert cfg.batch_size == 64
+    assert cfg.optim.lr == 0.5
+    assert cfg.model.vision.model_kwargs == {"depth": 2}
+    assert tuple(cfg.data.crop_scale) == (0.5, 1.0)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_are_valid(path: Path) -> None:
+    cfg = load_config(TrainConfig, path)
+    validate_config(cfg)
+    if path.stem.endswith("_lit"):
+        assert cfg.model.concept_weight == 0
+    assert to_dict(cfg)["model"]["text"]["layers"] == cfg.model.text.layers
+
+
+def test_paper_settings() -> None:
+    cfg = load_config(TrainConfig, ROOT / "configs" / "coco_vitb14.yaml")
+    assert cfg.model.vision.name == "vit_base_patch14_reg4_dinov2.lvd142m" and cfg.model.vision.pretrained
+    assert (cfg.model.text.layers, cfg.model.text.width) == (12, 512)
+    assert (cfg.batch_size, cfg.optim.lr, cfg.optim.scale_lr, cfg.optim.warmup, cfg.epochs) == (1024, 3e-5, True, 0.1, 10)
+    assert (cfg.model.concept_weight, cfg.model.tau, cfg.data.image_size) == (0.05, 0.1, 224)
+    assert tuple(cfg.data.crop_scale) == (0.9, 1.0)
+
+
+def test_grad_accum_refused_by_field_name() -> None:
+    cfg = load_config(TrainConfig, None, ["grad_accum=4", "data.shards=[x.tar]"])
+    with pytest.raises(ConfigError, match="grad_accum"):
+        validate_config(cfg)
+
+
+def test_cli_exit_code_2_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "optim.no_such_key=1"]) == 2
+    assert "optim.no_such_key" in capsys.readouterr().err
+    assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "report_to=carrier-pigeon"]) == 2
+    assert "report_to" in capsys.readouterr().err
+
+
+def test_cli_print_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--print-config", "batch_size=3"]) == 0
+    assert "batch_size: 3" in capsys.readouterr().out

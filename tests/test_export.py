@@ -1,0 +1,373 @@
+"""Exports: round trip, atomicity, overwrite refusal, hub-name vision loading, checkpoint export, hub push."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from simzss import export as ex
+from simzss.config import ModelConfig, TextConfig, TrainConfig, VisionConfig, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VISION = "vit_small_patch14_reg4_dinov2"
+CAPTIONS = ["a photo of a cat on the grass", "a dog under a blue sky", "a red car on a road", "two birds in a tree"]
+
+
+def tiny_tokenizer(out_dir: Path):
+    """A byte-level BPE tokenizer trained on a few captions (no download), saved like the project's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CAPTIONS * 4, trainer)
+    bos, eos = tok.token_to_id(specials[0]), tok.token_to_id(specials[1])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{specials[0]} $A {specials[1]}", special_tokens=[(specials[0], bos), (specials[1], eos)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1], pad_token=specials[2])
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def tiny_config(tokenizer_path: str, pretrained: bool = False) -> ModelConfig:
+    return ModelConfig(
+        vision=VisionConfig(name=VISION, pretrained=pretrained, model_kwargs={"img_size": 56, "depth": 2}),
+        text=TextConfig(layers=2, width=64, heads=2, context_length=32),
+        tokenizer=tokenizer_path,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model, tokenizer dir, work dir): a random-init SimZSS small enough for CPU tests."""
+    from simzss.models.simzss import SimZSS
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("tiny")
+    tok = tiny_tokenizer(work / "tok")
+    model = SimZSS.from_config(tiny_config(str(work / "tok")), tok).eval()
+    with torch.no_grad():  # make the text side differ from a fresh init, so a failed load would show
+        for p in model.trainable_state_dict().values():
+            if p.is_floating_point():
+                p.add_(0.01 * torch.randn_like(p))
+    return model, work / "tok", work
+
+
+@pytest.fixture(scope="module")
+def exported(tiny):
+    model, _, work = tiny
+    return ex.save_pretrained(model, work / "export")
+
+
+def _images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, 56, 70, generator=g)
+
+
+def _same_embeddings(a, b) -> None:
+    with torch.no_grad():
+        ta, tb = a.encode_texts(CAPTIONS), b.encode_texts(CAPTIONS)
+        (ca, pa), (cb, pb) = a.encode_image(_images()), b.encode_image(_images())
+    torch.testing.assert_close(ta, tb, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ca, cb, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+
+
+def test_round_trip_same_embeddings_and_segmentation(tiny, exported) -> None:
+    from PIL import Image
+
+    from simzss.inference import segment_pil
+
+    model, _, _ = tiny
+    meta = ex.read_export_config(exported)
+    assert meta["format_version"] == ex.FORMAT_VERSION
+    assert meta["vision_weights_included"] is True  # random-init tower: auto-included
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer"]
+    loaded = ex.load_pretrained(exported)
+    assert not loaded.training and loaded.config == model.config
+    _same_embeddings(model, loaded)
+
+    g = torch.Generator().manual_seed(2)
+    image = Image.fromarray((torch.rand(63, 77, 3, generator=g) * 255).byte().numpy())
+    kw = dict(labels=["cat", "grass", "sky"], short_side=56, crop=56, stride=28)
+    m1, s1 = segment_pil(model, image, **kw)
+    m2, s2 = segment_pil(loaded, image, **kw)
+    assert m1.shape == (63, 77) and m1.dtype.name == "uint8"
+    torch.testing.assert_close(s1, s2, rtol=0, atol=1e-5)
+    assert (m1 == m2).all()
+
+
+def test_loading_needs_no_training_code(exported) -> None:
+    """load_pretrained imports only the model, config and tokenizer side of simzss (checked in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from simzss.export import load_pretrained; m = load_pretrained(sys.argv[1]); "
+        "bad = sorted(k for k in sys.modules if k.startswith(('simzss.engine', 'simzss.data', 'simzss.eval', "
+        "'webdataset', 'spacy'))); print(bad); sys.exit(1 if bad else 0)"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(exported)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+
+
+def test_model_card_and_config(tiny, exported) -> None:
+    model, _, _ = tiny
+    card = (exported / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: simzss")
+    block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block)["vision"]["name"] == VISION
+    assert "No evaluation results" in card
+    meta = json.loads((exported / "config.json").read_text())
+    assert meta["model"]["text"]["width"] == 64 and meta["files"]["model.safetensors"] > 0
+
+
+def test_load_is_the_from_pretrained_entry(exported) -> None:
+    from simzss.models.simzss import SimZSS
+
+    assert isinstance(SimZSS.from_pretrained(exported), SimZSS)
+
+
+def test_crash_mid_write_leaves_nothing(tiny, tmp_path, monkeypatch) -> None:
+    model, _, _ = tiny
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ex, "model_card", boom)  # fails after the weights and tokenizer are written
+    with pytest.raises(OSError, match="disk full"):
+        ex.save_pretrained(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # no OUT_DIR and no temp folder left behind
+
+
+def test_crash_during_overwrite_keeps_the_old_export(tiny, tmp_path, monkeypatch) -> None:
+    model, _, _ = tiny
+    out = ex.save_pretrained(model, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    real_save_file = ex.save_file
+
+    def half_write(tensors, path, metadata=None):  # a partial weights file, then the crash
+        real_save_file(dict(list(tensors.items())[:1]), path, metadata=metadata)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "save_file", half_write)
+    with pytest.raises(KeyboardInterrupt):
+        ex.save_pretrained(model, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    ex.read_export_config(out)
+
+
+def test_partial_export_is_not_loadable(exported, tmp_path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    with open(broken / "model.safetensors", "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(ex.ExportError, match="incomplete"):
+        ex.load_pretrained(broken)
+    (broken / "config.json").unlink()
+    assert not ex.is_export(broken)
+    with pytest.raises(ex.ExportError, match="no config.json"):
+        ex.load_pretrained(broken)
+
+
+def test_newer_format_is_refused(exported, tmp_path) -> None:
+    import shutil
+
+    newer = tmp_path / "newer"
+    shutil.copytree(exported, newer)
+    meta = json.loads((newer / "config.json").read_text())
+    meta["format_version"] = ex.FORMAT_VERSION + 1
+    (newer / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ex.ExportError, match="newer simzss"):
+        ex.load_pretrained(newer)
+
+
+def test_overwrite_refusal(tiny, tmp_path) -> None:
+    model, _, _ = tiny
+    out = ex.save_pretrained(model, tmp_path / "out")
+    stamp = (out / "config.json").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        ex.save_pretrained(model, out)
+    assert (out / "config.json").stat().st_mtime_ns == stamp
+    ex.save_pretrained(model, out, overwrite=True)
+    ex.read_export_config(out)
+    # --overwrite never deletes a folder that is not an export
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "keep.jpg").write_bytes(b"x")
+    with pytest.raises(ex.ExportError, match="not a simzss export"):
+        ex.save_pretrained(model, other, overwrite=True)
+    assert (other / "keep.jpg").exists()
+
+
+def test_random_init_vision_cannot_be_left_out(tiny, tmp_path) -> None:
+    model, _, _ = tiny
+    with pytest.raises(ex.ExportError, match="must be included"):
+        ex.save_pretrained(model, tmp_path / "out", include_vision=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_vision_is_referenced_by_name(tiny, tmp_path, monkeypatch) -> None:
+    """pretrained: true and no vision weights: loading asks timm for the hub name with pretrained=True."""
+    import timm
+
+    model, _, _ = tiny
+    cfg = dataclasses.replace(model.config, vision=dataclasses.replace(model.config.vision, pretrained=True))
+    out = ex.write_export(tmp_path / "out", config=cfg, tokenizer=model.tokenizer, trainable_state=model.trainable_state_dict())
+    meta = ex.read_export_config(out)
+    assert meta["vision_weights_included"] is False
+    assert not [k for k in load_file(str(out / "model.safetensors")) if k.startswith("vision.")]
+
+    calls = []
+    real_create = timm.create_model
+
+    def fake_create(name, pretrained=False, **kwargs):
+        calls.append((name, pretrained, kwargs))
+        return real_create(name, pretrained=False, **kwargs)  # no network: stand in for the download
+
+    monkeypatch.setattr(timm, "create_model", fake_create)
+    loaded = ex.load_pretrained(out)
+    assert any(name == VISION and pretrained and kw.get("depth") == 2 for name, pretrained, kw in calls), calls
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_texts(CAPTIONS), model.encode_texts(CAPTIONS), rtol=0, atol=1e-6)
+
+
+def _fake_checkpoint(model, run: Path, *, with_vision: bool) -> Path:
+    """A checkpoint folder laid out like the trainer writes it (random-init vision under ``vision.`` when kept)."""
+    from simzss.engine.checkpoint import checkpoint_name, save_model_weights
+
+    ckpt = run / "checkpoints" / checkpoint_name(10)
+    ckpt.mkdir(parents=True)
+    state = dict(model.trainable_state_dict())
+    if with_vision:
+        state.update({f"vision.{k}": v for k, v in model.vision.state_dict().items()})
+    save_model_weights(state, ckpt / "model.safetensors")
+    train_cfg = TrainConfig(model=model.config, run_name="tiny")
+    (ckpt / "config.yaml").write_text(to_yaml(train_cfg))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 10}))
+    return ckpt
+
+
+def test_export_command_from_checkpoint(tiny, tmp_path, capsys) -> None:
+    model, _, _ = tiny
+    run = tmp_path / "run"
+    _fake_checkpoint(model, run, with_vision=True)
+    results = {"folder:/toy/val": {"mIoU": 41.5, "pixel_acc": 80.25, "per_class": {"cat": 1.0}}}
+    (run / "eval.json").write_text(json.dumps({"step": 10, "results": results}))  # the trainer's eval.json
+    out = tmp_path / "export"
+    assert ex.main([str(run), str(out)]) == 0  # a run folder resolves to its newest checkpoint
+    assert "included" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    assert "At training step 10" in card and "| folder:/toy/val | mIoU | 41.5 |" in card and "run_name: tiny" in card
+    _same_embeddings(model, ex.load_pretrained(out))
+    assert ex.main([str(run), str(out)]) == 1  # exists
+    assert "--overwrite" in capsys.readouterr().err
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"mIoU": 12.0}))
+    assert ex.main([str(run / "checkpoints"), str(out), "--overwrite", "--eval-results", str(results)]) == 0
+    assert "| - | mIoU | 12 |" in (out / "README.md").read_text()
+
+
+def test_checkpoint_without_random_init_vision_is_a_clear_error(tiny, tmp_path, capsys) -> None:
+    model, _, _ = tiny
+    ckpt = _fake_checkpoint(model, tmp_path / "run", with_vision=False)
+    assert ex.main([str(ckpt), str(tmp_path / "export")]) == 1
+    err = capsys.readouterr().err
+    assert "random-init" in err and "Traceback" not in err
+    assert not (tmp_path / "export").exists()
+    assert ex.main([str(tmp_path / "nowhere"), str(tmp_path / "export")]) == 1
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_push_to_hub_arguments_and_failure(tiny, tmp_path, monkeypatch, capsys) -> None:
+    import huggingface_hub
+
+    model, _, _ = tiny
+    ckpt = _fake_checkpoint(model, tmp_path / "run", with_vision=True)
+    calls = {}
+
+    class Info:
+        commit_url = "https://huggingface.co/me/tiny/commit/abc"
+
+    def create_repo(repo_id, **kw):
+        calls["create"] = (repo_id, kw)
+
+    def upload_folder(**kw):
+        calls["upload"] = kw
+        return Info()
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    out = tmp_path / "export"
+    assert ex.main([str(ckpt), str(out), "--push-to-hub", "me/tiny"]) == 0
+    assert calls["create"][0] == "me/tiny" and calls["create"][1]["exist_ok"] is True
+    assert calls["upload"]["repo_id"] == "me/tiny"
+    assert Path(calls["upload"]["folder_path"]) == out.absolute()
+    assert calls["upload"]["repo_type"] == "model"
+    assert "abc" in capsys.readouterr().out
+
+    def offline(**kw):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", offline)
+    assert ex.main([str(ckpt), str(out), "--overwrite", "--push-to-hub", "me/tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "push to the Hugging Face Hub (me/tiny) failed: ConnectionError" in err and "Traceback" not in err
+    ex.read_export_config(out)  # the local export is still there and complete
+
+
+def _unsafe_loads(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, why) of every torch.load without weights_only=True and every pickle.load(s) in a module."""
+    torch_names, pickle_names, found = {"torch"}, {"pickle"}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == "torch":
+                    torch_names.add(a.asname or a.name)
+                if a.name == "pickle":
+                    pickle_names.add(a.asname or a.name)
+        elif isinstance(node, ast.ImportFrom) and node.module in ("torch", "torch.serialization", "pickle"):
+            if any(a.name in ("load", "loads") for a in node.names):
+                found.append((node.lineno, f"from {node.module} import load"))
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("load", "loads")):
+            continue
+        owner = node.func.value
+        name = owner.id if isinstance(owner, ast.Name) else ast.unparse(owner)
+        if name in pickle_names:
+            found.append((node.lineno, "pickle.load"))
+        elif (name in torch_names or name == "torch.serialization") and node.func.attr == "load":
+            if not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords):
+                found.append((node.lineno, "torch.load without weights_only=True"))
+    return found
+
+
+def test_unsafe_load_check_catches_offenders() -> None:
+    bad = "import torch as th\nfrom torch import load\nth.load('x')\ntorch.load('y', weights_only=False)\nimport pickle\npickle.loads(b'')\n"
+    assert len(_unsafe_loads(ast.parse(bad))) == 4
+    assert _unsafe_loads(ast.parse("import torch\ntorch.load('x', map_location='cpu', weights_only=True)\n")) == []
+
+
+def test_torch_load_only_with_weights_only() -> None:
+    """Every torch.load( call in the package passes weights_only=True, and nothing is unpickled directly."""
+    offenders = []
+    for path in sorted((ROOT / "simzss").rglob("*.py")):
+        for line, why in _unsafe_loads(ast.parse(path.read_text(encoding="utf-8"))):
+            offenders.append(f"{path.relative_to(ROOT)}:{line}: {why}")
+    assert not offenders, offenders

@@ -1,0 +1,326 @@
+"""Vision tower, text tower and the SimZSS model on tiny random-init networks (no downloads)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from simzss.config import ModelConfig, TextConfig, VisionConfig
+from simzss.models import FrozenVisionTower, SimZSS, TextTower, vision_embed_dim
+
+VIT = "vit_small_patch14_reg4_dinov2"
+TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+CAPTIONS = [
+    "a dog on the grass", "a red car next to a tree", "two cats sleep on a sofa", "a tennis racket and a ball",
+    "a man rides a horse", "the sky above the sea", "a dog and a cat", "a car on the road",
+] * 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    from simzss.data.tokenize import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(CAPTIONS, tmp_path_factory.mktemp("tok"), vocab_size=300, min_frequency=1)
+
+
+def _tiny_tower(img_size: int = 28, **overrides) -> FrozenVisionTower:
+    return FrozenVisionTower(VIT, pretrained=False, img_size=img_size, model_kwargs={**TINY_VIT, **overrides})
+
+
+def _tiny_config(**kw) -> ModelConfig:
+    return ModelConfig(
+        vision=VisionConfig(name=VIT, pretrained=False, model_kwargs={**TINY_VIT, "img_size": 28}),
+        text=TextConfig(layers=2, width=32, heads=2, context_length=24),
+        **kw,
+    )
+
+
+def _batch(tokenizer, n: int = 4, with_concepts: bool = True, image_size: int = 28):
+    """A real training Batch from the data modules: concept 'dog'/'car'/... spans mapped to tokens."""
+    from simzss.data.stream import Batch
+    from simzss.data.tokenize import tokenize_batch
+
+    bank = {"dog": 0, "grass": 1, "car": 2, "tree": 3, "cats": 4, "sofa": 5, "racket": 6, "ball": 7}
+    captions = CAPTIONS[:n]
+    concepts = []
+    for cap in captions:
+        found = []
+        for word, cid in bank.items():
+            start = cap.find(word)
+            if with_concepts and start >= 0:
+                found.append((cid, [(start, start + len(word))]))
+        concepts.append(found)
+    enc = tokenize_batch(tokenizer, captions, concepts, context_length=24)
+    g = torch.Generator().manual_seed(0)
+    return Batch(images=torch.randn(n, 3, image_size, image_size, generator=g), captions=captions,
+                 keys=[str(i) for i in range(n)], **enc)
+
+
+# ------------------------------------------------------------------------------------------ vision
+def test_vision_tower_outputs_and_register_dropping() -> None:
+    tower = _tiny_tower()
+    assert tower.num_prefix_tokens == 5 and tower.patch_size == 14 and tower.embed_dim == 32
+    x = torch.randn(2, 3, 56, 42)  # not the configured 28 px: dynamic image size
+    cls, patches = tower(x)
+    assert cls.shape == (2, 32) and patches.shape == (2, 4, 3, 32)
+    tokens = tower.model.forward_features(x)  # includes the final norm
+    assert tokens.shape[1] == 5 + 12
+    torch.testing.assert_close(cls, tokens[:, 0])
+    torch.testing.assert_close(patches.reshape(2, 12, 32), tokens[:, 5:])
+    ln = tower.model.norm  # patch tokens are layer-normed: zero mean / unit variance before the affine
+    torch.testing.assert_close(((patches - ln.bias) / ln.weight).mean(-1), torch.zeros(2, 4, 3), atol=1e-4, rtol=0)
+
+
+def test_vision_tower_is_frozen_and_stays_in_eval() -> None:
+    tower = _tiny_tower(drop_path_rate=0.5)
+    assert not any(p.requires_grad for p in tower.parameters())
+    tower.train()
+    assert not tower.training and not any(m.training for m in tower.modules())
+    x = torch.randn(1, 3, 28, 28, requires_grad=True)
+    cls, patches = tower(x)
+    assert not cls.requires_grad and not patches.requires_grad
+    torch.testing.assert_close(tower(x)[0], cls)  # deterministic: drop-path inactive
+    assert tower.mean == pytest.approx((0.485, 0.456, 0.406)) and tower.std == pytest.approx((0.229, 0.224, 0.225))
+
+
+def test_vision_tower_rejects_bad_sizes_and_clip_normalisation() -> None:
+    tower = _tiny_tower()
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        tower(torch.randn(1, 3, 30, 28))
+    with pytest.raises(ValueError, match="not ImageNet's"):
+        FrozenVisionTower("vit_base_patch16_clip_224.openai", pretrained=False,
+                          model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2})
+    with pytest.raises(ValueError, match="cannot create"):
+        FrozenVisionTower("no_such_model_xyz", pretrained=False)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_vision_tower_loads_local_weights(tmp_path: Path, suffix: str) -> None:
+    torch.manual_seed(0)
+    source = _tiny_tower()
+    path = tmp_path / f"w{suffix}"
+    state = {k: v.contiguous() for k, v in source.model.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    torch.manual_seed(1)
+    loaded = FrozenVisionTower(VIT, pretrained=True, weights=str(path), img_size=28, model_kwargs=TINY_VIT)
+    x = torch.randn(1, 3, 28, 28)
+    torch.testing.assert_close(loaded(x)[1], source(x)[1])
+
+
+def test_vision_tower_weight_errors_are_clear(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in _tiny_tower(depth=1).model.state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match=r"(?s)cannot load vision weights.*Missing key"):
+        FrozenVisionTower(VIT, weights=str(path), img_size=28, model_kwargs=TINY_VIT)
+    with pytest.raises(FileNotFoundError):
+        FrozenVisionTower(VIT, weights=str(tmp_path / "missing.pth"), img_size=28, model_kwargs=TINY_VIT)
+    pickled = tmp_path / "obj.pth"
+    torch.save({"model": _tiny_tower()}, pickled)  # a whole pickled module: refused by weights_only
+    with pytest.raises(ValueError, match="cannot load vision weights"):
+        FrozenVisionTower(VIT, weights=str(pickled), img_size=28, model_kwargs=TINY_VIT)
+
+
+def test_vision_embed_dim_without_weights() -> None:
+    assert vision_embed_dim(VIT, TINY_VIT) == 32
+    assert vision_embed_dim("vit_base_patch14_reg4_dinov2.lvd142m") == 768
+
+
+# -------------------------------------------------------------------------------------------- text
+def _text(**kw) -> TextTower:
+    cfg = TextConfig(**{"layers": 2, "width": 32, "heads": 2, "context_length": 12, **kw})
+    return TextTower(cfg, vocab_size=50, pad_token_id=0, output_dim=24).eval()
+
+
+def test_text_tower_eos_pooling_is_last_non_pad_token_and_causal() -> None:
+    torch.manual_seed(0)
+    tower = _text()
+    ids = torch.randint(1, 50, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    ids[mask == 0] = 0
+    tokens, pooled = tower(ids, mask)
+    assert tokens.shape == (3, 8, 32) and pooled.shape == (3, 32) and tower.proj.out_features == 24
+    last = mask.sum(1) - 1
+    torch.testing.assert_close(pooled, tokens[torch.arange(3), last])
+    # causal: the prefix of a sequence does not see what follows (so right padding is harmless)
+    short_tokens, _ = tower(ids[1:2, :5], mask[1:2, :5])
+    torch.testing.assert_close(short_tokens[0], tokens[1, :5], atol=1e-5, rtol=1e-5)
+
+
+def test_text_tower_cls_and_mean_pooling() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(1, 50, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    tower = _text(pooling="mean")
+    tokens, pooled = tower(ids, mask)
+    torch.testing.assert_close(pooled[1], tokens[1, :3].mean(0))
+    tower.pooling = "cls"
+    torch.testing.assert_close(tower(ids, mask)[1], tokens[:, 0])
+
+
+def test_text_tower_rejects_bad_config_and_long_input() -> None:
+    with pytest.raises(ValueError, match="pooling"):
+        _text(pooling="max")
+    with pytest.raises(ValueError, match="kind"):
+        _text(kind="rnn")
+    with pytest.raises(ValueError, match="name_or_path"):
+        _text(kind="pretrained")
+    with pytest.raises(ValueError, match="context length"):
+        _text()(torch.ones(1, 13, dtype=torch.long), torch.ones(1, 13, dtype=torch.long))
+
+
+def test_text_tower_pretrained_from_local_folder(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=20)).save_pretrained(tmp_path)
+    cfg = TextConfig(kind="pretrained", name_or_path=str(tmp_path), pooling="cls")
+    tower = TextTower(cfg, vocab_size=60, pad_token_id=0, output_dim=8)
+    assert tower.width == 16 and tower.context_length == 20
+    tokens, pooled = tower(torch.randint(1, 60, (2, 5)), torch.ones(2, 5, dtype=torch.long))
+    assert tokens.shape == (2, 5, 16) and pooled.shape == (2, 16) and tower.proj(pooled).shape == (2, 8)
+    with pytest.raises(ValueError, match="larger than"):
+        TextTower(cfg, vocab_size=100, pad_token_id=0, output_dim=8)
+    with pytest.raises(ValueError, match="cannot load"):
+        TextTower(TextConfig(kind="pretrained", name_or_path=str(tmp_path / "nope")), 60, 0, 8)
+
+
+# ------------------------------------------------------------------------------------------- model
+def test_simzss_smoke_only_text_side_learns(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = SimZSS.from_config(_tiny_config(), tokenizer)
+    assert model.tokenizer is tokenizer and model.config is not None and model.embed_dim == 32
+    model.train()
+    assert not model.vision.training and model.text.training  # type: ignore[union-attr]
+    batch = _batch(tokenizer)
+    out = model(batch)
+    assert math.isfinite(out.loss.item()) and out.num_concepts == 8 and out.num_classes == 8
+    torch.testing.assert_close(out.loss, out.global_loss + 0.05 * out.concept_loss)
+    assert 0.0 <= out.concept_accuracy.item() <= 1.0
+    assert out.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    out.loss.backward()
+    assert model.logit_scale.grad is not None
+    assert all(p.grad is None for p in model.vision.parameters())  # type: ignore[union-attr]
+    text_grads = [p.grad for p in model.text.parameters()]
+    assert all(g is not None for g in text_grads) and sum(g.abs().sum() for g in text_grads) > 0
+
+
+def test_simzss_one_step_lowers_the_loss(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = SimZSS.from_config(_tiny_config(concept_weight=1.0), tokenizer).train()
+    batch = _batch(tokenizer, n=6)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    first = model(batch).loss
+    for _ in range(5):
+        opt.zero_grad()
+        model(batch).loss.backward()
+        opt.step()
+    assert model(batch).loss.item() < first.item()
+
+
+@pytest.mark.parametrize("query,scale", [("concept", 1 / 0.07), ("prototype", None)])
+def test_simzss_query_modes_and_no_concept_batch(tokenizer, query: str, scale: float | None) -> None:
+    torch.manual_seed(0)
+    model = SimZSS.from_config(_tiny_config(query=query, concept_scale=scale, concept_target="argmax"), tokenizer)
+    out = model(_batch(tokenizer))
+    assert math.isfinite(out.concept_loss.item()) and out.concept_loss.item() > 0
+    empty = _batch(tokenizer, with_concepts=False)
+    assert empty.concept_labels.shape[1] == 0
+    out = model(empty)
+    assert out.concept_loss.item() == 0 and out.num_concepts == 0 and torch.isnan(out.concept_accuracy)
+    out.loss.backward()  # no crash on a batch without concepts
+
+
+def test_simzss_lit_skips_the_concept_branch(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import simzss.models.simzss as mod
+
+    def boom(*a, **k):
+        raise AssertionError("the concept branch must not run when concept_weight == 0")
+
+    monkeypatch.setattr(mod, "pool_visual_concepts", boom)
+    monkeypatch.setattr(mod, "concept_loss", boom)
+    model = SimZSS.from_config(_tiny_config(concept_weight=0.0), tokenizer)
+    out = model(_batch(tokenizer))
+    torch.testing.assert_close(out.loss, out.global_loss)
+    assert out.concept_loss.item() == 0 and out.num_concepts == 0
+
+
+def test_simzss_cached_features_without_vision_tower(tokenizer) -> None:
+    torch.manual_seed(0)
+    full = SimZSS.from_config(_tiny_config(), tokenizer)
+    batch = _batch(tokenizer)
+    cls, patches = full.vision(batch.images)  # type: ignore[misc]
+    expected = full(batch)
+    headless = SimZSS.from_config(_tiny_config(), tokenizer, build_vision=False)
+    assert headless.vision is None and headless.embed_dim == 32
+    headless.load_trainable_state_dict(full.trainable_state_dict())
+    batch.images, batch.vision_cls, batch.vision_patches = None, cls.half(), patches.half()
+    out = headless(batch)
+    torch.testing.assert_close(out.loss, expected.loss, atol=2e-3, rtol=1e-3)  # fp16 cache, fp32 loss
+    with pytest.raises(ValueError, match="without a vision tower"):
+        headless.encode_image(torch.randn(1, 3, 28, 28))
+    batch.vision_cls = batch.vision_patches = None
+    with pytest.raises(ValueError, match="no cached vision features"):
+        headless(batch)
+
+
+def test_simzss_encoders_and_state_dict(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = SimZSS.from_config(_tiny_config(), tokenizer).eval()
+    cls, patches = model.encode_image(torch.randn(2, 3, 42, 28))
+    assert cls.shape == (2, 32) and patches.shape == (2, 3, 2, 32)
+    torch.testing.assert_close(patches.norm(dim=-1), torch.ones(2, 3, 2))
+    emb = model.encode_texts(["a dog", "a red car next to a tree " * 10])  # the 2nd is truncated to 24 tokens
+    assert emb.shape == (2, 32)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    enc = tokenizer(["a dog"], return_tensors="pt")
+    torch.testing.assert_close(model.encode_text(enc["input_ids"], enc["attention_mask"])[0], emb[0])
+    with pytest.raises(TypeError):
+        model.encode_texts("a dog")
+
+    state = model.trainable_state_dict()
+    assert "logit_scale" in state and "text.proj.weight" in state and not any(k.startswith("vision.") for k in state)
+    other = SimZSS.from_config(_tiny_config(), tokenizer)
+    other.load_trainable_state_dict(state)
+    torch.testing.assert_close(other.encode_texts(["a dog"]), emb[:1])
+    with pytest.raises(ValueError, match="missing"):
+        other.load_trainable_state_dict({k: v for k, v in state.items() if k != "logit_scale"})
+
+
+def test_simzss_logit_scale_is_clamped(tokenizer) -> None:
+    model = SimZSS.from_config(_tiny_config(), tokenizer)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    out = model(_batch(tokenizer))
+    assert out.logit_scale.item() == pytest.approx(100.0, rel=1e-5)
+
+
+def test_simzss_rejects_bad_arguments(tokenizer) -> None:
+    with pytest.raises(ValueError, match="query"):
+        SimZSS.from_config(_tiny_config(query="patch"), tokenizer)
+    with pytest.raises(ValueError, match="concept_target"):
+        SimZSS.from_config(_tiny_config(concept_target="soft"), tokenizer)
+    text = TextTower(TextConfig(layers=1, width=16, heads=2, context_length=8), 50, 0, 16)
+    with pytest.raises(ValueError, match="embed_dim"):
+        SimZSS(_tiny_tower(), text, embed_dim=16)
+
+
+def test_simzss_segment_delegates_to_eval(tokenizer) -> None:
+    pytest.importorskip("simzss.eval")
+    torch.manual_seed(0)
+    model = SimZSS.from_config(_tiny_config(), tokenizer).eval()
+    pred, probs = model.segment(torch.randn(3, 30, 44), ["dog", "car", "tree"], short_side=28, crop=28, stride=14)
+    assert probs.shape == (3, 30, 44) and pred.shape == (30, 44)
+    torch.testing.assert_close(probs.sum(0), torch.ones(30, 44))
+    assert F.one_hot(pred, 3).permute(2, 0, 1).bool().eq(probs == probs.max(0).values).all()

@@ -1,0 +1,319 @@
+"""The trainer: optimizer groups, schedule, checkpoints, exact resume, preemption, non-finite losses.
+
+Most tests train the real (tiny, random-init) SimZSS model on a small in-memory stream of real
+``Batch`` objects, substituted for the webdataset stream and tokenizer through the trainer's module
+level builders; the slow test at the end runs the whole toy-world pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from simzss.config import TrainConfig, load_config
+from simzss.engine import checkpoint as ckpt_io
+from simzss.engine import trainer as trainer_mod
+from simzss.engine.optim import WarmupCosine, build_optimizer, build_scheduler, param_groups, scaled_lr
+
+torch.set_num_threads(1)
+
+VOCAB = 64
+CLASSES = 4
+
+
+class TinyTokenizer:
+    """What SimZSS.from_config needs from a tokenizer: a vocabulary size and a pad id."""
+
+    pad_token_id = 0
+
+    def __len__(self) -> int:
+        return VOCAB
+
+
+class MemoryStream:
+    """A deterministic stand-in for ``TrainLoader``: batch (epoch, i) is always the same tensors.
+
+    Follows the TrainLoader contract: ``set_epoch`` restarts only a different epoch, the state is
+    the epoch and the batches consumed.
+    """
+
+    def __init__(self, num_batches: int, batch_size: int, image_size: int = 28, seed: int = 0) -> None:
+        self.num_batches, self.batch_size, self.image_size, self.seed = num_batches, batch_size, image_size, seed
+        self.epoch, self.consumed = 0, 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "batches_consumed": self.consumed}
+
+    def load_state_dict(self, d: Dict[str, int]) -> None:
+        self.epoch, self.consumed = int(d["epoch"]), int(d["batches_consumed"])
+
+    def __iter__(self) -> Iterator[Any]:
+        while self.consumed < self.num_batches:
+            batch = self._make(self.epoch, self.consumed)
+            self.consumed += 1
+            yield batch
+
+    def _make(self, epoch: int, i: int) -> Any:
+        from simzss.data.stream import Batch
+
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch * 1009 + i)
+        b, length, k = self.batch_size, 8, 2
+        labels = torch.randint(0, CLASSES, (b, k), generator=g)
+        # Images carry their concepts (a class-dependent colour per half), so the concept loss can learn.
+        images = 0.3 * torch.randn(b, 3, self.image_size, self.image_size, generator=g)
+        colours = torch.linspace(-1.5, 1.5, CLASSES)
+        half = self.image_size // 2
+        images[:, 0, :half] += colours[labels[:, 0]].view(b, 1, 1)
+        images[:, 1, half:] += colours[labels[:, 1]].view(b, 1, 1)
+        ids = torch.randint(3, VOCAB, (b, length), generator=g)
+        ids[:, 1] = 3 + labels[:, 0]  # the concept words are the class tokens
+        ids[:, 3] = 3 + labels[:, 1]
+        ids[:, -1] = 2  # "eos"
+        concept_mask = torch.zeros(b, k, length, dtype=torch.bool)
+        concept_mask[:, 0, 1] = True
+        concept_mask[:, 1, 3] = True
+        return Batch(
+            images=images, input_ids=ids, attention_mask=torch.ones(b, length, dtype=torch.long),
+            concept_mask=concept_mask, concept_labels=labels, captions=[""] * b,
+            keys=[f"{epoch}-{i}-{j}" for j in range(b)], skipped={"corrupt_image": 1} if i == 0 else {},
+        )
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str) -> TrainConfig:
+    """A config for a ~1 s/step-or-less tiny model; every field stays overridable."""
+    base = [
+        f"output_dir={tmp_path / 'runs'}", "run_name=t", "batch_size=8", "epochs=2", "log_every=1",
+        "checkpoint_every=0", "keep_checkpoints=2", "data.shards=[unused.tar]",
+        "model.vision.name=vit_small_patch14_reg4_dinov2", "model.vision.pretrained=false",
+        "model.vision.model_kwargs={depth: 2, img_size: 28}",
+        "model.text.layers=2", "model.text.width=64", "model.text.heads=2", "model.text.context_length=8",
+        "model.tokenizer=unused", "optim.lr=1e-3", "optim.scale_lr=false", "optim.warmup=0.2",
+    ]
+    return load_config(TrainConfig, None, base + list(overrides))
+
+
+@pytest.fixture
+def memory_data(monkeypatch: pytest.MonkeyPatch) -> Dict[str, Any]:
+    """Route the trainer to the tiny tokenizer and the in-memory stream (4 batches per epoch)."""
+    opts: Dict[str, Any] = {"num_batches": 4}
+    monkeypatch.setattr(trainer_mod, "build_tokenizer", lambda cfg: TinyTokenizer())
+    monkeypatch.setattr(
+        trainer_mod, "build_loader",
+        lambda cfg, tok, *, rank, world_size: MemoryStream(opts["num_batches"], cfg.batch_size, seed=cfg.seed),
+    )
+    return opts
+
+
+# --- optimizer and schedule ----------------------------------------------------------------------
+
+
+class _Named(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.logit_scale = nn.Parameter(torch.tensor(1.0))
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def test_param_groups_no_decay_on_biases_norms_logit_scale() -> None:
+    decay, no_decay = param_groups(_Named().named_parameters(), 0.2)
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert sorted(decay["names"]) == ["embed.weight", "lin.weight"]
+    assert sorted(no_decay["names"]) == ["lin.bias", "logit_scale", "norm.bias", "norm.weight"]
+    opt = build_optimizer(_Named(), tiny_cfg(Path("/tmp")).optim, global_batch=512)
+    assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-6
+    assert sum(len(g["params"]) for g in opt.param_groups) == 6  # frozen layer left out
+
+
+def test_warmup_cosine_values_and_lr_scaling() -> None:
+    f = WarmupCosine(warmup_steps=10, total_steps=110)
+    assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.5) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    cfg = tiny_cfg(Path("/tmp"), "optim.lr=3e-5", "optim.scale_lr=true")
+    assert scaled_lr(cfg.optim, 1024 * 8) == pytest.approx(3e-5 * 32)
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2, 2))], lr=1.0)
+    sched = build_scheduler(opt, total_steps=20, warmup=0.25)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 14 / 15)))
+    assert json.dumps(sched.state_dict())  # serialisable without pickle
+
+
+# --- checkpoint format ---------------------------------------------------------------------------
+
+
+def test_state_flattening_round_trip(tmp_path: Path) -> None:
+    import numpy as np
+
+    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}}, "groups": [{"betas": (0.9, 0.98)}],
+             "np": np.arange(5, dtype=np.uint32), "rng": ckpt_io.rng_state()}
+    ckpt_io.save_state(state, tmp_path, "x")
+    back = ckpt_io.load_state(tmp_path, "x")
+    assert torch.equal(back["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+    assert back["groups"][0]["betas"] == (0.9, 0.98) and list(back["np"]) == list(range(5))
+    ckpt_io.set_rng_state(back["rng"])
+    a = torch.rand(3)
+    ckpt_io.set_rng_state(back["rng"])
+    assert torch.equal(a, torch.rand(3))
+    with pytest.raises(TypeError, match="object"):
+        ckpt_io.flatten_state({"bad": object()})
+
+
+def test_rotation_and_resolve(tmp_path: Path) -> None:
+    for step in (5, 10, 15, 20):
+        d = tmp_path / ckpt_io.checkpoint_name(step)
+        d.mkdir()
+        (d / "trainer_state.json").write_text("{}")
+    (tmp_path / ckpt_io.checkpoint_name(25)).mkdir()  # incomplete: no trainer_state.json
+    removed = ckpt_io.rotate_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in removed] == ["step-000000005", "step-000000010"]
+    assert [p.name for p in ckpt_io.list_checkpoints(tmp_path)] == ["step-000000015", "step-000000020"]
+    assert ckpt_io.resolve_resume("latest", tmp_path).name == "step-000000020"
+    assert ckpt_io.resolve_resume("latest", tmp_path / "nothing-yet") is None
+    with pytest.raises(FileNotFoundError):
+        ckpt_io.resolve_resume(str(tmp_path / "missing"), tmp_path)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def _weights(result: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    return load_file(str(Path(result["checkpoint"]) / "model.safetensors"))
+
+
+def test_train_writes_config_checkpoints_metrics(tmp_path: Path, memory_data: Dict[str, Any]) -> None:
+    cfg = tiny_cfg(tmp_path, "checkpoint_every=2", "keep_checkpoints=2", "report_to=tensorboard")
+    result = trainer_mod.train(cfg)
+    run = Path(result["run_dir"])
+    assert result["step"] == 8 and result["stopped"] is None and result["epoch"] == 2
+    # Resolved config saved in the run folder and in each checkpoint; loadable as a TrainConfig.
+    assert load_config(TrainConfig, run / "config.yaml").model.text.width == 64
+    ckpts = ckpt_io.list_checkpoints(run / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-000000006", "step-000000008"]  # rotation kept 2 of 4
+    last = ckpts[-1]
+    assert load_config(TrainConfig, last / "config.yaml").batch_size == 8
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["loader"] == {"epoch": 1, "batches_consumed": 4} and state["run_id"] == result["run_id"]
+    assert state["config"]["model"]["text"]["layers"] == 2 and state["skipped"] == {"corrupt_image": 2}
+    weights = _weights(result)
+    assert "logit_scale" in weights and any(k.startswith("vision.") for k in weights)  # random-init tower kept
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in ("loss", "global_loss", "concept_loss", "concept_accuracy", "concepts_per_batch", "classes_per_batch",
+                "logit_scale", "lr", "samples_per_s_per_gpu", "data_time", "step_time", "skipped_samples"):
+        assert key in rows[-1], key
+    assert rows[-1]["skipped_samples"] == 2 and rows[-1]["concepts_per_batch"] == 16
+    assert list((run / "tensorboard").iterdir())
+
+
+def test_resume_matches_uninterrupted_run(tmp_path: Path, memory_data: Dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop mid-epoch by SIGTERM (delivered during a forward pass), resume, compare with a straight run."""
+    straight = trainer_mod.train(tiny_cfg(tmp_path, "run_name=straight", "epochs=3"))
+
+    from simzss.models.simzss import SimZSS
+
+    forward = SimZSS.forward
+    calls = {"n": 0}
+
+    def forward_then_signal(self: SimZSS, batch: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 6:  # step 6 of 12, mid-epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, batch)
+
+    monkeypatch.setattr(SimZSS, "forward", forward_then_signal)
+    first = trainer_mod.train(tiny_cfg(tmp_path, "run_name=split", "epochs=3"))
+    assert first["stopped"] == "SIGTERM" and first["step"] == 6
+    assert Path(first["checkpoint"]).name == "step-000000006"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    monkeypatch.setattr(SimZSS, "forward", forward)
+    second = trainer_mod.train(tiny_cfg(tmp_path, "run_name=split", "epochs=3", "resume=latest"))
+    assert second["step"] == 12 and second["run_id"] == first["run_id"]
+
+    a, b = _weights(straight), _weights(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    opt_a = ckpt_io.load_state(Path(straight["checkpoint"]), "optimizer")
+    opt_b = ckpt_io.load_state(Path(second["checkpoint"]), "optimizer")
+    torch.testing.assert_close(opt_a["state"][0]["exp_avg"], opt_b["state"][0]["exp_avg"], rtol=0, atol=1e-6)
+
+
+def test_nonfinite_losses_skipped_then_run_stops(tmp_path: Path, memory_data: Dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import simzss.models.simzss as simzss_mod
+
+    real = simzss_mod.contrastive_loss
+    bad_steps = {2, 3}
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kw: Any) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(*args, **kw)
+        return loss * float("nan") if calls["n"] in bad_steps else loss
+
+    monkeypatch.setattr(simzss_mod, "contrastive_loss", flaky)
+    result = trainer_mod.train(tiny_cfg(tmp_path, "run_name=flaky", "epochs=1", "max_nonfinite=3"))
+    assert result["step"] == 4 and result["nonfinite_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in _weights(result).values())
+
+    bad_steps.update(range(1, 100))
+    calls["n"] = 0
+    with pytest.raises(trainer_mod.NonFiniteLossError, match="max_nonfinite=3"):
+        trainer_mod.train(tiny_cfg(tmp_path, "run_name=diverged", "epochs=5", "max_nonfinite=3"))
+    ckpts = ckpt_io.list_checkpoints(tmp_path / "runs" / "diverged" / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-000000003"]
+    calls["n"] = 0
+    cli = [f"output_dir={tmp_path / 'runs'}", "run_name=cli", "batch_size=8", "max_nonfinite=3", "data.shards=[x.tar]",
+           "model.vision.name=vit_small_patch14_reg4_dinov2", "model.vision.pretrained=false",
+           "model.vision.model_kwargs={depth: 2, img_size: 28}", "model.text.layers=2", "model.text.width=64"]
+    assert trainer_mod.main(cli) == 1  # the CLI's exit code for a diverged run
+
+
+def test_lit_trains(tmp_path: Path, memory_data: Dict[str, Any]) -> None:
+    result = trainer_mod.train(tiny_cfg(tmp_path, "run_name=lit", "model.concept_weight=0", "epochs=1"))
+    assert result["step"] == 4 and result["nonfinite_steps"] == 0
+    assert math.isfinite(result["metrics"]["loss"]) and result["metrics"]["concept_loss"] == 0.0
+    assert result["metrics"]["loss"] == pytest.approx(result["metrics"]["global_loss"])
+
+
+def test_max_steps_and_eval_hook(tmp_path: Path, memory_data: Dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: List[int] = []
+
+    def fake_eval(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> Dict[str, Any]:
+        assert not model.training
+        seen.append(1)
+        return {spec: {"mIoU": 0.25 * len(seen)} for spec in cfg.eval.datasets}
+
+    monkeypatch.setattr(trainer_mod, "run_evaluation", fake_eval)
+    with pytest.raises(trainer_mod.ConfigError, match=r"eval.datasets\[0\]"):
+        trainer_mod.train(tiny_cfg(tmp_path, "run_name=ev", "eval.datasets=[folder:/no/such/dir]"))
+    spec = f"folder:{tmp_path}"
+    result = trainer_mod.train(tiny_cfg(tmp_path, "run_name=ev", "max_steps=6", "eval.every=4", f"eval.datasets=['{spec}']"))
+    assert result["step"] == 6 and len(seen) == 2
+    saved = json.loads((Path(result["run_dir"]) / "eval.json").read_text())
+    assert saved == {"step": 6, "results": {spec: {"mIoU": 0.5}}}
