@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     for wb in (batched, single):
         med = statistics.median(times[wb])
         result[f"window_batch_{wb}"] = {
-            "median_s": round(med, 3), "img_per_s": round(args.images / med, 3), "windows_per_s": round(windows / med, 2),
+            "median_s": round(med, 3), "img_per_s": round(args.images / med, 3),
+            "windows_per_s": round(windows / med, 2),
             "all_s": [round(t, 3) for t in times[wb]],
         }
     result["speedup_batched_over_single"] = round(

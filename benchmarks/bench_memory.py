@@ -127,7 +127,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {
         "benchmark": "memory",
         "machine": common.machine_info(device),
-        "measure": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS growth over the steps (ru_maxrss)",
+        "measure": ("cuda max_memory_allocated" if device.type == "cuda"
+                    else "peak RSS growth over the steps (ru_maxrss)"),
         "settings": {k: v for k, v in vars(args).items() if k != "child"},
         "rows": rows,
     }

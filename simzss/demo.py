@@ -48,14 +48,11 @@ def _config(name: str, config_dir: Path) -> Path:
 
 
 def _read_miou(run_dir: Path) -> float:
-    """The mIoU of the trainer's final evaluation (RUN/eval.json)."""
-    results = json.loads((run_dir / "eval.json").read_text())
-    for value in results.values() if isinstance(results, dict) else []:
-        if isinstance(value, dict) and "mIoU" in value:
-            return float(value["mIoU"])
-    if isinstance(results, dict) and "mIoU" in results:
-        return float(results["mIoU"])
-    raise KeyError(f"no mIoU in {run_dir / 'eval.json'}")
+    """The mIoU of the trainer's final evaluation (RUN/eval.json: {"step", "results": {spec: {...}}})."""
+    results = json.loads((run_dir / "eval.json").read_text()).get("results", {})
+    if len(results) != 1:
+        raise KeyError(f"expected one evaluation dataset in {run_dir / 'eval.json'}, found {list(results)}")
+    return float(next(iter(results.values()))["mIoU"])
 
 
 def run_demo(

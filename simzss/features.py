@@ -10,9 +10,11 @@ new webdataset shards holding, per sample:
 - ``KEY.concepts.json`` copied from the prepared shard when present
 
 plus ``sizes.json`` (samples per shard) and ``meta.json`` (vision tower, image size, grid, dim, dtype, views,
-source shards). Arrays are written with ``np.save`` and read with ``np.load(allow_pickle=False)``; nothing is
-ever pickled. Every output shard is written to a temporary file and renamed when complete, so an interrupted
-run leaves only whole shards behind and a rerun continues where it stopped.
+source shards). Size: ``h * w * D * 2`` bytes per image and view in fp16 (ViT-B/14 at 224 px: 393 KB, many
+times a resized JPEG), so the cache suits COCO-scale data rather than web-scale. Arrays are written with
+``np.save`` and read with ``np.load(allow_pickle=False)``; nothing is ever pickled. Every output shard is
+written to a temporary file and renamed when complete, so an interrupted run leaves only whole shards behind
+and a rerun continues where it stopped.
 
 Training reads the cache with :func:`build_cached_loader` (the trainer switches to it when
 ``DataConfig.feature_cache`` is set): batches carry ``vision_cls``/``vision_patches`` and ``images=None``, so the
@@ -130,7 +132,8 @@ def read_cache_meta(cache_dir: str | os.PathLike) -> Dict[str, Any]:
     """Load and sanity-check ``meta.json`` of a feature cache (clear :class:`CacheError` when unusable)."""
     path = Path(cache_dir) / META_FILE
     if not path.is_file():
-        raise CacheError(f"{cache_dir} is not a feature cache (no {META_FILE}); create one with `simzss cache-features`")
+        raise CacheError(f"{cache_dir} is not a feature cache (no {META_FILE}); "
+                         "create one with `simzss cache-features`")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -201,7 +204,9 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def view_transform(image_size: int, augment: bool, crop_scale: Sequence[float]) -> Tuple[Callable[[Any], torch.Tensor], bool]:
+def view_transform(
+    image_size: int, augment: bool, crop_scale: Sequence[float]
+) -> Tuple[Callable[[Any], torch.Tensor], bool]:
     """The cached view: the eval transform (resize + center crop) or the training augmentation.
 
     Returns ``(transform, normalise_on_device)``. When the transform ends in ``ToDtype(float, scale=True)`` +
@@ -244,6 +249,12 @@ class _Chunk:
     concepts: List[Optional[bytes]] = field(default_factory=list)
     skipped: Dict[str, int] = field(default_factory=dict)
     last: bool = False
+
+    def pin_memory(self) -> "_Chunk":
+        """Called by the DataLoader's pin-memory thread: page-locked images make the device copy asynchronous."""
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
 
 
 class _SourceShards(torch.utils.data.IterableDataset):
@@ -402,7 +413,8 @@ def _meta_settings(meta: Dict[str, Any]) -> Dict[str, Any]:
     """The part of ``meta.json`` that must agree for a rerun to continue an existing cache."""
     vis = meta.get("vision") or {}
     tower = (vis.get("name"), vis.get("model_kwargs"), _weights_source(vis.get("pretrained", True), vis.get("weights")))
-    return {"tower": tower, **{k: meta.get(k) for k in ("image_size", "dtype", "views", "augment", "crop_scale", "seed")}}
+    keys = ("image_size", "dtype", "views", "augment", "crop_scale", "seed")
+    return {"tower": tower, **{k: meta.get(k) for k in keys}}
 
 
 def cache_features(
@@ -441,7 +453,12 @@ def cache_features(
     if dupes:
         raise ValueError(f"source shards share file names {dupes[:5]}: the cache keeps shard names, rename them")
     out = Path(out_dir)
+    if any(Path(p).resolve().parent == out.resolve() for p in paths):
+        raise ValueError(f"--out {out} holds the source shards; write the cache to another folder")
     out.mkdir(parents=True, exist_ok=True)
+    if not vision.pretrained and not vision.weights:
+        log.warning("caching features of a random-init vision tower: keep its weights (fingerprint in meta.json) "
+                    "if the trained model is to be evaluated with the same tower")
     extractor = FeatureExtractor(vision, image_size, device=device, compile=compile)
     grid = image_size // extractor.patch_size
     meta: Dict[str, Any] = {
@@ -717,12 +734,17 @@ def _load_vision_config(path: str) -> Tuple[VisionConfig, Optional[int], Optiona
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``simzss cache-features``: precompute frozen vision features of prepared shards."""
-    p = argparse.ArgumentParser(prog="simzss cache-features", description=main.__doc__)
+    p = argparse.ArgumentParser(
+        prog="simzss cache-features",
+        description="Run the frozen vision tower once over prepared shards and store CLS + patch tokens "
+        "(fp16 .npy), captions and concepts in new shards for training without the tower.",
+    )
     p.add_argument("shards", nargs="+", help="prepared shards: paths, brace patterns, globs or folders")
     p.add_argument("--out", required=True, help="output folder (feature shards, sizes.json, meta.json)")
     p.add_argument("--model-config", help="train or model YAML: the vision tower (and data.image_size) to use")
     p.add_argument("--vision", help="timm model name (instead of --model-config)")
-    p.add_argument("--vision-kwargs", default=None, help="extra timm.create_model kwargs as JSON, e.g. '{\"depth\": 4}'")
+    p.add_argument("--vision-kwargs", default=None,
+                   help="extra timm.create_model kwargs as JSON, e.g. '{\"depth\": 4}'")
     p.add_argument("--weights", default=None, help="local weights file for the vision tower")
     p.add_argument("--no-pretrained", action="store_true", help="random-init tower (tests only)")
     p.add_argument("--image-size", type=int, help="training image size (default: the config's data.image_size)")
@@ -763,7 +785,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.error("--image-size is required with --vision or a model-only YAML")
         cache_features(
             args.shards, args.out, vision=vision, image_size=image_size, views=args.views, augment=args.augment,
-            crop_scale=tuple(args.crop_scale or cfg_scale or DataConfig().crop_scale), batch_size=args.batch_size, dtype=args.dtype,
+            crop_scale=tuple(args.crop_scale or cfg_scale or DataConfig().crop_scale), batch_size=args.batch_size,
+            dtype=args.dtype,
             device=args.device, workers=args.workers, seed=args.seed, compile=args.compile or None,
             overwrite=args.overwrite,
         )

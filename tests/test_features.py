@@ -275,6 +275,9 @@ def test_cli_errors_are_clear(world: Dict[str, Any], tmp_path: Path, capsys: pyt
     assert main([str(tmp_path / "missing.tar"), "--out", str(tmp_path / "o"), "--vision", VISION,
                  "--image-size", "56", "--no-pretrained"]) == 2
     assert "shard not found" in capsys.readouterr().err
+    assert main([str(world["prepared"]), "--out", str(world["prepared"]), "--vision", VISION, "--image-size", "56",
+                 "--no-pretrained"]) == 2  # would overwrite its own input
+    assert "holds the source shards" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(world["prepared"]), "--out", str(tmp_path / "o"), "--vision", VISION])  # no image size
     assert "--image-size is required" in capsys.readouterr().err

@@ -317,3 +317,141 @@ def test_max_steps_and_eval_hook(tmp_path: Path, memory_data: Dict[str, Any], mo
     assert result["step"] == 6 and len(seen) == 2
     saved = json.loads((Path(result["run_dir"]) / "eval.json").read_text())
     assert saved == {"step": 6, "results": {spec: {"mIoU": 0.5}}}
+
+
+# --- the real pipeline on the toy world ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_world(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """A small prepared toy world (320 captioned 56 px images), its tokenizer and concept bank."""
+    from simzss.concepts import ConceptBank
+    from simzss.data import tokenize
+    from simzss.data.prepare import prepare_shards
+    from simzss.data.synthetic import generate_toy_world
+
+    root = tmp_path_factory.mktemp("toy")
+    generate_toy_world(root / "data", num_train=320, num_val=6, image_size=56, shard_size=160)
+    bank = root / "data" / "val" / "classes.txt"
+    prepare_shards(str(root / "data" / "train" / "shard-{000000..000001}.tar"), root / "prepared",
+                   bank=ConceptBank.from_file(bank), progress=False)
+    assert tokenize.main(["--shards", str(root / "data" / "train"), "--out", str(root / "tokenizer"), "--vocab-size", "512"]) == 0
+    return {"root": root, "bank": bank, "val": root / "data" / "val"}
+
+
+def toy_overrides(toy: Dict[str, Path], *extra: str) -> List[str]:
+    """The real stream, tokenizer and evaluator; a tiny model at 56 px."""
+    root = toy["root"]
+    return [
+        f"output_dir={root / 'runs'}", "batch_size=16", "log_every=1", "checkpoint_every=0",
+        f"data.shards=['{root / 'prepared' / 'shard-{000000..000001}.tar'}']", "data.image_size=56", "data.workers=0",
+        "data.shuffle_buffer=64", f"data.concept_bank={toy['bank']}", f"model.tokenizer={root / 'tokenizer'}",
+        "model.vision.name=vit_small_patch14_reg4_dinov2", "model.vision.pretrained=false",
+        "model.vision.model_kwargs={depth: 2, img_size: 56}", "model.text.layers=2", "model.text.width=64",
+        "model.text.heads=2", "model.text.context_length=32", "optim.scale_lr=false", "optim.warmup=0.1",
+        f"eval.datasets=['folder:{toy['val']}']", "eval.image_size=56", "eval.crop=56", "eval.stride=28",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_toy_world_concept_accuracy_rises(toy_world: Dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = load_config(TrainConfig, None, toy_overrides(toy_world, "run_name=toy", "epochs=3", "optim.lr=2e-3",
+                                                       "model.concept_weight=1.0"))
+    result = trainer_mod.train(cfg)
+    rows = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == result["step"] == 60
+    head, tail = steps[:8], steps[-8:]
+    mean = lambda rs, k: sum(float(r[k]) for r in rs) / len(rs)  # noqa: E731
+    assert mean(tail, "loss") < mean(head, "loss") - 0.2
+    assert mean(tail, "concept_accuracy") > mean(head, "concept_accuracy") + 0.1
+    assert all(r["concepts_per_batch"] > 0 for r in steps)
+    spec = f"folder:{toy_world['val']}"
+    assert 0.0 <= result["eval"][spec]["mIoU"] <= 100.0
+    assert json.loads((Path(result["run_dir"]) / "eval.json").read_text())["results"][spec]["mIoU"] == result["eval"][spec]["mIoU"]
+    assert "final mIoU" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sigusr1_subprocess_checkpoints_and_resumes(toy_world: Dict[str, Path], tmp_path: Path) -> None:
+    """`python train.py` on SIGUSR1: finish the step, checkpoint, exit 0; `resume=latest` completes the run."""
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(root / "train.py"), *toy_overrides(toy_world, "run_name=preempt", "max_steps=400",
+                                                                    "optim.lr=1e-3", "eval.datasets=[]")]
+    metrics = toy_world["root"] / "runs" / "preempt" / "metrics.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no training progress"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by SIGUSR1" in out
+    ckpt = ckpt_io.latest_checkpoint(metrics.parent / "checkpoints")
+    assert ckpt is not None
+    stopped_at = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert 2 <= stopped_at < 400
+    resumed = trainer_mod.train(load_config(TrainConfig, None, toy_overrides(
+        toy_world, "run_name=preempt", f"max_steps={stopped_at + 2}", "optim.lr=1e-3", "eval.datasets=[]", "resume=latest")))
+    assert resumed["step"] == stopped_at + 2
+
+
+@pytest.mark.slow
+def test_two_process_ddp_and_exact_resume(toy_world: Dict[str, Path], tmp_path: Path) -> None:
+    """torchrun, 2 CPU processes (gloo): per-rank state in checkpoints; resuming a mid-run checkpoint
+    reproduces the uninterrupted run's weights."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def launch(*extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(root / "train.py"), *toy_overrides(toy_world, "batch_size=8", "max_steps=4", "checkpoint_every=2",
+                                                      "keep_checkpoints=3", "eval.datasets=[]",
+                                                      # a worker process: its augmentation RNG is seeded per epoch
+                                                      "data.workers=1", *extra)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    launch("run_name=ddp_straight")
+    runs = toy_world["root"] / "runs"
+    straight = runs / "ddp_straight" / "checkpoints"
+    mid = straight / "step-000000002"
+    assert (mid / "rank-0.json").exists() and (mid / "rank-1.json").exists()
+    assert json.loads((mid / "trainer_state.json").read_text())["world_size"] == 2
+    rows = (runs / "ddp_straight" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 4  # rank 0 only
+    launch("run_name=ddp_resumed", f"resume={mid}")
+    a = load_file(str(straight / "step-000000004" / "model.safetensors"))
+    b = load_file(str(runs / "ddp_resumed" / "checkpoints" / "step-000000004" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_errors_and_extension(tmp_path: Path, memory_data: Dict[str, Any]) -> None:
+    with pytest.raises(trainer_mod.ConfigError, match="resume="):
+        trainer_mod.train(tiny_cfg(tmp_path, "run_name=r", f"resume={tmp_path / 'missing'}"))
+    first = trainer_mod.train(tiny_cfg(tmp_path, "run_name=r", "max_steps=4", "optim.warmup=0"))
+    assert first["metrics"]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))  # lr of step 4
+    # Extending a finished run: the schedule shape follows the new config, the position the checkpoint.
+    longer = trainer_mod.train(tiny_cfg(tmp_path, "run_name=r", "max_steps=8", "optim.warmup=0", "resume=latest"))
+    rows = [json.loads(line) for line in (Path(longer["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert rows[4]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))  # step 5 of 8
+    # A checkpoint of a different model does not load, with a message naming resume.
+    with pytest.raises(trainer_mod.ConfigError, match="does not fit"):
+        trainer_mod.train(tiny_cfg(tmp_path, "run_name=other", "model.text.width=32", f"resume={longer['checkpoint']}"))

@@ -1,7 +1,7 @@
 """Training engine: the accelerate trainer, optimizer and schedule, checkpoints, tracking, preemption.
 
-The trainer itself is imported lazily (``from simzss.engine.trainer import train``) so that importing
-this package stays cheap.
+The trainer (``from simzss.engine.trainer import train, main``) is not imported here, so that the
+checkpoint and optimizer helpers can be used without accelerate.
 """
 
 from simzss.engine.checkpoint import latest_checkpoint, list_checkpoints, rotate_checkpoints

@@ -180,6 +180,17 @@ def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     return t
 
 
+def _check_world(num_processes: int) -> None:
+    """Refuse a launch where torch.distributed and accelerate disagree on the number of processes."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != num_processes:
+        raise RuntimeError(
+            f"torch.distributed has {dist.get_world_size()} processes but accelerate sees {num_processes}: "
+            "check the launcher (accelerate launch / torchrun) settings"
+        )
+
+
 def _scalar(x: Any) -> float:
     if isinstance(x, torch.Tensor):
         return float(x.detach().float().item())
@@ -243,12 +254,15 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.accelerator = Accelerator(
-            cpu=cfg.cpu,
+            # cpu=True also when there is no GPU: otherwise accelerate, launched by torchrun on a CPU-only
+            # machine, initialises torch.distributed yet reports a single process (no DDP).
+            cpu=not use_cuda,
             mixed_precision=resolve_mixed_precision(cfg.mixed_precision, use_cuda),
             step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=needs_find_unused(cfg))],
         )
         acc = self.accelerator
+        _check_world(acc.num_processes)
         self.is_main = acc.is_main_process
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -259,13 +273,19 @@ class Trainer:
         acc.wait_for_everyone()
 
         check_eval_datasets(cfg)
-        self.resume_from: Optional[Path] = ckpt_io.resolve_resume(cfg.resume, self.ckpt_dir) if cfg.resume else None
+        try:
+            self.resume_from: Optional[Path] = ckpt_io.resolve_resume(cfg.resume, self.ckpt_dir) if cfg.resume else None
+            self.resume_state: Dict[str, Any] = (
+                json.loads((self.resume_from / "trainer_state.json").read_text(encoding="utf-8"))
+                if self.resume_from else {}
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"resume={cfg.resume!r}: {e}") from None
         if cfg.resume == "latest" and self.resume_from is None:
             log.info("resume=latest: no checkpoint in %s yet, starting from scratch", self.ckpt_dir)
-        self.resume_state: Dict[str, Any] = (
-            json.loads((self.resume_from / "trainer_state.json").read_text(encoding="utf-8")) if self.resume_from else {}
-        )
-        self.run_id: str = self.resume_state.get("run_id") or new_run_id()
+        # Continue the tracker run only when resuming this run (not when starting from another run's checkpoint).
+        same_run = self.resume_from is not None and self.resume_from.parent.resolve() == self.ckpt_dir.resolve()
+        self.run_id: str = (self.resume_state.get("run_id") if same_run else None) or new_run_id()
 
         set_seed(cfg.seed)  # identical model init on every rank
         self.tokenizer = build_tokenizer(cfg)
@@ -346,9 +366,18 @@ class Trainer:
         """Continue exactly where ``path`` left off: weights, optimizer, schedule, RNG, data position."""
         acc = self.accelerator
         st = self.resume_state
-        _load_weights(self.unwrapped, ckpt_io.load_model_weights(path / "model.safetensors"), path)
-        self.optimizer.load_state_dict(ckpt_io.load_state(path, "optimizer"))
-        self.scheduler.load_state_dict(ckpt_io.load_state(path, "scheduler"))
+        try:
+            _load_weights(self.unwrapped, ckpt_io.load_model_weights(path / "model.safetensors"), path)
+            self.optimizer.load_state_dict(ckpt_io.load_state(path, "optimizer"))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError(f"resume: {path} does not fit this model/optimizer config ({e})") from None
+        sched = ckpt_io.load_state(path, "scheduler")
+        # The schedule's shape (warmup, total steps) comes from the current config, its position from the checkpoint.
+        sched["lr_lambdas"] = [None] * len(sched.get("lr_lambdas", [None]))
+        self.scheduler.load_state_dict(sched)
+        inner = getattr(self.scheduler, "scheduler", self.scheduler)  # accelerate's wrapper
+        for group, base, fn in zip(self.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
+            group["lr"] = base * fn(inner.last_epoch)  # as LambdaLR computes it: identical when the shape is unchanged
         self.step = int(st["step"])
         self.epoch = int(st["epoch"])
         self.nonfinite_total = int(st.get("nonfinite_total", 0))
@@ -373,7 +402,8 @@ class Trainer:
     # -- evaluation --
 
     def evaluate(self, logger: MetricLogger) -> Dict[str, Any]:
-        """Run the eval hook, log ``eval/...`` metrics, write ``RUN/eval.json`` (main process)."""
+        """Run the eval hook, log ``eval/...`` metrics, write ``RUN/eval.json`` (main process):
+        ``{"step": N, "results": {"NAME:PATH": {"mIoU", "pixel_acc", "per_class", ...}, ...}}``."""
         if not self.cfg.eval.datasets:
             return {}
         if getattr(self.unwrapped, "vision", None) is None:
@@ -417,11 +447,14 @@ class Trainer:
         try:
             with GracefulStop() as stop:
                 while self.step < self.total_steps and stopped is None:
+                    restarted = fresh_epoch
                     if fresh_epoch:
                         self.loader.set_epoch(self.epoch)
                     fresh_epoch = True
+                    batches_this_pass = 0
                     t_data = time.perf_counter()
                     for batch in self.loader:
+                        batches_this_pass += 1
                         t_step = time.perf_counter()
                         data_time = t_step - t_data
                         self.skips.add(getattr(batch, "skipped", None))
@@ -448,6 +481,7 @@ class Trainer:
                             self.optimizer.step()
                             consecutive_nonfinite = 0
                         self.optimizer.zero_grad(set_to_none=True)
+                        lr = float(self.optimizer.param_groups[0]["lr"])  # the lr of this step, logged below
                         with warnings.catch_warnings():
                             # torch warns when a skipped (non-finite) first step leaves the optimizer unstepped
                             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
@@ -457,7 +491,7 @@ class Trainer:
                         step_time = time.perf_counter() - t_step
 
                         if self.step % cfg.log_every == 0 or self.step == self.total_steps or stop_now:
-                            last = self._metrics(out, loss, grad_norm, data_time, step_time, len(batch))
+                            last = self._metrics(out, loss, grad_norm, lr, data_time, step_time, len(batch))
                             logger.log(last, self.step)
                             bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['concept_accuracy']:.3f}")
 
@@ -479,6 +513,9 @@ class Trainer:
                             break
                         t_data = time.perf_counter()
                     else:
+                        if restarted and batches_this_pass == 0:
+                            raise RuntimeError(f"the training stream yielded no batch in epoch {self.epoch}; "
+                                               "check data.shards and the skipped-sample log")
                         self.epoch += 1  # the stream is exhausted: next epoch
             bar.close()
             if stopped is None:
@@ -509,7 +546,7 @@ class Trainer:
             "eval": eval_results,
         }
 
-    def _metrics(self, out: Any, loss: torch.Tensor, grad_norm: Any, data_time: float, step_time: float,
+    def _metrics(self, out: Any, loss: torch.Tensor, grad_norm: Any, lr: float, data_time: float, step_time: float,
                  batch_len: int) -> Dict[str, Any]:
         """The per-step log row; the skipped-sample count is summed over ranks (all ranks call this)."""
         skipped = _all_reduce(torch.tensor([float(self.skips.total)], device=self.accelerator.device), "sum")
@@ -521,7 +558,7 @@ class Trainer:
             "concepts_per_batch": int(out.num_concepts),
             "classes_per_batch": int(out.num_classes),
             "logit_scale": _scalar(out.logit_scale),
-            "lr": float(self.scheduler.get_last_lr()[0]),
+            "lr": lr,
             "grad_norm": _scalar(grad_norm) if grad_norm is not None else float("nan"),
             "samples_per_s_per_gpu": batch_len / max(step_time + data_time, 1e-9),
             "data_time": data_time,
