@@ -1,14 +1,16 @@
-"""Per-epoch training time with the frozen vision tower in the loop vs from the feature cache; prints one JSON
-object.
+"""Per-epoch training time with the frozen vision tower in the loop vs from the feature cache, both through the
+real trainer (``simzss.engine.trainer.train``); prints one JSON object.
 
 Same data (toy-world shards, annotated by ``simzss prepare``), same model (one random-init vision tower saved
-to a local weights file and used by both paths and by ``cache-features``; the same text tower config), same
-batch size and loader settings. On the fly: ``build_train_loader`` (JPEG decode + augmentation + tokenisation in
-the data workers) and the tower's forward in every step. Cached: ``simzss cache-features`` once (timed
-separately: the one-off cost), then ``build_cached_loader`` and the step without the tower. A step is forward +
-backward + AdamW step. Each epoch is timed end to end (loader start-up included) after one warm-up step per
-path; ``--reps`` alternates the two paths. The speed-up is the ratio of median epoch times; ``break_even_epochs``
-= cache build time / time saved per epoch.
+to a local weights file and used by both runs and by ``cache-features``; the same text tower config, seed and
+optimizer), same batch size and loader settings. On the fly: ``data.shards`` (JPEG decode + augmentation +
+tokenisation in the data workers, the tower's forward in every step). Cached: ``simzss cache-features`` once
+(timed separately: the one-off cost), then ``data.feature_cache`` (the trainer checks the cache against the
+tower and never runs the tower in a step). A step is the trainer's: forward, backward, gradient norm, AdamW,
+schedule, logging every ``--log-every`` steps. Each run trains ``1 + --reps`` epochs; the first (data worker
+start-up, lazy initialisation, allocator warm-up) is reported apart, the others are timed whole by the
+trainer (``epoch_times``; the last one includes the end-of-run checkpoint of both runs). The speed-up is the
+ratio of median epoch times; ``break_even_epochs`` = cache build time / time saved per epoch.
 
 CPU (a few minutes):
     python benchmarks/bench_cache.py --device cpu --num-train 256 --depth 6 --image-size 112 --batch-size 32
@@ -33,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from simzss.config import DataConfig  # noqa: E402
+from simzss.config import DataConfig, ModelConfig, TextConfig, TrainConfig, VisionConfig  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -50,7 +52,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--text-width", type=int, default=256)
     p.add_argument("--text-heads", type=int, default=4)
     p.add_argument("--context-length", type=int, default=77)
-    p.add_argument("--reps", type=int, default=1, help="epochs per path (alternating)")
+    p.add_argument("--reps", type=int, default=2, help="timed epochs per path (after one warm-up epoch)")
+    p.add_argument("--log-every", type=int, default=10, help="trainer log interval (steps)")
     p.add_argument("--device", default=None)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--threads", type=int, default=None)
@@ -58,33 +61,40 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _epoch(model: Any, loader: Any, optimizer: Any, device: torch.device, amp: Optional[torch.dtype]) -> Dict[str, Any]:
-    """One full epoch, timed end to end (loader start-up included)."""
-    common.sync(device)
-    t0 = time.perf_counter()
-    steps = 0
-    for batch in loader:
-        common.train_step(model, optimizer, batch.to(device, non_blocking=True), amp)
-        steps += 1
-    common.sync(device)
-    return {"seconds": time.perf_counter() - t0, "steps": steps}
+def _train_config(args: argparse.Namespace, work: Path, vision: VisionConfig, path: str, cpu: bool) -> TrainConfig:
+    """The trainer config of one run: identical for both paths but for the data source."""
+    data: Dict[str, Any] = dict(workers=args.workers, image_size=args.image_size, shuffle_buffer=256)
+    if path == "cached":
+        data["feature_cache"] = str(work / "cache")
+    else:
+        data["shards"] = [str(p) for p in sorted((work / "prepared").glob("*.tar"))]
+    return TrainConfig(
+        model=ModelConfig(
+            vision=vision, tokenizer=str(work / "tokenizer"),
+            text=TextConfig(layers=args.text_layers, width=args.text_width, heads=args.text_heads,
+                            context_length=args.context_length),
+        ),
+        data=DataConfig(**data),
+        output_dir=str(work / "runs"), run_name=path, seed=0, batch_size=args.batch_size, epochs=1 + args.reps,
+        checkpoint_every=0, keep_checkpoints=1, log_every=args.log_every,
+        mixed_precision="bf16" if args.bf16 else "no", cpu=cpu,
+    )
 
 
 def run(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     from safetensors.torch import save_file
 
-    from simzss.concepts import ConceptBank
     from simzss.data.prepare import prepare_shards
     from simzss.data.shards import iter_samples
-    from simzss.data.stream import build_train_loader
     from simzss.data.synthetic import generate_toy_world
+    from simzss.data.tokenize import train_bpe_tokenizer
+    from simzss.engine.trainer import train
     from simzss.features import cache_features
     from simzss.models.vision import FrozenVisionTower
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
-    amp = torch.bfloat16 if args.bf16 else None
     torch.manual_seed(0)
 
     t = time.perf_counter()
@@ -93,6 +103,8 @@ def run(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     prepared = work / "prepared"
     prepare_shards([str(Path(toy["train_dir"]) / n) for n in toy["shards"]], prepared, progress=False)
     data_s = time.perf_counter() - t
+    captions = [s["txt"].decode() for p in sorted(prepared.glob("*.tar")) for s in iter_samples(p)]
+    train_bpe_tokenizer(captions, work / "tokenizer", vocab_size=1024, min_frequency=1)
 
     vision = common.vision_config(args.vision, args.depth)
     tower = FrozenVisionTower(vision.name, pretrained=False, model_kwargs=dict(vision.model_kwargs))
@@ -107,55 +119,27 @@ def run(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
                    progress=False)
     cache_s = time.perf_counter() - t
 
-    captions = [s["txt"].decode() for p in sorted(prepared.glob("*.tar")) for s in iter_samples(p)]
-    tokenizer = common.train_tokenizer(captions, vocab_size=1024)
-    bank = ConceptBank.default()
-    base = dict(workers=args.workers, image_size=args.image_size, shuffle_buffer=256)
-    loaders = {
-        "on_the_fly": build_train_loader(DataConfig(shards=[str(p) for p in sorted(prepared.glob("*.tar"))], **base),
-                                         tokenizer, bank, batch_size=args.batch_size,
-                                         context_length=args.context_length),
-        "cached": _cached_loader(DataConfig(feature_cache=str(work / "cache"), **base), tokenizer, bank, args),
-    }
-    models, optimizers = {}, {}
-    for path in loaders:
-        torch.manual_seed(1)  # same text-tower init for both paths
-        models[path] = common.build_model(
-            tokenizer, vision=vision, text_layers=args.text_layers, text_width=args.text_width,
-            text_heads=args.text_heads, context_length=args.context_length, device=device,
-            build_vision=path == "on_the_fly",
-        )
-        optimizers[path] = common.build_optimizer(models[path], args.batch_size)
-        first = next(iter(loaders[path]))  # warm-up step (lazy inits, allocator); not part of the epochs
-        common.train_step(models[path], optimizers[path], first.to(device), amp)
-
-    epochs: Dict[str, List[Dict[str, Any]]] = {p: [] for p in loaders}
-    for r in range(args.reps):
-        for path in (list(loaders) if r % 2 == 0 else list(reversed(list(loaders)))):
-            loaders[path].set_epoch(r + 1)
-            epochs[path].append(_epoch(models[path], loaders[path], optimizers[path], device, amp))
-
     result: Dict[str, Any] = {"benchmark": "feature_cache", "machine": common.machine_info(device)}
     result["settings"] = {k: v for k, v in vars(args).items() if k != "workdir"}
     result["data_generation_and_prepare_s"] = round(data_s, 2)
     result["cache_build_s"] = round(cache_s, 2)
     result["cache_bytes"] = sum(p.stat().st_size for p in (work / "cache").glob("*.tar"))
     med = {}
-    for path, runs in epochs.items():
-        med[path] = statistics.median(e["seconds"] for e in runs)
-        result[path] = {"epoch_s_median": round(med[path], 2), "steps_per_epoch": runs[0]["steps"],
-                        "img_per_s": round(runs[0]["steps"] * args.batch_size / med[path], 1),
-                        "epochs_s": [round(e["seconds"], 2) for e in runs]}
+    for path in ("on_the_fly", "cached"):
+        out = train(_train_config(args, work, vision, path, cpu=device.type == "cpu"))
+        times = out["epoch_times"]
+        if len(times) != 1 + args.reps:
+            raise RuntimeError(f"{path}: expected {1 + args.reps} whole epochs, the trainer timed {len(times)}")
+        med[path] = statistics.median(times[1:])
+        steps = out["step"] // (1 + args.reps)
+        result[path] = {"epoch_s_median": round(med[path], 2), "steps_per_epoch": steps,
+                        "img_per_s": round(steps * args.batch_size / med[path], 1),
+                        "epochs_s": [round(x, 2) for x in times[1:]], "warmup_epoch_s": round(times[0], 2),
+                        "final_loss": round(float(out["metrics"]["loss"]), 4)}
     result["speedup_cached_over_on_the_fly"] = round(med["on_the_fly"] / med["cached"], 2)
     saved = med["on_the_fly"] - med["cached"]
     result["break_even_epochs"] = round(cache_s / saved, 2) if saved > 0 else None
     return result
-
-
-def _cached_loader(cfg: DataConfig, tokenizer: Any, bank: Any, args: argparse.Namespace) -> Any:
-    from simzss.features import build_cached_loader
-
-    return build_cached_loader(cfg, tokenizer, bank, batch_size=args.batch_size, context_length=args.context_length)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

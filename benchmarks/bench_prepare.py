@@ -1,34 +1,45 @@
 """Throughput of ``simzss prepare`` (captions/s) by process count, on toy-world shards; prints JSON.
 
-    python benchmarks/bench_prepare.py [--captions 4000] [--processes 1,2] [--shard-size 250]
+    python benchmarks/bench_prepare.py [--captions 4000] [--processes 1,2] [--shard-size 250] [--spacy fast,standard]
 
 ``captions_per_s`` is end to end (worker start and spaCy loading included); ``captions_per_s_per_process``
 counts only the time workers spend on shards (read, spaCy, write) and ``captions_per_cpu_s`` the CPU
-time of that work, which stays meaningful on a machine shared with other jobs. The toy-world generation rate
-(``simzss demo-data``) is reported as well, since the benchmark writes its input with it.
+time of that work, which stays meaningful on a machine shared with other jobs. ``--spacy`` runs the fast
+pipeline (``simzss.concepts.load_spacy`` defaults) and/or the standard spaCy one, for a before/after
+comparison under the same load. Every process gets one BLAS thread (set here before numpy is imported,
+unless the variables are set already), so the per-process figures are per core. The toy-world generation
+rate (``simzss demo-data``) is reported as well, since the benchmark writes its input with it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import platform
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-from simzss.concepts import ConceptBank
-from simzss.data.prepare import prepare_shards
-from simzss.data.synthetic import generate_toy_world
+# Before anything imports numpy: one BLAS thread per process (prepare's worker processes get the same).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from simzss.concepts import ConceptBank  # noqa: E402
+from simzss.data.prepare import prepare_shards  # noqa: E402
+from simzss.data.synthetic import generate_toy_world  # noqa: E402
+
+SPACY_MODES = {"fast": True, "standard": False}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--captions", type=int, default=4000, help="toy-world samples to prepare")
     ap.add_argument("--processes", default="1,2", help="comma-separated process counts")
+    ap.add_argument("--spacy", default="fast", help="comma-separated pipelines to run: fast, standard")
     ap.add_argument("--shard-size", type=int, default=250)
     ap.add_argument("--image-size", type=int, default=128, help="toy-world image size (only affects generation)")
     ap.add_argument("--spacy-model", default="en_core_web_sm")
@@ -37,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     counts = [int(p) for p in args.processes.split(",")]
+    modes = [m.strip() for m in args.spacy.split(",")]
+    if unknown := [m for m in modes if m not in SPACY_MODES]:
+        ap.error(f"--spacy: unknown pipeline(s) {unknown}; choose from {sorted(SPACY_MODES)}")
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
@@ -47,20 +61,23 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [str(root / "toy" / "train" / name) for name in world["shards"]]
         bank = ConceptBank.default()
         results = []
-        for p in counts:
-            s = prepare_shards(inputs, root / f"out-{p}", processes=p, spacy_model=args.spacy_model,
-                               batch_size=args.batch_size, bank=bank, progress=False)
-            assert s["shards_failed"] == 0 and s["captions"] == args.captions, s
-            results.append({k: s[k] for k in ("processes", "captions_per_s", "captions_per_s_per_process",
-                                              "captions_per_cpu_s", "seconds",
-                                              "concepts_per_caption", "in_bank_share")})
+        for mode in modes:
+            for p in counts:
+                s = prepare_shards(inputs, root / f"out-{mode}-{p}", processes=p, spacy_model=args.spacy_model,
+                                   batch_size=args.batch_size, bank=bank, progress=False,
+                                   fast_spacy=SPACY_MODES[mode])
+                assert s["shards_failed"] == 0 and s["captions"] == args.captions, s
+                results.append({"spacy": mode, **{k: s[k] for k in (
+                    "processes", "captions_per_s", "captions_per_s_per_process", "captions_per_cpu_s", "seconds",
+                    "concepts_per_caption", "in_bank_share")}})
 
     base = results[0]["captions_per_s"]
     report = {
         "benchmark": "prepare",
         "command": "python benchmarks/bench_prepare.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_1m": round(os.getloadavg()[0], 2)},
+                    "load_average_1m": round(os.getloadavg()[0], 2),
+                    "blas_threads_per_process": os.environ.get("OPENBLAS_NUM_THREADS")},
         "date": time.strftime("%Y-%m-%d"),
         "captions": args.captions,
         "shards": len(inputs),

@@ -7,6 +7,8 @@ An export is a folder that needs no training code to load::
     model.safetensors  text tower, projection, logit scale (``trainable_state_dict``), plus the frozen
                        vision tower under ``vision.`` when included
     tokenizer/         ``tokenizer.save_pretrained``
+    text_config/       (text kind ``pretrained``) the transformers config of the text model, so loading
+                       builds it from this config instead of fetching the base model from the hub
     README.md          model card: training config (YAML) and evaluation results
 
 The frozen vision tower is referenced by its timm name (+ ``model_kwargs``) and downloaded on load,
@@ -55,6 +57,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+TEXT_CONFIG_DIR = "text_config"  # config.json of a pretrained-kind text model (exports and checkpoints)
 CARD_NAME = "README.md"
 VISION_PREFIX = "vision."
 # Names a trainer checkpoint may use for the resolved TrainConfig, in order of preference.
@@ -129,6 +132,33 @@ def _load_tokenizer_dir(path: Path) -> Any:
         raise ExportError(f"{path}: cannot load the tokenizer ({e})") from None
 
 
+def _load_text_config(path: Path) -> Any:
+    """A transformers config saved by ``write_text_config`` (local folder only, never the network)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(f"{path}: cannot load the text model config ({e})") from None
+
+
+def _text_config_from(cfg: ModelConfig, folder: Path, subdir: Optional[str], what: str) -> Any:
+    """The saved text-model config of a pretrained-kind text tower in ``folder/subdir``, or ``None``.
+
+    ``None`` (nothing saved, or a scratch tower) makes the tower load ``text.name_or_path``, which
+    needs the base model (local folder or hub) for a pretrained kind: logged, since it may fail offline.
+    """
+    if cfg.text.kind != "pretrained":
+        return None
+    if subdir and (folder / subdir).is_dir():
+        return _load_text_config(folder / subdir)
+    logger.warning(
+        "%s %s holds no text model config; building the text tower from %r (needs that model, local or hub)",
+        what, folder, cfg.text.name_or_path,
+    )
+    return None
+
+
 def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
@@ -153,7 +183,9 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     Needs only ``simzss.models``, ``simzss.config`` and the transformers tokenizer. The vision tower comes
     from the export when its weights are included, otherwise from timm by name (``pretrained=True``
-    downloads it). ``build_vision=False`` gives a text-only model.
+    downloads it). A pretrained-kind text tower is built from the export's ``text_config/`` (no hub
+    access; exports written before it existed fall back to ``text.name_or_path``). ``build_vision=False``
+    gives a text-only model.
     """
     from simzss.models.simzss import SimZSS
 
@@ -174,7 +206,8 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
             "it cannot be recreated"
         )
     tokenizer = _load_tokenizer_dir(root / meta.get("tokenizer_dir", TOKENIZER_DIR))
-    model = SimZSS.from_config(build_cfg, tokenizer, build_vision=build_vision)
+    text_config = _text_config_from(cfg, root, meta.get("text_config_dir"), "export")
+    model = SimZSS.from_config(build_cfg, tokenizer, build_vision=build_vision, text_config=text_config)
     state = _load_safetensors(root / WEIGHTS_NAME)
     if not build_vision:
         state = {k: v for k, v in state.items() if not k.startswith(VISION_PREFIX)}
@@ -262,7 +295,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     if build_vision and vision_state is not None:
         state.update({VISION_PREFIX + k: v for k, v in vision_state.items()})
     tokenizer = _load_checkpoint_tokenizer(cfg, ckpt)
-    model = SimZSS.from_config(build_cfg, tokenizer, build_vision=build_vision)
+    text_config = _text_config_from(cfg, ckpt, TEXT_CONFIG_DIR, "checkpoint")
+    model = SimZSS.from_config(build_cfg, tokenizer, build_vision=build_vision, text_config=text_config)
     _load_state(model, state, vision_included=vision_included and build_vision, source=ckpt / WEIGHTS_NAME)
     model.config = cfg
     model.tokenizer = tokenizer
@@ -428,10 +462,13 @@ def write_export(
     train_config: Optional[TrainConfig] = None,
     eval_results: Optional[Any] = None,
     overwrite: bool = False,
+    text_config: Optional[Any] = None,
 ) -> Path:
     """Write an export folder atomically from its parts; ``vision_state`` (un-prefixed) includes the vision tower.
 
-    Everything is written to a hidden sibling folder, ``config.json`` last, then renamed to ``out_dir``.
+    ``text_config`` (the ``transformers`` config of a pretrained-kind text tower, ``TextTower.hf_config``)
+    is saved so that loading needs no hub access. Everything is written to a hidden sibling folder,
+    ``config.json`` last, then renamed to ``out_dir``.
     """
     out = Path(out_dir).absolute()
     _check_out_dir(out, overwrite)
@@ -453,6 +490,13 @@ def write_export(
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "simzss_format_version": str(FORMAT_VERSION)})
         del tensors
         tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        if text_config is not None:
+            text_config.save_pretrained(str(tmp / TEXT_CONFIG_DIR))
+        elif config.text.kind == "pretrained":
+            logger.warning(
+                "no text model config given for a pretrained-kind text tower: loading this export will need %r",
+                config.text.name_or_path,
+            )
         (tmp / CARD_NAME).write_text(
             model_card(
                 config,
@@ -473,6 +517,7 @@ def write_export(
             "model": to_dict(config),
             "vision_weights_included": vision_state is not None,
             "tokenizer_dir": TOKENIZER_DIR,
+            **({"text_config_dir": TEXT_CONFIG_DIR} if text_config is not None else {}),
             "files": files,
         }
         # config.json is the completeness marker: written last, itself via temp file + rename.
@@ -532,6 +577,7 @@ def save_pretrained(
         train_config=train_config,
         eval_results=eval_results,
         overwrite=overwrite,
+        text_config=getattr(model.text, "hf_config", None),
     )
 
 
@@ -568,6 +614,7 @@ def export_checkpoint(
     does not hold is an error.
     """
     from simzss.models.simzss import SimZSS
+    from simzss.models.vision import FrozenVisionTower
 
     ckpt = resolve_checkpoint(checkpoint)
     out = Path(out_dir).absolute()
@@ -581,7 +628,8 @@ def export_checkpoint(
     include = required or bool(include_vision)
     tokenizer = _load_checkpoint_tokenizer(cfg, ckpt)
     # Validate the trainable weights against a model built from the config (no vision download needed).
-    model = SimZSS.from_config(cfg, tokenizer, build_vision=False)
+    text_config = _text_config_from(cfg, ckpt, TEXT_CONFIG_DIR, "checkpoint")
+    model = SimZSS.from_config(cfg, tokenizer, build_vision=False, text_config=text_config)
     _load_state(model, trainable, vision_included=False, source=ckpt / WEIGHTS_NAME)
     if include and vision_state is None:
         if not cfg.vision.pretrained and cfg.vision.weights is None:
@@ -589,7 +637,10 @@ def export_checkpoint(
                 f"{ckpt}: the vision tower was random-init (pretrained: false) and the checkpoint does not hold its "
                 "weights; it cannot be recreated, so this checkpoint cannot be exported"
             )
-        vision_state = SimZSS.from_config(cfg, tokenizer, build_vision=True).vision.state_dict()
+        vc = cfg.vision  # only the tower is needed: built as SimZSS.from_config builds it
+        vision_state = FrozenVisionTower(
+            vc.name, pretrained=vc.pretrained, weights=vc.weights, model_kwargs=dict(vc.model_kwargs)
+        ).state_dict()
     if not include:
         vision_state = None
     if eval_results is None:
@@ -603,7 +654,22 @@ def export_checkpoint(
         train_config=train_cfg,
         eval_results=eval_results,
         overwrite=overwrite,
+        text_config=model.text.hf_config,
     )
+
+
+def write_text_config(model: "SimZSS", folder: str | os.PathLike) -> Optional[Path]:
+    """Save a pretrained-kind text tower's ``transformers`` config to ``folder/text_config`` (for checkpoints).
+
+    ``load_checkpoint`` / ``export_checkpoint`` then build the text model from it, with no hub access.
+    Returns the folder written, or ``None`` for a scratch tower (built from the ``ModelConfig`` alone).
+    """
+    hf_config = getattr(model.text, "hf_config", None)
+    if hf_config is None:
+        return None
+    out = Path(folder) / TEXT_CONFIG_DIR
+    hf_config.save_pretrained(str(out))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -699,6 +765,7 @@ __all__ = [
     "save_pretrained",
     "find_eval_results",
     "export_checkpoint",
+    "write_text_config",
     "push_to_hub",
     "main",
 ]

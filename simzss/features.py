@@ -53,7 +53,7 @@ from simzss.data.shards import (
     read_sizes, write_shard, write_sizes,
 )
 from simzss.data.stream import (
-    CAPTION_EXTENSION, CONCEPTS_EXTENSION, Batch, TrainLoader, _SharedState, _TrainStream, batches_per_epoch,
+    Batch, SharedState, SkipStats, TrainLoader, TrainStream, batches_per_epoch, check_loader_args, sample_location,
 )
 from simzss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -154,33 +154,48 @@ def check_cache_compatible(
     """Refuse (``CacheError``) a cache whose features were not made by the model's vision tower at ``image_size``.
 
     Compared: timm model name, extra timm kwargs (depth, ...), image size, the weights source (pretrained flag and
-    local weights file name) and, when given, the fingerprint of the tower's weights. A cache made with a
-    random-init tower only matches a model config that also asks for a random-init tower, and even then the
-    weights differ unless the fingerprint is checked; a warning says so.
+    local weights file name) and, when given, the fingerprint of the tower's weights (:func:`weights_fingerprint`).
+    The message names the mismatching config field. A cache made with a random-init tower only matches a model
+    config that also asks for a random-init tower, and only the fingerprint shows whether the weights are the same;
+    without one a warning says so.
     """
     vis = meta.get("vision", {})
     want = model_cfg.vision
     problems: List[str] = []
+    hints: List[str] = []
     if vis.get("name") != want.name:
-        problems.append(f"vision tower {vis.get('name')!r} != model's {want.name!r}")
+        problems.append(f"vision tower {vis.get('name')!r} != model's {want.name!r} (model.vision.name)")
     if int(meta.get("image_size", -1)) != int(image_size):
-        problems.append(f"image size {meta.get('image_size')} != training image size {image_size}")
+        problems.append(f"image size {meta.get('image_size')} != training image size {image_size} (data.image_size)")
     if dict(vis.get("model_kwargs") or {}) != dict(want.model_kwargs or {}):
-        problems.append(f"vision model_kwargs {vis.get('model_kwargs')} != model's {dict(want.model_kwargs or {})}")
+        problems.append(f"vision model_kwargs {vis.get('model_kwargs')} != model's {dict(want.model_kwargs or {})} "
+                        "(model.vision.model_kwargs)")
     cached_src = _weights_source(vis.get("pretrained", True), vis.get("weights"))
     model_src = _weights_source(want.pretrained, want.weights)
     if cached_src != model_src:
-        problems.append(f"vision weights {cached_src} != model's {model_src}")
-    if fingerprint is not None and vis.get("fingerprint") not in (None, fingerprint):
-        problems.append("vision weights fingerprint differs (same name, different weights)")
+        problems.append(f"vision weights {cached_src} != model's {model_src} "
+                        "(model.vision.pretrained / model.vision.weights)")
+    elif fingerprint is not None and vis.get("fingerprint") not in (None, fingerprint):
+        problems.append(f"vision weights fingerprint {vis.get('fingerprint')} != model's {fingerprint} "
+                        "(same architecture and weights source, different weights)")
+        if cached_src == "random-init":
+            hints.append("A random-init tower depends on the seed: save one tower's weights to a file and pass "
+                         "it to both (`simzss cache-features --weights FILE`, model.vision.weights=FILE), or use "
+                         "pretrained weights")
+        else:
+            hints.append("Point model.vision.weights at the checkpoint the cache was built from")
     if problems:
         raise CacheError(
             "feature cache does not match the model config: "
             + "; ".join(problems)
-            + ". Rebuild it with `simzss cache-features --model-config ...` or unset data.feature_cache."
+            + ". "
+            + "".join(h + ". " for h in hints)
+            + "Rebuild the cache from this model's vision tower (`simzss cache-features --model-config ...`) "
+            "or unset data.feature_cache."
         )
-    if cached_src == "random-init":
-        log.warning("feature cache was made with a random-init vision tower: only useful for tests")
+    if cached_src == "random-init" and fingerprint is None:
+        log.warning("feature cache was made with a random-init vision tower (only useful for tests); its weights "
+                    "are verified only against a fingerprint")
 
 
 def _weights_source(pretrained: bool, weights: Optional[str]) -> str:
@@ -573,93 +588,51 @@ def _pick_view(seed: int, epoch: int, key: str, views: int) -> int:
     return 0 if views == 1 else random.Random(f"{seed}/{epoch}/{key}").randrange(views)
 
 
-class _CachedFeatureStream(_TrainStream):
-    """The image training stream (``simzss.data.stream``) with cached features in place of images.
+class _CachedFeatureStream(TrainStream):
+    """The image training stream (``simzss.data.stream.TrainStream``) with cached features in place of images.
 
-    Inherited: shard splitting by rank and worker, shuffling, equal epochs on every rank, resume, concept
-    parsing and on-the-fly extraction. Overridden: ``_decode_one`` (arrays instead of an image) and ``_collate``
-    (features instead of pixels); both mirror the image stream's checks and are kept in step by
-    tests/test_features.py.
+    Inherited: shard splitting by rank and worker, shuffling, equal epochs on every rank, resume, caption and
+    concept decoding (``decode_text``), on-the-fly concept extraction and tokenisation (``text_fields``).
+    Overridden through the stream's extension points: ``decode_sample`` (arrays instead of an image) and
+    ``collate`` (features instead of pixels).
     """
 
     def __init__(self, *args: Any, meta: Dict[str, Any], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.views, self.dim = int(meta["views"]), int(meta["dim"])
         self.grid = tuple(int(g) for g in meta["grid"])
-        self._epoch = self._seed = 0
 
-    def __iter__(self) -> Iterator[Any]:
-        info = torch.utils.data.get_worker_info()
-        self._epoch, self._seed, _ = self.state.get(info.id if info is not None else 0)  # for the view choice
-        return super().__iter__()
-
-    def _decode_one(self, raw: Dict[str, Any], stats: Any) -> Optional[Dict[str, Any]]:
-        """Caption, concepts and this epoch's view of the cached arrays; None (counted) if unusable.
-
-        Mirrors the caption/concept checks of the image stream (kept in step by tests/test_features.py).
-        """
-        key = str(raw.get("__key__"))
-        where = f"{key} in {raw.get('__url__')}"
+    def decode_sample(self, raw: Dict[str, Any], stats: SkipStats) -> Optional[Dict[str, Any]]:
+        """Caption, concepts and this epoch's view of the cached arrays; None (counted) if unusable."""
         if "cls.npy" not in raw or "patches.npy" not in raw:
-            stats.skip("missing_features", where)
+            stats.skip("missing_features", sample_location(raw))
             return None
-        caption_bytes = raw.get(CAPTION_EXTENSION)
-        if caption_bytes is None:
-            stats.skip("missing_caption", where)
+        sample = self.decode_text(raw, stats)
+        if sample is None:
             return None
-        try:
-            caption = caption_bytes.decode("utf-8")
-        except UnicodeDecodeError:
-            stats.skip("caption_not_utf8", where)
-            return None
-        if not caption.strip():
-            stats.skip("empty_caption", where)
-            return None
-        concepts = None
-        if CONCEPTS_EXTENSION in raw:
-            try:
-                concepts = self._parse_concepts(raw[CONCEPTS_EXTENSION])
-            except ValueError as exc:
-                stats.skip("bad_concepts", f"{where}: {exc}"[:500])
-                return None
         try:  # np.load refuses object arrays (pickle) with ValueError
             cls, patches = _npy_load(raw["cls.npy"]), _npy_load(raw["patches.npy"])
         except (ValueError, OSError, EOFError) as exc:
-            stats.skip("corrupt_features", f"{where}: {exc}"[:500])
+            stats.skip("corrupt_features", f"{sample_location(raw)}: {exc}"[:500])
             return None
         if cls.shape != (self.views, self.dim) or patches.shape != (self.views, *self.grid, self.dim):
-            stats.skip("feature_shape", f"{where}: {cls.shape}, {patches.shape} do not match meta.json")
+            stats.skip("feature_shape", f"{sample_location(raw)}: {cls.shape}, {patches.shape} do not match meta.json")
             return None
-        v = _pick_view(self._seed, self._epoch, key, self.views)
-        return {"key": key, "caption": caption, "concepts": concepts, "cls": torch.from_numpy(cls[v]),
-                "patches": torch.from_numpy(patches[v])}
+        v = _pick_view(self.stream_seed, self.epoch, sample["key"], self.views)
+        sample.update(cls=torch.from_numpy(cls[v]), patches=torch.from_numpy(patches[v]))
+        return sample
 
-    def _collate(self, samples: List[Dict[str, Any]], stats: Any) -> Batch:
-        """Concepts (``_annotate`` for shards without concepts.json) + tokenisation, as the image stream does,
-        with the stacked features in place of images.
+    def collate(self, samples: List[Dict[str, Any]], stats: SkipStats) -> Batch:
+        """Tokenised captions (as the image stream) with the stacked features in place of images.
 
         Features stay in the stored dtype (fp16 halves host->device traffic); the model casts them to fp32.
         """
-        from simzss.data.tokenize import tokenize_batch
-
-        captions = [s["caption"] for s in samples]
-        concepts = [s["concepts"] for s in samples]
-        missing = [i for i, c in enumerate(concepts) if c is None]
-        for i, found in zip(missing, self._annotate([captions[i] for i in missing]) if missing else []):
-            concepts[i] = found
-        tokens = tokenize_batch(self.tokenizer, captions, concepts, self.context_length,
-                                max_concepts=self.cfg.max_concepts)
         return Batch(
             images=None,
-            input_ids=tokens["input_ids"],
-            attention_mask=tokens["attention_mask"],
-            concept_mask=tokens["concept_mask"],
-            concept_labels=tokens["concept_labels"],
-            captions=captions,
-            keys=[s["key"] for s in samples],
             skipped=stats.drain(),
             vision_cls=torch.stack([s["cls"] for s in samples]),
             vision_patches=torch.stack([s["patches"] for s in samples]),
+            **self.text_fields(samples),
         )
 
 
@@ -675,10 +648,8 @@ def build_cached_loader(cfg: DataConfig, tokenizer: Any, bank: Any, *, batch_siz
     """
     if not cfg.feature_cache:
         raise ValueError("DataConfig.feature_cache is not set")
-    if batch_size < 1 or context_length < 2:
-        raise ValueError(f"batch_size must be >= 1 and context_length >= 2, got {batch_size}, {context_length}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    check_loader_args(batch_size=batch_size, context_length=context_length, rank=rank, world_size=world_size,
+                      workers=cfg.workers)
     cache = Path(cfg.feature_cache)
     meta = read_cache_meta(cache)
     if not meta.get("complete", False):
@@ -697,15 +668,13 @@ def build_cached_loader(cfg: DataConfig, tokenizer: Any, bank: Any, *, batch_siz
     if num_batches < 1:
         raise CacheError(f"feature cache {cache}: {num_samples} samples are fewer than one global batch "
                          f"({batch_size} x {world_size} ranks)")
-    if cfg.workers < 0:
-        raise ValueError(f"data.workers must be >= 0, got {cfg.workers}")
     if cfg.workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     urls = [str(cache / n) for n in names]
     data_cfg = dataclasses.replace(cfg, shards=urls, image_size=int(meta["image_size"]))
     dataset = _CachedFeatureStream(
         urls, data_cfg, tokenizer, bank, batch_size=batch_size, context_length=context_length, rank=rank,
-        world_size=world_size, num_batches=num_batches, state=_SharedState(cfg.workers, seed=seed), meta=meta,
+        world_size=world_size, num_batches=num_batches, state=SharedState(cfg.workers, seed=seed), meta=meta,
     )
     log.info("feature-cache stream: %s, %d shards, %d samples/epoch, %d batches/epoch/rank (%d views)",
              cache, len(urls), num_samples, num_batches, dataset.views)

@@ -15,6 +15,11 @@ The tensor returned on every rank has
   (concept counts differ per rank, and a rank may hold none).
 
 This is done with ``loss = grad_part + (value - grad_part).detach()``.
+
+Host syncs. The concept loss needs the concept count and the present classes on the host (shapes
+depend on them); ``concept_targets`` reads them with one device->host copy (plus the size exchange
+under ``torch.distributed``), and a caller that computes it early (``SimZSS`` does, before the towers
+run) leaves ``class_prototypes`` / ``concept_loss`` with no host sync at all.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ __all__ = [
     "class_prototypes",
     "concept_loss",
     "concept_accuracy",
+    "concept_targets",
     "ConceptLossStats",
+    "ConceptTargets",
 ]
 
 
@@ -44,19 +51,24 @@ def _dist_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _gather_varlen(x: Tensor, *, with_grad: bool) -> tuple[Tensor, list[int]]:
+def _gather_varlen(x: Tensor, *, with_grad: bool, sizes: list[int] | None = None) -> tuple[Tensor, list[int]]:
     """Concatenate ``x`` from all ranks along dim 0, allowing a different dim-0 size per rank.
 
-    Sizes are gathered first; each rank pads to the largest size, gathers, and the padding is
-    stripped. Returns the concatenation and the per-rank sizes (``[len(x)]`` when not distributed).
+    Sizes are gathered first (one small collective and one host sync) unless the caller knows them
+    (``sizes``, identical on every rank); each rank pads to the largest size, gathers, and the
+    padding is stripped. Returns the concatenation and the per-rank sizes (``[len(x)]`` when not
+    distributed).
     """
     rank, world = _dist_world()
     if world == 1:
         return x, [x.shape[0]]
-    size = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes_t = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes_t, size)
-    sizes = [int(s.item()) for s in sizes_t]
+    if sizes is None:
+        size = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+        sizes_t = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes_t, size)
+        sizes = [int(s) for s in torch.cat(sizes_t).tolist()]  # one host sync for all ranks' sizes
+    elif len(sizes) != world or sizes[rank] != x.shape[0]:
+        raise ValueError(f"sizes {sizes} do not match world size {world} / local size {x.shape[0]} on rank {rank}")
     max_size = max(sizes)
     if max_size == 0:  # every rank is empty: same decision on all ranks, so no collective is skipped unevenly
         return x, sizes
@@ -71,6 +83,8 @@ def _gather_varlen(x: Tensor, *, with_grad: bool) -> tuple[Tensor, list[int]]:
     else:
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded.contiguous())
+    if all(s == max_size for s in sizes):
+        return torch.cat(parts, dim=0), sizes
     return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0), sizes
 
 
@@ -91,21 +105,30 @@ def _all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
-def _global_mean(local_sum: Tensor, n_global: int) -> Tensor:
-    """Loss with the single-process value and DDP-correct gradients (see the module docstring)."""
+def _global_mean(local_sum: Tensor, n_global: int, global_sum: Tensor | None = None) -> Tensor:
+    """Loss with the single-process value and DDP-correct gradients (see the module docstring).
+
+    ``global_sum``: ``local_sum`` already summed over ranks (detached), when the caller reduced it
+    together with other statistics in one collective.
+    """
     world = _dist_world()[1]
     grad_part = local_sum * (world / n_global)
-    value = _all_reduce_sum(local_sum) / n_global
+    value = (_all_reduce_sum(local_sum) if global_sum is None else global_sum) / n_global
     return grad_part + (value - grad_part).detach()
 
 
-def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:
+def contrastive_loss(
+    image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, *, equal_sizes: bool = False
+) -> Tensor:
     """Symmetric InfoNCE between paired image and text features ([n, D] each; normalized inside).
 
     ``logit_scale`` is the already-exponentiated (and clamped) temperature, e.g. ``exp(s).clamp``-ed
     ``1/0.07``. Under ``torch.distributed`` the local rows are scored against all ranks' features
     (negatives from the global batch); the value equals the single-process loss on the concatenated
-    batch and DDP-averaged gradients equal the single-process ones.
+    batch and DDP-averaged gradients equal the single-process ones. Image and text features travel
+    in one gradient-carrying all-gather. ``equal_sizes=True`` promises that every rank holds the same
+    number of rows (a training stream of full batches), which skips the exchange of sizes and its
+    host sync; a broken promise makes the collective fail or hang, so leave it off when unsure.
     """
     if image_features.shape != text_features.shape or image_features.ndim != 2:
         raise ValueError(
@@ -114,13 +137,18 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
         )
     img = F.normalize(image_features, dim=-1)
     txt = F.normalize(text_features, dim=-1)
-    rank, _ = _dist_world()
-    all_img, sizes = _gather_varlen(img, with_grad=True)
-    all_txt, _ = _gather_varlen(txt, with_grad=True)
+    rank, world = _dist_world()
+    n, d = img.shape
+    if world == 1:
+        all_img, all_txt, sizes = img, txt, [n]
+    else:
+        both = torch.cat([img, txt.to(img.dtype)], dim=1)  # one collective for both modalities
+        gathered, sizes = _gather_varlen(both, with_grad=True, sizes=[n] * world if equal_sizes else None)
+        all_img, all_txt = gathered[:, :d], gathered[:, d:]
     n_global = sum(sizes)
     if n_global == 0:
         raise ValueError("contrastive_loss got an empty batch on every rank")
-    labels = torch.arange(img.shape[0], device=img.device) + sum(sizes[:rank])
+    labels = torch.arange(n, device=img.device) + sum(sizes[:rank])
     logits_per_image = logit_scale * img @ all_txt.T
     logits_per_text = logit_scale * txt @ all_img.T
     local_sum = 0.5 * (
@@ -147,21 +175,63 @@ def pool_visual_concepts(patch_tokens: Tensor, queries: Tensor, tau: float = 0.1
     return F.normalize(attn @ z, dim=-1)
 
 
-def class_prototypes(text_concepts: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+class ConceptTargets(NamedTuple):
+    """Where each concept of the global batch sits among the present classes (``concept_targets``)."""
+
+    classes: Tensor  # [C] sorted class ids present in the global batch (on the target device)
+    global_index: Tensor  # [n_global] row in ``classes`` of every concept, ranks concatenated in order
+    local_index: Tensor  # [n] this rank's slice of ``global_index``
+    sizes: list[int]  # concepts per rank (``[n]`` on one process)
+
+    @property
+    def num_global(self) -> int:
+        """Concepts in the global batch."""
+        return sum(self.sizes)
+
+
+def concept_targets(labels: Tensor, device: torch.device | str | None = None) -> ConceptTargets:
+    """Gather ``labels`` [n] (class ids >= 0) from all ranks and index them among the present classes.
+
+    The only place of the concept loss that needs values on the host: one device->host copy (none
+    for CPU labels) plus, under ``torch.distributed``, the size exchange. Every rank checks the same
+    gathered labels, so bad labels raise on all ranks alike (no rank is left waiting in a
+    collective). Results are put on ``device`` (default: the labels' device).
+    """
+    if labels.ndim != 1:
+        raise ValueError(f"concept labels must be [n], got {tuple(labels.shape)}")
+    device = torch.device(device) if device is not None else labels.device
+    rank, world = _dist_world()
+    if world == 1:
+        all_labels, sizes = labels.long().cpu(), [labels.shape[0]]
+    else:
+        gathered, sizes = _gather_varlen(labels.long().to(device), with_grad=False)
+        all_labels = gathered.cpu()
+    if all_labels.numel() and int(all_labels.min()) < 0:
+        raise ValueError("concept_loss labels must be >= 0 (drop padding concepts before calling)")
+    classes, inverse = torch.unique(all_labels, sorted=True, return_inverse=True)
+    # one host->device copy; non_blocking: from a host tensor nothing writes to, it needs no stream sync
+    both = torch.cat([classes, inverse.reshape(-1)]).to(device, non_blocking=True)
+    classes, inverse = both[: classes.numel()], both[classes.numel() :]
+    start = sum(sizes[:rank])
+    return ConceptTargets(classes, inverse, inverse[start : start + sizes[rank]], sizes)
+
+
+def class_prototypes(
+    text_concepts: Tensor, labels: Tensor, *, targets: ConceptTargets | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Class prototypes over the global batch for the classes present.
 
     Gathers ``text_concepts`` [n, D] (with gradient) and ``labels`` [n] from all ranks and returns
     ``(prototypes [C, D], classes [C], local_index [n])``: h_i = normalize(Σ_{j: q_j = i}
     normalize(c_t,j)) for the C sorted present classes, and each local concept's row in it.
+    ``targets`` (``concept_targets(labels)``, computed earlier) avoids any host sync here.
     """
-    all_text, sizes = _gather_varlen(text_concepts, with_grad=True)
-    all_labels, _ = _gather_varlen(labels, with_grad=False)
-    rank, _ = _dist_world()
-    classes, inverse = torch.unique(all_labels, sorted=True, return_inverse=True)
-    protos = all_text.new_zeros((classes.numel(), all_text.shape[-1]))
-    protos = F.normalize(protos.index_add(0, inverse, F.normalize(all_text, dim=-1)), dim=-1)
-    start = sum(sizes[:rank])
-    return protos, classes, inverse[start : start + labels.shape[0]]
+    if targets is None:
+        targets = concept_targets(labels, text_concepts.device)
+    all_text, _ = _gather_varlen(text_concepts, with_grad=True, sizes=targets.sizes)
+    protos = all_text.new_zeros((targets.classes.numel(), all_text.shape[-1]))
+    protos = F.normalize(protos.index_add(0, targets.global_index, F.normalize(all_text, dim=-1)), dim=-1)
+    return protos, targets.classes, targets.local_index
 
 
 class ConceptLossStats(NamedTuple):
@@ -181,6 +251,7 @@ def concept_loss(
     target: str = "label",
     *,
     return_stats: bool = False,
+    targets: ConceptTargets | None = None,
 ) -> Tensor | ConceptLossStats:
     """SimZSS concept loss L_l over the global batch.
 
@@ -191,7 +262,8 @@ def concept_loss(
     (``target="argmax"``, the official release), averaged over the global number of concepts (see
     the module docstring for the distributed value/gradient scheme). No concept on any rank gives a
     zero loss that is still connected to the inputs' graph. ``return_stats=True`` returns a
-    ``ConceptLossStats`` with the accuracy and the global concept / class counts.
+    ``ConceptLossStats`` with the accuracy and the global concept / class counts. ``targets``
+    (``concept_targets(labels)``, computed before the forward pass) leaves no host sync in here.
     """
     if target not in ("label", "argmax"):
         raise ValueError(f"concept target must be 'label' or 'argmax', got {target!r}")
@@ -201,26 +273,29 @@ def concept_loss(
             f"concept_loss expects [n,D], [n,D], [n]; got {tuple(text_concepts.shape)}, "
             f"{tuple(visual_concepts.shape)}, {tuple(labels.shape)}"
         )
-    if n and int(labels.min()) < 0:
-        raise ValueError("concept_loss labels must be >= 0 (drop padding concepts before calling)")
-    labels = labels.long()
+    if targets is None:
+        targets = concept_targets(labels, text_concepts.device)
+    elif targets.local_index.shape[0] != n:
+        raise ValueError(f"concept targets are for {targets.local_index.shape[0]} concepts, got {n}")
     zero = text_concepts.sum() * 0 + visual_concepts.sum() * 0
-    n_global = int(_all_reduce_sum(torch.tensor([n], device=labels.device))[0])
+    n_global = targets.num_global
     if n_global == 0:
         nan = torch.full((), float("nan"), device=zero.device)
         return ConceptLossStats(zero, nan, 0, 0) if return_stats else zero
 
-    protos, classes, local_target = class_prototypes(text_concepts, labels)
+    protos, classes, local_target = class_prototypes(text_concepts, labels, targets=targets)
     logits = scale * F.normalize(visual_concepts, dim=-1) @ protos.T  # [n, C]
     pred = logits.detach().argmax(dim=-1)
     tgt = pred if target == "argmax" else local_target
     # `protos.sum() * 0` keeps the gathered tensor in this rank's graph even with n == 0 locally, so
     # every rank takes part in the all_gather backward (a missing participant would deadlock).
     local_sum = F.cross_entropy(logits, tgt, reduction="sum") + zero + protos.sum() * 0
-    loss = _global_mean(local_sum, n_global)
     if not return_stats:
-        return loss
-    correct = _all_reduce_sum((pred == local_target).sum().float())
+        return _global_mean(local_sum, n_global)
+    # loss value and accuracy count reduced over ranks in one collective
+    correct = (pred == local_target).sum().to(local_sum.dtype)
+    loss_sum, correct = _all_reduce_sum(torch.stack([local_sum.detach(), correct])).unbind()
+    loss = _global_mean(local_sum, n_global, global_sum=loss_sum)
     return ConceptLossStats(loss, correct / n_global, n_global, int(classes.numel()))
 
 

@@ -43,7 +43,7 @@ def _collect(loss: Tensor, modules: dict[str, nn.Module]) -> Result:
     return out
 
 
-def _contrastive_case(sizes: list[int], rank: int, world: int) -> Result:
+def _contrastive_case(sizes: list[int], rank: int, world: int, equal_sizes: bool = False) -> Result:
     g = torch.Generator().manual_seed(0)
     n = sum(sizes)
     x_img, x_txt = torch.randn(n, 8, generator=g), torch.randn(n, 6, generator=g)
@@ -51,7 +51,8 @@ def _contrastive_case(sizes: list[int], rank: int, world: int) -> Result:
     heads = nn.ModuleDict({"img": nn.Linear(8, 5), "txt": nn.Linear(6, 5)})
     heads.scale = nn.Parameter(torch.tensor(2.0))  # type: ignore[attr-defined]
     rows = _rows(sizes, rank, world)
-    loss = contrastive_loss(heads["img"](x_img[rows]), heads["txt"](x_txt[rows]), heads.scale.exp())
+    loss = contrastive_loss(heads["img"](x_img[rows]), heads["txt"](x_txt[rows]), heads.scale.exp(),
+                            equal_sizes=equal_sizes)
     return _collect(loss, {"heads": heads})
 
 
@@ -80,7 +81,7 @@ def _tiny_model(query: str, concept_scale: float | None) -> SimZSS:
 
 
 def _model_case(query: str, concept_scale: float | None, concepts: list[list[tuple[int, int]]],
-                rank: int, world: int) -> Result:
+                rank: int, world: int, equal_batch_sizes: bool = False) -> Result:
     """Full SimZSS forward; ``concepts[b]`` = [(label, token position), ...] of sample b (4 samples)."""
     g = torch.Generator().manual_seed(4)
     B, L = len(concepts), 10
@@ -101,6 +102,7 @@ def _model_case(query: str, concept_scale: float | None, concepts: list[list[tup
     batch = SimpleNamespace(images=images[rows], input_ids=input_ids[rows], attention_mask=attention_mask[rows],
                             concept_mask=concept_mask, concept_labels=concept_labels)
     model = _tiny_model(query, concept_scale).train()
+    model.equal_batch_sizes = equal_batch_sizes  # both ranks hold 2 samples
     out = model(batch)
     result = _collect(out.loss, {"model": model})
     result["concept_loss"] = out.concept_loss.detach()
@@ -116,12 +118,14 @@ CONCEPTS_B = [[(1, 1), (4, 4)], [(4, 2), (1, 5), (7, 0)], [], []]  # rank 1 has 
 def _all_cases(rank: int, world: int) -> dict[str, Result]:
     return {
         "contrastive_equal": _contrastive_case([3, 3], rank, world),
+        "contrastive_equal_promised": _contrastive_case([3, 3], rank, world, equal_sizes=True),
         "contrastive_unequal": _contrastive_case([4, 2], rank, world),
         "concept_label": _concept_case([4, 3], [0, 2, 2, 5, 2, 5, 7], "label", rank, world),
         "concept_empty_rank": _concept_case([5, 0], [3, 1, 3, 0, 1], "label", rank, world),
         "concept_argmax": _concept_case([2, 4], [0, 2, 2, 5, 2, 5], "argmax", rank, world),
         "model_concept_query": _model_case("concept", None, CONCEPTS_A, rank, world),
         "model_prototype_query": _model_case("prototype", 1 / 0.07, CONCEPTS_B, rank, world),
+        "model_equal_batches": _model_case("concept", 1 / 0.07, CONCEPTS_B, rank, world, equal_batch_sizes=True),
     }
 
 

@@ -371,3 +371,76 @@ def test_torch_load_only_with_weights_only() -> None:
         for line, why in _unsafe_loads(ast.parse(path.read_text(encoding="utf-8"))):
             offenders.append(f"{path.relative_to(ROOT)}:{line}: {why}")
     assert not offenders, offenders
+
+
+def _save_tiny_hf_text_model(kind: str, folder: Path, vocab_size: int) -> TextConfig:
+    """A tiny pretrained-style model saved like a hub download (BERT encoder, or a CLIP dual encoder)."""
+    from transformers import BertConfig, BertModel, CLIPConfig, CLIPModel
+
+    torch.manual_seed(5)
+    if kind == "bert":
+        BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=40)).save_pretrained(folder)
+        return TextConfig(kind="pretrained", name_or_path=str(folder), pooling="cls", context_length=32)
+    text = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=40, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+                  patch_size=14)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+    return TextConfig(kind="pretrained", name_or_path=str(folder), pooling="eos", context_length=32)
+
+
+@pytest.mark.parametrize("kind", ["bert", "clip"])
+def test_pretrained_text_tower_export_loads_offline(tiny, tmp_path, monkeypatch, kind) -> None:
+    """Export and checkpoint of a pretrained-kind text tower load with the base model gone and the hub offline."""
+    import shutil
+
+    import huggingface_hub
+    import transformers
+
+    from simzss.engine.checkpoint import save_model_weights
+    from simzss.models.simzss import SimZSS
+
+    _, tok_dir, _ = tiny
+    tok = ex._load_tokenizer_dir(tok_dir)
+    base = tmp_path / "base-model"
+    text_cfg = _save_tiny_hf_text_model(kind, base, len(tok))
+    cfg = dataclasses.replace(tiny_config(str(tok_dir)), text=text_cfg)
+    model = SimZSS.from_config(cfg, tok).eval()
+    assert model.text.hf_config is not None and model.text.transformer.dtype == torch.float32
+    with torch.no_grad():  # trained weights differ from the base model's: a load from the base would show
+        for p in model.text.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    out = ex.save_pretrained(model, tmp_path / "export")
+    assert (out / "text_config" / "config.json").is_file()
+    assert "text_config/config.json" in ex.read_export_config(out)["files"]
+    ckpt = tmp_path / "run" / "checkpoints" / "step-1"  # a checkpoint that saved the text config too
+    ckpt.mkdir(parents=True)
+    save_model_weights({**model.trainable_state_dict(), **{f"vision.{k}": v for k, v in model.vision.state_dict().items()}},
+                       ckpt / "model.safetensors")
+    (ckpt / "config.yaml").write_text(to_yaml(TrainConfig(model=cfg, run_name="tiny")))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    assert ex.write_text_config(model, ckpt) == ckpt / "text_config"
+
+    shutil.rmtree(base)  # the base model is gone, and the hub is unreachable
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"from_pretrained called while loading an export: {args}")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_download)
+    loaded = ex.load_pretrained(out)
+    assert loaded.config.text.name_or_path == str(base)
+    _same_embeddings(model, loaded)
+    _same_embeddings(model, ex.load_checkpoint(ckpt))
+    again = ex.export_checkpoint(ckpt, tmp_path / "export2")
+    assert (again / "text_config" / "config.json").is_file()
+    _same_embeddings(model, ex.load_pretrained(again))
+
+    # a damaged text config (same size, so it passes the completeness check) is a clear error
+    saved = out / "text_config" / "config.json"
+    size = saved.stat().st_size
+    saved.write_text(json.dumps({"model_type": "no_such_model"}).ljust(size))
+    with pytest.raises(ex.ExportError, match="cannot load the text model config"):
+        ex.load_pretrained(out)

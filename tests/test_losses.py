@@ -11,6 +11,7 @@ from simzss.losses import (
     class_prototypes,
     concept_accuracy,
     concept_loss,
+    concept_targets,
     contrastive_loss,
     gather_with_grad,
     pool_visual_concepts,
@@ -197,3 +198,35 @@ def test_class_prototypes_by_hand() -> None:
     s = 2**-0.5
     expected = F.normalize(torch.tensor([[s, 1 + s], [1.0, 1.0]]), dim=-1)
     torch.testing.assert_close(protos, expected)
+
+
+def test_concept_targets_index_the_present_classes() -> None:
+    targets = concept_targets(torch.tensor([7, 2, 7, 9, 2], dtype=torch.int32))
+    assert targets.classes.tolist() == [2, 7, 9] and targets.local_index.tolist() == [1, 0, 1, 2, 0]
+    assert targets.global_index.tolist() == targets.local_index.tolist() and targets.sizes == [5]
+    assert targets.num_global == 5 and targets.classes.dtype == torch.long
+    empty = concept_targets(torch.zeros(0, dtype=torch.long))
+    assert empty.num_global == 0 and empty.classes.numel() == 0 and empty.local_index.numel() == 0
+    with pytest.raises(ValueError, match=">= 0"):
+        concept_targets(torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match=r"\[n\]"):
+        concept_targets(torch.zeros(2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("target", ["label", "argmax"])
+def test_concept_loss_with_precomputed_targets_is_the_same(target: str) -> None:
+    """Targets computed up front (what SimZSS does before its towers run) change nothing."""
+    torch.manual_seed(0)
+    text, visual = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    labels = torch.tensor([4, 1, 4, 0, 1, 1])
+    plain = concept_loss(text, visual, labels, 12.0, target, return_stats=True)
+    early = concept_loss(text, visual, labels, 12.0, target, return_stats=True, targets=concept_targets(labels))
+    torch.testing.assert_close(early.loss, plain.loss)
+    torch.testing.assert_close(early.accuracy, plain.accuracy)
+    assert (early.num_concepts, early.num_classes) == (plain.num_concepts, plain.num_classes) == (6, 3)
+    g_plain = torch.autograd.grad(plain.loss, (text, visual))
+    g_early = torch.autograd.grad(early.loss, (text, visual))
+    for a, b in zip(g_plain, g_early):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="targets are for 3 concepts"):
+        concept_loss(text, visual, labels, targets=concept_targets(labels[:3]))

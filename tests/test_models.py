@@ -88,7 +88,10 @@ def test_vision_tower_is_frozen_and_stays_in_eval() -> None:
     assert not tower.training and not any(m.training for m in tower.modules())
     x = torch.randn(1, 3, 28, 28, requires_grad=True)
     cls, patches = tower(x)
+    # run under no_grad: no autograd graph at all, and no bf16 autocast off CUDA
     assert not cls.requires_grad and not patches.requires_grad
+    assert cls.grad_fn is None and patches.grad_fn is None
+    assert cls.dtype == patches.dtype == torch.float32
     torch.testing.assert_close(tower(x)[0], cls)  # deterministic: drop-path inactive
     assert tower.mean == pytest.approx((0.485, 0.456, 0.406)) and tower.std == pytest.approx((0.229, 0.224, 0.225))
 
@@ -194,6 +197,61 @@ def test_text_tower_pretrained_from_local_folder(tmp_path: Path) -> None:
         TextTower(cfg, vocab_size=100, pad_token_id=0, output_dim=8)
     with pytest.raises(ValueError, match="cannot load"):
         TextTower(TextConfig(kind="pretrained", name_or_path=str(tmp_path / "nope")), 60, 0, 8)
+
+
+def test_text_tower_right_padding_runs_without_mask_and_matches_masked_run() -> None:
+    """Causal scratch tower: real tokens' outputs do not depend on a right-padding mask, so none is passed."""
+    from simzss.models.text import is_right_padded
+
+    torch.manual_seed(0)
+    tower = _text(pooling="mean")
+    ids = torch.randint(1, 50, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    ids[mask == 0] = 0
+    seen: list[object] = []
+    tower.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"]), with_kwargs=True)
+    fast_tokens, fast_pooled = tower(ids, mask)
+    masked_tokens, masked_pooled = tower(ids, mask, right_padded=False)
+    assert seen[0] is None and seen[1] is mask
+    real = mask.bool()
+    torch.testing.assert_close(fast_tokens[real], masked_tokens[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_pooled, masked_pooled, atol=1e-5, rtol=1e-5)
+    for pooling in ("eos", "cls"):
+        tower.pooling = pooling
+        torch.testing.assert_close(tower(ids, mask)[1], tower(ids, mask, right_padded=False)[1], atol=1e-5, rtol=1e-5)
+
+    left = mask.flip(1)  # left padding: the mask is needed and is passed on
+    assert bool(is_right_padded(mask)) and not bool(is_right_padded(left))
+    assert bool(is_right_padded(torch.ones(2, 1, dtype=torch.long)))
+    tower(ids.flip(1), left)
+    assert seen[-1] is left
+
+
+def test_text_tower_built_from_config_only(tmp_path: Path) -> None:
+    """hf_config builds the pretrained architecture (same keys) with no access to the weights; fp32 always."""
+    from transformers import AutoConfig, BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=20)).half().save_pretrained(tmp_path / "bert")
+    cfg = TextConfig(kind="pretrained", name_or_path=str(tmp_path / "bert"), pooling="cls")
+    loaded = TextTower(cfg, vocab_size=60, pad_token_id=0, output_dim=8).eval()
+    assert loaded.transformer.dtype == torch.float32  # trainable weights: fp32 even from an fp16 checkpoint
+    loaded.hf_config.save_pretrained(tmp_path / "cfg")
+    elsewhere = TextConfig(kind="pretrained", name_or_path=str(tmp_path / "missing"), pooling="cls")
+    for source in (tmp_path / "cfg", AutoConfig.from_pretrained(tmp_path / "cfg")):
+        built = TextTower(elsewhere, vocab_size=60, pad_token_id=0, output_dim=8, hf_config=source).eval()
+        assert built.state_dict().keys() == loaded.state_dict().keys() and built.width == 16
+        built.load_state_dict(loaded.state_dict())
+        ids, mask = torch.randint(1, 60, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+        torch.testing.assert_close(built(ids, mask)[1], loaded(ids, mask)[1])
+    with pytest.raises(ValueError, match="only for text kind 'pretrained'"):
+        TextTower(TextConfig(layers=1, width=16, heads=2), 60, 0, 8, hf_config=tmp_path / "cfg")
+    with pytest.raises(ValueError, match="cannot build the text model"):
+        TextTower(elsewhere, 60, 0, 8, hf_config=tmp_path / "nope")
+    with pytest.raises(ValueError, match="larger than"):
+        TextTower(elsewhere, 100, 0, 8, hf_config=tmp_path / "cfg")
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -324,3 +382,73 @@ def test_simzss_segment_delegates_to_eval(tokenizer) -> None:
     assert probs.shape == (3, 30, 44) and pred.shape == (30, 44)
     torch.testing.assert_close(probs.sum(0), torch.ones(30, 44))
     assert F.one_hot(pred, 3).permute(2, 0, 1).bool().eq(probs == probs.max(0).values).all()
+
+
+def _reference_forward(model: SimZSS, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, concept loss) by the straightforward algorithm: masked text tower, boolean-mask concept
+    selection, losses computing their own targets. SimZSS.forward must give the same values."""
+    from simzss.losses import class_prototypes, concept_loss, contrastive_loss, pool_visual_concepts
+
+    cls, patches = model.vision(batch.images)  # type: ignore[misc]
+    tokens, pooled = model.text(batch.input_ids, batch.attention_mask, right_padded=False)
+    scale = model.scale()
+    global_loss = contrastive_loss(cls, model.text.proj(pooled), scale)
+    spans = batch.concept_mask & batch.attention_mask.bool().unsqueeze(1)
+    mask = spans.float()
+    counts = mask.sum(-1)
+    valid = (batch.concept_labels >= 0) & (counts > 0)
+    labels = batch.concept_labels[valid]
+    concepts = model.text.proj(torch.einsum("bkl,bld->bkd", mask, tokens) / counts.clamp(min=1).unsqueeze(-1))
+    text_concepts = concepts[valid]
+    if model.query == "concept":
+        queries = concepts
+    else:
+        protos, _, index = class_prototypes(text_concepts, labels)
+        queries = torch.zeros_like(concepts).masked_scatter(valid.unsqueeze(-1), protos[index])
+    b, h, w, d = patches.shape
+    visual = pool_visual_concepts(patches.reshape(b, h * w, d), queries, model.tau)[valid]
+    lc = concept_loss(text_concepts, visual, labels, scale if model.concept_scale is None else model.concept_scale,
+                      model.concept_target)
+    return global_loss + model.concept_weight * lc, lc
+
+
+@pytest.mark.parametrize("query,scale", [("concept", 1 / 0.07), ("prototype", None)])
+def test_simzss_forward_matches_reference_algorithm(tokenizer, query: str, scale: float | None) -> None:
+    """The sync-free forward (one host read up front, index_select, no mask for right padding) changes nothing."""
+    torch.manual_seed(0)
+    model = SimZSS.from_config(_tiny_config(query=query, concept_scale=scale, concept_weight=0.5), tokenizer).train()
+    batch = _batch(tokenizer, n=6)
+    assert (batch.attention_mask == 0).any() and (batch.concept_labels < 0).any()  # padding of both kinds
+    batch.concept_mask[0, 0, -1] = True  # a span reaching into padding: pad tokens are never pooled
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(batch)
+    grads = torch.autograd.grad(out.loss, params)
+    ref_loss, ref_concept = _reference_forward(model, batch)
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    torch.testing.assert_close(out.loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.concept_loss, ref_concept, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs are only observable on CUDA")
+def test_simzss_forward_syncs_with_the_host_once_on_cuda(tokenizer) -> None:
+    """The whole SimZSS forward reads the device once (the step plan); LiT with a scratch tower once too."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = SimZSS.from_config(_tiny_config(), tokenizer).cuda().train()
+    batch = _batch(tokenizer, n=6).to("cuda")
+    model(batch)  # warm-up: lazy inits may sync once
+    for weight in (0.05, 0.0):
+        model.concept_weight = weight
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= 1, [str(w.message) for w in syncs]

@@ -18,7 +18,16 @@ from PIL import Image
 
 from simzss.concepts import Concept, ConceptBank
 from simzss.config import DataConfig
-from simzss.data.stream import Batch, TrainLoader, build_train_loader, worker_share
+from simzss.data.stream import (
+    Batch,
+    SharedState,
+    SkipStats,
+    TrainLoader,
+    TrainStream,
+    build_train_loader,
+    expand_shards,
+    worker_share,
+)
 from simzss.data.tokenize import train_bpe_tokenizer
 from simzss.data.transforms import (
     IMAGENET_MEAN,
@@ -387,6 +396,50 @@ def test_mid_epoch_resume_continues_with_the_remaining_batches(tmp_path, tokeniz
     got += _keys(third)
     assert sorted(got) == sorted(full)
     assert third.epoch == 1 and third.batches_consumed == 0
+
+
+class _VectorStream(TrainStream):
+    """A TrainStream subclass through the public extension points: a ``vec.json`` member instead of an image."""
+
+    def decode_sample(self, raw: Dict[str, bytes], stats: SkipStats) -> Optional[Dict[str, object]]:
+        if "vec.json" not in raw:
+            stats.skip("missing_vec", str(raw.get("__key__")))
+            return None
+        sample = self.decode_text(raw, stats)
+        if sample is not None:
+            sample["vec"] = torch.tensor(json.loads(raw["vec.json"]), dtype=torch.float32) + self.epoch
+        return sample
+
+    def collate(self, samples: List[Dict[str, object]], stats: SkipStats) -> Batch:
+        return Batch(images=None, skipped=stats.drain(), vision_cls=torch.stack([s["vec"] for s in samples]),
+                     **self.text_fields(samples))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_stream_extension_points(tmp_path, tokenizer, bank, workers):
+    """A subclass overriding decode_sample / collate keeps splitting, equal epochs, epochs and skip counting."""
+    samples = []
+    for i in range(13):
+        sample = _toy_sample(i)
+        del sample["jpg"]
+        if i != 5:  # one sample lacks the member the subclass needs: counted, not fatal
+            sample["vec.json"] = json.dumps([float(i), 1.0]).encode()
+        samples.append(sample)
+    shard = tmp_path / "shard-000000.tar"
+    _write_tar(shard, samples)
+    cfg = _cfg([str(shard)], workers=workers)
+    stream = _VectorStream(expand_shards(cfg.shards), cfg, tokenizer, bank, batch_size=4, context_length=16, rank=0,
+                           world_size=1, num_batches=3, state=SharedState(workers, seed=3))
+    loader = TrainLoader(stream, num_samples=12, num_workers=workers, seed=3)
+    for epoch in range(2):
+        batches = list(loader)
+        assert len(batches) == 3 and all(b.images is None and b.vision_cls.shape == (4, 2) for b in batches)
+        assert {float(v) for b in batches for v in b.vision_cls[:, 1]} == {1.0 + epoch}  # self.epoch in workers
+        assert all(int(k[1:]) == int(v) - epoch for b in batches for k, v in zip(b.keys, b.vision_cls[:, 0]))
+        assert all((b.concept_labels >= 0).sum() > 0 for b in batches)
+        assert sum(b.skipped.get("missing_vec", 0) for b in batches) >= 1
+        assert "s00005" not in {k for b in batches for k in b.keys}
+    assert loader.state_dict()["epoch"] == 2
 
 
 def test_on_the_fly_annotation_without_concepts_json(tmp_path, tokenizer, bank, caplog):

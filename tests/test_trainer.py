@@ -2,7 +2,8 @@
 
 Most tests train the real (tiny, random-init) SimZSS model on a small in-memory stream of real
 ``Batch`` objects, substituted for the webdataset stream and tokenizer through the trainer's module
-level builders; the slow test at the end runs the whole toy-world pipeline.
+level builders; the tests at the end run the whole toy-world pipeline, from images (slow) and from a
+feature cache.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from simzss.config import TrainConfig, load_config
+from simzss.config import TrainConfig, VisionConfig, load_config
 from simzss.engine import checkpoint as ckpt_io
 from simzss.engine import trainer as trainer_mod
 from simzss.engine.optim import WarmupCosine, build_optimizer, build_scheduler, param_groups, scaled_lr
@@ -455,3 +456,120 @@ def test_resume_errors_and_extension(tmp_path: Path, memory_data: Dict[str, Any]
     # A checkpoint of a different model does not load, with a message naming resume.
     with pytest.raises(trainer_mod.ConfigError, match="does not fit"):
         trainer_mod.train(tiny_cfg(tmp_path, "run_name=other", "model.text.width=32", f"resume={longer['checkpoint']}"))
+
+
+# --- training from a feature cache ---------------------------------------------------------------
+
+TOY_VISION = {"name": "vit_small_patch14_reg4_dinov2", "model_kwargs": {"depth": 2, "img_size": 56}}
+
+
+@pytest.fixture(scope="module")
+def toy_cache(toy_world: Dict[str, Path]) -> Dict[str, Path]:
+    """One random-init tower saved to a weights file, and the toy world's feature cache made with it."""
+    from safetensors.torch import save_file
+
+    from simzss.config import VisionConfig
+    from simzss.features import cache_features
+    from simzss.models.vision import FrozenVisionTower
+
+    root = toy_world["root"]
+    torch.manual_seed(7)
+    tower = FrozenVisionTower(TOY_VISION["name"], pretrained=False, model_kwargs=TOY_VISION["model_kwargs"])
+    weights = root / "vision.safetensors"
+    save_file({k: v.contiguous() for k, v in tower.model.state_dict().items()}, str(weights))
+    vision = VisionConfig(name=TOY_VISION["name"], pretrained=False, weights=str(weights),
+                          model_kwargs=dict(TOY_VISION["model_kwargs"]))
+    cache_features([str(root / "prepared")], root / "cache", vision=vision, image_size=56, workers=0, progress=False)
+    return {"cache": root / "cache", "weights": weights}
+
+
+def cache_overrides(toy: Dict[str, Path], cache: Dict[str, Path], *extra: str) -> List[str]:
+    """The toy-world run (real tokenizer, stream, evaluator) trained from the feature cache."""
+    return toy_overrides(toy, f"data.feature_cache={cache['cache']}", f"model.vision.weights={cache['weights']}",
+                         "optim.lr=1e-3", *extra)
+
+
+def test_train_from_feature_cache_checkpoint_resume_eval(
+    toy_world: Dict[str, Path], toy_cache: Dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Train from cached features without running the tower, checkpoint, resume exactly mid-epoch, evaluate
+    zero-shot with the (still built) tower, and load the checkpoint for export."""
+    from simzss.export import load_checkpoint
+    from simzss.features import read_cache_meta, weights_fingerprint
+    from simzss.models.vision import FrozenVisionTower
+
+    tower_calls = {"n": 0}
+    forward = FrozenVisionTower.forward
+
+    def counting_forward(self: FrozenVisionTower, images: torch.Tensor) -> Any:
+        tower_calls["n"] += 1
+        return forward(self, images)
+
+    monkeypatch.setattr(FrozenVisionTower, "forward", counting_forward)
+    calls_at_eval: List[int] = []
+    real_eval = trainer_mod.run_evaluation
+
+    def eval_spy(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> Dict[str, Any]:
+        calls_at_eval.append(tower_calls["n"])
+        return real_eval(cfg, model, accelerator)
+
+    monkeypatch.setattr(trainer_mod, "run_evaluation", eval_spy)
+
+    # 320 samples / 16 = 20 steps per epoch; 5 steps, checkpoints at 3 and 5
+    common = ("max_steps=5", "checkpoint_every=3", "keep_checkpoints=3")
+    straight = trainer_mod.train(load_config(TrainConfig, None, cache_overrides(
+        toy_world, toy_cache, "run_name=cache_straight", "eval.datasets=[]", *common)))
+    assert straight["step"] == 5 and tower_calls["n"] == 0  # the tower never ran in a training step
+    rows = [json.loads(line) for line in (Path(straight["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(math.isfinite(r["loss"]) and r["concepts_per_batch"] > 0 for r in rows)
+    ckpts = ckpt_io.list_checkpoints(Path(straight["run_dir"]) / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-000000003", "step-000000005"]
+    mid_state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert mid_state["loader"]["epoch"] == 0 and mid_state["loader"]["batches_consumed"] == 3  # TrainLoader state
+
+    resumed = trainer_mod.train(load_config(TrainConfig, None, cache_overrides(
+        toy_world, toy_cache, "run_name=cache_resumed", f"resume={ckpts[0]}", *common)))
+    assert resumed["step"] == 5
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys() and not any(k.startswith("vision.") for k in a)  # tower rebuilt from its file
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+    assert calls_at_eval == [0] and tower_calls["n"] > 0  # the eval hook ran the tower, training did not
+    spec = f"folder:{toy_world['val']}"
+    assert 0.0 <= resumed["eval"][spec]["mIoU"] <= 100.0
+    assert json.loads((Path(resumed["run_dir"]) / "eval.json").read_text())["step"] == 5
+    model = load_checkpoint(resumed["checkpoint"])  # what `simzss export` loads
+    assert weights_fingerprint(model.vision) == read_cache_meta(toy_cache["cache"])["vision"]["fingerprint"]
+
+
+def test_incompatible_feature_cache_is_refused(
+    toy_world: Dict[str, Path], toy_cache: Dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simzss.features import cache_features
+
+    def cfg(*extra: str) -> TrainConfig:
+        return load_config(TrainConfig, None, cache_overrides(toy_world, toy_cache, "eval.datasets=[]", *extra))
+
+    # settings: refused before any model is built, naming the config field
+    with pytest.raises(trainer_mod.ConfigError, match=r"image size 56 != training image size 112 \(data.image_size\)"):
+        trainer_mod.Trainer(cfg("run_name=bad_size", "data.image_size=112"))
+    with pytest.raises(trainer_mod.ConfigError, match=r"model.vision.model_kwargs"):
+        trainer_mod.Trainer(cfg("run_name=bad_depth", "model.vision.model_kwargs={depth: 3, img_size: 56}"))
+    with pytest.raises(trainer_mod.ConfigError, match=r"data.feature_cache=.*not a feature cache"):
+        trainer_mod.Trainer(cfg("run_name=no_cache", f"data.feature_cache={tmp_path}"))
+    assert trainer_mod.main(cache_overrides(toy_world, toy_cache, "run_name=cli", "data.image_size=112")) == 2
+    assert "data.image_size" in capsys.readouterr().err
+
+    # weights: a cache of a random-init tower only fits a model whose tower has the same weights
+    random_cache = tmp_path / "random_cache"
+    vision = VisionConfig(name=TOY_VISION["name"], pretrained=False, model_kwargs=dict(TOY_VISION["model_kwargs"]))
+    torch.manual_seed(0)  # the trainer's set_seed(seed=0) draws the same tower
+    cache_features([str(toy_world["root"] / "prepared" / "shard-000000.tar")], random_cache, vision=vision,
+                   image_size=56, workers=0, progress=False)
+    random_cfg = ("model.vision.weights=null", f"data.feature_cache={random_cache}")
+    trainer_mod.Trainer(cfg("run_name=same_seed", "seed=0", *random_cfg))  # same weights: accepted
+    with pytest.raises(trainer_mod.ConfigError, match=r"fingerprint .* != model's .*model.vision.weights=FILE"):
+        trainer_mod.Trainer(cfg("run_name=other_seed", "seed=1", *random_cfg))
+    with pytest.raises(trainer_mod.ConfigError, match=r"random-init != model's file:vision.safetensors"):
+        trainer_mod.Trainer(cfg("run_name=file_vs_random", f"data.feature_cache={random_cache}"))

@@ -12,6 +12,7 @@ reported, get no output, and make the command exit non-zero.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -74,13 +75,13 @@ class ShardResult:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(spacy_model: str, batch_size: int, bank: "ConceptBank") -> None:
+def _init_worker(spacy_model: str, batch_size: int, bank: "ConceptBank", fast_spacy: bool = True) -> None:
     """Load the spaCy pipeline once per process (a warm-up call forces it) and keep the bank."""
     from simzss.concepts import ConceptExtractor
 
     if multiprocessing.parent_process() is not None and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    extractor = ConceptExtractor(spacy_model, batch_size=batch_size)
+    extractor = ConceptExtractor(spacy_model, batch_size=batch_size, fast_pos=fast_spacy, numpy_gemm=fast_spacy)
     extractor(["a warm-up caption"])
     _STATE.update(extractor=extractor, bank=bank, batch_size=batch_size)
 
@@ -161,6 +162,23 @@ def process_shard(src: str, dst: str, extractor: "ConceptExtractor", bank: "Conc
 # driver
 
 
+#: Set for worker processes unless already set: they parallelise by process, so each gets one BLAS thread
+#: (numpy's OpenBLAS would otherwise start one thread per core in every worker and oversubscribe the CPUs).
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def _worker_environment() -> Iterator[None]:
+    """Temporarily add :data:`WORKER_ENV` to ``os.environ`` (only variables not set already)."""
+    added = [k for k in WORKER_ENV if k not in os.environ]
+    os.environ.update({k: WORKER_ENV[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def _plan(inputs: Sequence[str], out: Path) -> list[tuple[str, Path]]:
     urls = expand_urls(list(inputs))
     names: dict[str, str] = {}
@@ -191,12 +209,16 @@ def prepare_shards(
     bank: "ConceptBank | None" = None,
     overwrite: bool = False,
     progress: bool = True,
+    fast_spacy: bool = True,
 ) -> dict[str, Any]:
     """Annotate shards with concepts into ``out_dir``; return the run summary (see ``simzss prepare``).
 
     ``inputs``: paths or brace patterns (``::``-separated lists allowed). ``bank`` (default: the
     built-in evaluation vocabulary) only feeds the in-bank statistics; all concepts are stored.
-    Existing output shards are skipped unless ``overwrite``. Raises ``ValueError`` on bad arguments.
+    Existing output shards are skipped unless ``overwrite``. ``fast_spacy`` turns on both speed-ups of
+    :func:`simzss.concepts.load_spacy` (``False``: the standard spaCy pipeline). Worker processes get one
+    BLAS thread each (unless ``OPENBLAS_NUM_THREADS`` etc. are set); with ``processes=1`` the work runs in
+    this process, with its BLAS settings. Raises ``ValueError`` on bad arguments.
     """
     if processes < 1 or batch_size < 1:
         raise ValueError(f"processes and batch_size must be >= 1, got {processes}, {batch_size}")
@@ -243,17 +265,18 @@ def prepare_shards(
     t_work = time.perf_counter()
     with tqdm(total=len(todo), unit="shard", desc="prepare", disable=not progress or not todo) as bar:
         if todo and processes == 1:
-            _init_worker(spacy_model, batch_size, bank)
+            _init_worker(spacy_model, batch_size, bank, fast_spacy)
             for src, dst in todo:
                 finished(_run_shard(src, str(dst)), bar)
         elif todo:
             ctx = multiprocessing.get_context("spawn")
             workers = min(processes, len(todo))
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(spacy_model, batch_size, bank)) as pool:
-                pending: dict[Future[ShardResult], tuple[str, Path]] = {
-                    pool.submit(_run_shard, src, str(dst)): (src, dst) for src, dst in todo
-                }
+                                     initargs=(spacy_model, batch_size, bank, fast_spacy)) as pool:
+                with _worker_environment():  # workers start during submit() and copy the environment
+                    pending: dict[Future[ShardResult], tuple[str, Path]] = {
+                        pool.submit(_run_shard, src, str(dst)): (src, dst) for src, dst in todo
+                    }
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
@@ -268,7 +291,9 @@ def prepare_shards(
                         finished(res, bar)
     work_seconds = time.perf_counter() - t_work
     write_sizes(out, sizes)
-    return _summary(results, plan, out, processes, time.perf_counter() - t0, work_seconds)
+    summary = _summary(results, plan, out, processes, time.perf_counter() - t0, work_seconds)
+    summary["fast_spacy"] = fast_spacy
+    return summary
 
 
 def _summary(results: list[ShardResult], plan: list[tuple[str, Path]], out: Path, processes: int,
@@ -315,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--processes", type=int, default=1, help="parallel processes, one spaCy pipeline each")
     ap.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline name or path")
     ap.add_argument("--batch-size", type=int, default=256, help="captions per spaCy batch")
+    ap.add_argument("--standard-spacy", action="store_true",
+                    help="run the standard spaCy pipeline (spaCy's AttributeRuler and BLIS matrix products) "
+                         "instead of the faster equivalent")
     ap.add_argument("--overwrite", action="store_true", help="redo shards whose output already exists")
     ap.add_argument("--concept-bank", help="text file, one class name per line (only for the in-bank statistics)")
     ap.add_argument("--synonyms", help="synonyms file for --concept-bank")
@@ -330,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             bank = ConceptBank.from_file(args.concept_bank, synonyms=args.synonyms)
         summary = prepare_shards(args.inputs, args.out, processes=args.processes, spacy_model=args.spacy_model,
                                  batch_size=args.batch_size, bank=bank, overwrite=args.overwrite,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, fast_spacy=not args.standard_spacy)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"simzss prepare: error: {e}", file=sys.stderr)
         return 2

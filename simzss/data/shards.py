@@ -9,7 +9,6 @@ nothing here decodes, and members that could only be read by unpickling are drop
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -115,8 +114,12 @@ def iter_samples(path: str | os.PathLike[str], dropped: Counter[str] | None = No
                     yield current
                     current = None
                 try:
-                    f = tar.extractfile(member)
-                    data = f.read() if f is not None else b""
+                    if member.sparse is None:  # plain member: its bytes follow the header (extractfile is slower)
+                        tar.fileobj.seek(member.offset_data)
+                        data = tar.fileobj.read(member.size)
+                    else:
+                        f = tar.extractfile(member)
+                        data = f.read() if f is not None else b""
                 except (tarfile.TarError, OSError, EOFError) as e:
                     raise ShardReadError(path, f"{member.name}: {type(e).__name__}: {e}", n) from e
                 if len(data) != member.size:
@@ -219,6 +222,47 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_MEMBER_META = {"mtime": 0, "mode": 0o644, "uid": 0, "gid": 0, "uname": "", "gname": ""}
+_USTAR_MAX_SIZE = 8**11  # sizes from here on need a pax header
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """The header ``tarfile`` writes for a regular member in a PAX archive (fixed metadata)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    for attr, value in _MEMBER_META.items():
+        setattr(info, attr, value)
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+class _HeaderTemplate:
+    """Builds :func:`_tar_header` byte for byte, ~10x faster, for the common member (ASCII name of at most
+    100 characters, size below 8 GiB): a header made by ``tarfile`` with the name, size and checksum
+    fields patched. It checks itself against ``tarfile`` once and is disabled if they ever disagree."""
+
+    def __init__(self) -> None:
+        self.template = _tar_header("x", 0)
+        self.enabled = len(self.template) == tarfile.BLOCKSIZE
+        probes = [("k.jpg", 0), ("dir/0000001.concepts.json", 1234567), ("n" * 100, 511), ("a.b.c", _USTAR_MAX_SIZE - 1)]
+        self.enabled = self.enabled and all(self.build(name, size) == _tar_header(name, size) for name, size in probes)
+        if not self.enabled:
+            log.debug("fast tar headers disabled: tarfile writes headers differently in this Python")
+
+    def build(self, name: str, size: int) -> bytes | None:
+        """The header, or None when the member needs ``tarfile``'s general path."""
+        if not self.enabled or size >= _USTAR_MAX_SIZE or len(name) > 100 or not name.isascii():
+            return None
+        buf = bytearray(self.template)
+        buf[0:100] = name.encode("ascii").ljust(100, b"\0")
+        buf[124:136] = b"%011o\0" % size
+        buf[148:156] = b"        "  # the checksum is computed with its own field as spaces
+        buf[148:155] = b"%06o\0" % sum(buf)
+        return bytes(buf)
+
+
+_HEADERS: _HeaderTemplate | None = None
+
+
 def write_shard(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any]]) -> int:
     """Write samples to a tar shard atomically; return the number of samples written.
 
@@ -227,11 +271,20 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any
     fixed metadata (mtime 0, uid/gid 0, mode 644), so equal input gives byte-identical shards.
     Empty, dotted or repeated keys and pickle-only extensions raise ``ValueError``; if ``samples``
     raises, nothing is left under ``path``.
+
+    The archive is exactly what ``tarfile`` writes in PAX format (headers come from ``tarfile`` or
+    from a template checked against it); only the framing (data padded to 512-byte blocks, two zero
+    blocks, padding to a 10 KiB record) is done here, which makes writing ~4x faster.
     """
+    global _HEADERS
+    if _HEADERS is None:
+        _HEADERS = _HeaderTemplate()
+    headers = _HEADERS
     seen: set[str] = set()
     n = 0
+    offset = 0
     with atomic_path(path) as tmp:
-        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with open(tmp, "wb") as f:
             for sample in samples:
                 key = sample.get("__key__")
                 if not isinstance(key, str) or not key or "." in os.path.basename(key) or key.startswith("/"):
@@ -246,14 +299,17 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any
                     if not ext or "/" in ext or is_unsafe_extension(ext):
                         raise ValueError(f"{path}: sample {key!r}: refusing member extension {ext!r}")
                     data = _member_bytes(key, ext, sample[ext])
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    info.mtime = 0
-                    info.mode = 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, io.BytesIO(data))
+                    name = f"{key}.{ext}"
+                    header = headers.build(name, len(data)) or _tar_header(name, len(data))
+                    pad = -len(data) % tarfile.BLOCKSIZE
+                    f.write(header)
+                    f.write(data)
+                    if pad:
+                        f.write(tarfile.NUL * pad)
+                    offset += len(header) + len(data) + pad
                 n += 1
+            offset += 2 * tarfile.BLOCKSIZE  # end-of-archive marker, then pad to a whole record
+            f.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -offset % tarfile.RECORDSIZE))
     return n
 
 

@@ -20,6 +20,11 @@ discards the batches it had already delivered before collation/tokenisation. Cos
 read, decoded and augmented again (about ``consumed / num_batches`` of an epoch's loading work, spread
 over the workers), but nothing is tokenised or sent between processes. Exact replay needs the same
 shards, ``seed``, ``world_size`` and number of workers; random crops are not replayed bit for bit.
+
+Extending: :class:`TrainStream` is public so that other sample formats reuse all of the above; a subclass
+overrides :meth:`TrainStream.decode_sample` and :meth:`TrainStream.collate` (see its docstring and
+docs/CONTRACTS.md) and is wrapped in a :class:`TrainLoader` with its own :class:`SharedState`
+(``simzss.features`` does this for cached vision features).
 """
 
 from __future__ import annotations
@@ -177,8 +182,13 @@ def worker_share(num_batches: int, worker: int, num_workers: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-class _SkipStats:
-    """Per-worker bookkeeping: skipped samples by reason (drained into each Batch) and raw sample count."""
+class SkipStats:
+    """Per-worker bookkeeping: skipped samples by reason (drained into each Batch) and raw sample count.
+
+    Extension point: a :class:`TrainStream` subclass reports an unusable sample with
+    ``stats.skip(reason, detail)`` in its ``decode_sample`` and puts ``stats.drain()`` into the
+    ``Batch.skipped`` of each batch it collates.
+    """
 
     def __init__(self, worker: int) -> None:
         self.worker = worker
@@ -187,6 +197,7 @@ class _SkipStats:
         self.raw_samples = 0
 
     def skip(self, reason: str, detail: str) -> None:
+        """Count one skipped sample under ``reason`` (a short snake_case tag) and log it (first ones at WARNING)."""
         self.pending[reason] += 1
         self.totals[reason] += 1
         level = logging.WARNING if self.totals[reason] <= _LOG_FIRST_SKIPS else logging.DEBUG
@@ -200,6 +211,7 @@ class _SkipStats:
         return True
 
     def drain(self) -> Dict[str, int]:
+        """Skips counted since the previous call (what goes into the next ``Batch.skipped``)."""
         out = dict(self.pending)
         self.pending.clear()
         return out
@@ -221,13 +233,13 @@ def _worker_seed(rank: int) -> int:
     return rank * 1000 + (info.id if info is not None else 0)
 
 
-def _count_raw(src: Iterable[Dict[str, Any]], stats: _SkipStats) -> Iterator[Dict[str, Any]]:
+def _count_raw(src: Iterable[Dict[str, Any]], stats: SkipStats) -> Iterator[Dict[str, Any]]:
     for sample in src:
         stats.raw_samples += 1
         yield sample
 
 
-def _fail_if_unproductive(src: Iterable[Dict[str, Any]], stats: _SkipStats, limit: int) -> Iterator[Dict[str, Any]]:
+def _fail_if_unproductive(src: Iterable[Dict[str, Any]], stats: SkipStats, limit: int) -> Iterator[Dict[str, Any]]:
     """Raise instead of spinning forever when ``limit`` shards in a row yield no sample at all."""
     idle, last = 0, stats.raw_samples
     for shard in src:
@@ -252,7 +264,7 @@ def _group(src: Iterable[Dict[str, Any]], size: int) -> Iterator[List[Dict[str, 
         yield group
 
 
-def _skip_batches(src: Iterable[List[Dict[str, Any]]], n: int, stats: _SkipStats) -> Iterator[List[Dict[str, Any]]]:
+def _skip_batches(src: Iterable[List[Dict[str, Any]]], n: int, stats: SkipStats) -> Iterator[List[Dict[str, Any]]]:
     """Drop the first ``n`` (already consumed) sample lists; their skip counts were reported before."""
     it = iter(src)
     if n > 0:
@@ -262,8 +274,12 @@ def _skip_batches(src: Iterable[List[Dict[str, Any]]], n: int, stats: _SkipStats
     yield from it
 
 
-class _SharedState:
-    """Epoch, seed and per-worker resume offsets in shared memory, so that persistent workers see updates."""
+class SharedState:
+    """Epoch, seed and per-worker resume offsets in shared memory, so that persistent workers see updates.
+
+    One per :class:`TrainLoader`; the loader writes it before each epoch, every worker reads its own row
+    when its stream starts (:meth:`TrainStream.__iter__`).
+    """
 
     _HEADER = 2  # epoch, seed
 
@@ -273,6 +289,7 @@ class _SharedState:
         self.set(epoch, seed, [0] * self.num_workers)
 
     def set(self, epoch: int, seed: int, skips: Sequence[int]) -> None:
+        """Publish the epoch, the stream seed and how many batches each worker must skip (resume)."""
         with self._arr.get_lock():
             self._arr[0], self._arr[1] = int(epoch), int(seed)
             for i, s in enumerate(skips):
@@ -284,8 +301,25 @@ class _SharedState:
             return int(self._arr[0]), int(self._arr[1]), int(self._arr[self._HEADER + worker])
 
 
-class _TrainStream(IterableDataset):
-    """One rank's stream of :class:`Batch` es; each DataLoader worker builds its own wds pipeline."""
+class TrainStream(IterableDataset):
+    """One rank's stream of :class:`Batch` es; each DataLoader worker builds its own wds pipeline.
+
+    Extension contract (``simzss.features`` trains from cached vision features this way): a subclass
+    keeps the shard handling (rank/worker split, shuffling, equal epochs, resume, skip accounting) and
+    overrides only
+
+    - :meth:`decode_sample` ``(raw, stats) -> dict | None``: one raw tar sample (``{"__key__", "__url__",
+      EXT: bytes, ...}``; members arrive as undecoded bytes) to a decoded sample dict holding at least
+      ``"key"``, ``"caption"`` and ``"concepts"`` (as :meth:`decode_text` returns them), or ``None`` after
+      ``stats.skip(reason, detail)``. It must never unpickle anything and must not raise on bad data.
+    - :meth:`collate` ``(samples, stats) -> Batch``: exactly ``batch_size`` decoded samples to a
+      :class:`Batch`; :meth:`text_fields` gives the tokenised caption fields (concepts extracted on the
+      fly for samples without them) and ``stats.drain()`` the skip counts.
+
+    Both run inside the DataLoader workers, so subclasses must be picklable (plain attributes set in
+    ``__init__``). During iteration ``self.epoch`` and ``self.stream_seed`` hold the epoch and seed of
+    the stream being produced (e.g. to pick a per-epoch view deterministically).
+    """
 
     def __init__(
         self,
@@ -299,7 +333,7 @@ class _TrainStream(IterableDataset):
         rank: int,
         world_size: int,
         num_batches: int,
-        state: _SharedState,
+        state: SharedState,
     ) -> None:
         super().__init__()
         self.urls = urls
@@ -312,6 +346,8 @@ class _TrainStream(IterableDataset):
         self.world_size = world_size
         self.num_batches = num_batches
         self.state = state
+        self.epoch = 0  # of the stream being produced; set by __iter__ in each worker
+        self.stream_seed = 0
         self.crop = train_crop(cfg.image_size, cfg.crop_scale)  # uint8 per image; normalised per batch
         self.min_decode_size = decode_min_size(cfg.image_size, cfg.crop_scale)
         self._extractor: Optional["ConceptExtractor"] = None  # created lazily, per worker
@@ -323,10 +359,11 @@ class _TrainStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, seed, skip = self.state.get(worker)
+        self.epoch, self.stream_seed = epoch, seed
         todo = worker_share(self.num_batches, worker, num_workers) - skip
         if todo <= 0:
             return iter(())
-        stats = _SkipStats(worker)
+        stats = SkipStats(worker)
         if self.cfg.resampled:
             # Each worker draws shards with replacement from its own deterministic (seed, epoch, rank,
             # worker) generator; no split is needed.
@@ -359,30 +396,47 @@ class _TrainStream(IterableDataset):
             partial(self._decode_samples, stats=stats),
             partial(_group, size=self.batch_size),
             partial(_skip_batches, n=skip, stats=stats),
-            wds.map(partial(self._collate, stats=stats)),
+            wds.map(partial(self.collate, stats=stats)),
         ]
         return iter(wds.DataPipeline(*stages).with_epoch(todo))
 
-    # -- decoding -------------------------------------------------------------------------------
-
-    def _decode_samples(self, src: Iterable[Dict[str, Any]], stats: _SkipStats) -> Iterator[Dict[str, Any]]:
+    def _decode_samples(self, src: Iterable[Dict[str, Any]], stats: SkipStats) -> Iterator[Dict[str, Any]]:
         for raw in src:
-            sample = self._decode_one(raw, stats)
+            sample = self.decode_sample(raw, stats)
             if sample is not None:
                 yield sample
 
-    def _decode_one(self, raw: Dict[str, Any], stats: _SkipStats) -> Optional[Dict[str, Any]]:
+    # -- decoding (extension point) ---------------------------------------------------------------
+
+    def decode_sample(self, raw: Dict[str, Any], stats: SkipStats) -> Optional[Dict[str, Any]]:
         """Decode the image, caption and concepts of one raw tar sample; None (counted) if unusable.
 
-        Only these members are read; anything else (``.json`` metadata, ``.pyd``/``.pickle``/``.pth``...)
-        is dropped as raw bytes and never deserialised.
+        Returns ``{"key", "caption", "concepts", "image"}`` (``image``: the uint8 random crop). Only these
+        members are read; anything else (``.json`` metadata, ``.pyd``/``.pickle``/``.pth``...) is dropped as
+        raw bytes and never deserialised.
         """
-        key = str(raw.get("__key__"))
-        where = f"{key} in {raw.get('__url__')}"
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if image_ext is None:
-            stats.skip("missing_image", where)
+            stats.skip("missing_image", sample_location(raw))
             return None
+        sample = self.decode_text(raw, stats)
+        if sample is None:
+            return None
+        try:
+            sample["image"] = self.crop(decode_image(raw[image_ext], self.min_decode_size))
+        except Exception as exc:  # untrusted bytes: PIL raises many types (OSError, ValueError, SyntaxError, ...)
+            stats.skip("corrupt_image", f"{sample_location(raw)}: {type(exc).__name__}: {exc}"[:500])
+            return None
+        return sample
+
+    def decode_text(self, raw: Dict[str, Any], stats: SkipStats) -> Optional[Dict[str, Any]]:
+        """The caption side of a raw sample: ``{"key", "caption", "concepts"}``, or None (counted) if unusable.
+
+        ``concepts`` are the in-bank ``(class id, char spans)`` of ``KEY.concepts.json``, or None when the
+        sample has none (:meth:`text_fields` then extracts them with spaCy). Skip reasons:
+        ``missing_caption``, ``caption_not_utf8``, ``empty_caption``, ``bad_concepts``.
+        """
+        where = sample_location(raw)
         caption_bytes = raw.get(CAPTION_EXTENSION)
         if caption_bytes is None:
             stats.skip("missing_caption", where)
@@ -398,19 +452,14 @@ class _TrainStream(IterableDataset):
         concepts: Optional[ConceptSpans] = None
         if CONCEPTS_EXTENSION in raw:
             try:
-                concepts = self._parse_concepts(raw[CONCEPTS_EXTENSION])
+                concepts = self.parse_concepts(raw[CONCEPTS_EXTENSION])
             except ValueError as exc:
                 stats.skip("bad_concepts", f"{where}: {exc}"[:500])
                 return None
-        try:
-            image = self.crop(decode_image(raw[image_ext], self.min_decode_size))
-        except Exception as exc:  # untrusted bytes: PIL raises many types (OSError, ValueError, SyntaxError, ...)
-            stats.skip("corrupt_image", f"{where}: {type(exc).__name__}: {exc}"[:500])
-            return None
-        return {"key": key, "caption": caption, "image": image, "concepts": concepts}
+        return {"key": str(raw.get("__key__")), "caption": caption, "concepts": concepts}
 
-    def _parse_concepts(self, data: bytes) -> ConceptSpans:
-        """In-bank concepts of a ``KEY.concepts.json`` member as (class id, char spans)."""
+    def parse_concepts(self, data: bytes) -> ConceptSpans:
+        """In-bank concepts of a ``KEY.concepts.json`` member as (class id, char spans); ValueError if invalid."""
         from simzss.concepts import Concept
 
         try:
@@ -429,9 +478,9 @@ class _TrainStream(IterableDataset):
                 out.append((class_id, [tuple(s) for s in c.spans]))
         return out
 
-    # -- batching -------------------------------------------------------------------------------
+    # -- batching (extension point) ---------------------------------------------------------------
 
-    def _annotate(self, captions: List[str]) -> List[ConceptSpans]:
+    def annotate(self, captions: List[str]) -> List[ConceptSpans]:
         """Concepts of captions whose shard has no concepts.json, extracted with spaCy in this worker."""
         if self._extractor is None:
             from simzss.concepts import ConceptExtractor
@@ -446,28 +495,52 @@ class _TrainStream(IterableDataset):
             )
         return [self._in_bank(cs) for cs in self._extractor(captions)]
 
-    def _collate(self, samples: List[Dict[str, Any]], stats: _SkipStats) -> Batch:
+    def text_fields(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """The caption-side ``Batch`` fields of decoded samples (``input_ids``, ``attention_mask``,
+        ``concept_mask``, ``concept_labels``, ``captions``, ``keys``); missing concepts are extracted first."""
         from simzss.data.tokenize import tokenize_batch
 
         captions = [s["caption"] for s in samples]
         concepts = [s["concepts"] for s in samples]
         missing = [i for i, c in enumerate(concepts) if c is None]
         if missing:
-            for i, found in zip(missing, self._annotate([captions[i] for i in missing])):
+            for i, found in zip(missing, self.annotate([captions[i] for i in missing])):
                 concepts[i] = found
         tokens = tokenize_batch(
             self.tokenizer, captions, concepts, self.context_length, max_concepts=self.cfg.max_concepts
         )
+        return {
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "concept_mask": tokens["concept_mask"],
+            "concept_labels": tokens["concept_labels"],
+            "captions": captions,
+            "keys": [s["key"] for s in samples],
+        }
+
+    def collate(self, samples: List[Dict[str, Any]], stats: SkipStats) -> Batch:
+        """A :class:`Batch` of decoded samples: stacked, ImageNet-normalised crops + :meth:`text_fields`."""
+        text = self.text_fields(samples)
         return Batch(
             images=normalize_batch(torch.stack([s["image"] for s in samples])),
-            input_ids=tokens["input_ids"],
-            attention_mask=tokens["attention_mask"],
-            concept_mask=tokens["concept_mask"],
-            concept_labels=tokens["concept_labels"],
-            captions=captions,
-            keys=[s["key"] for s in samples],
             skipped=stats.drain(),
+            **text,
         )
+
+
+def sample_location(raw: Dict[str, Any]) -> str:
+    """``KEY in URL`` of a raw tar sample, for skip messages."""
+    return f"{raw.get('__key__')} in {raw.get('__url__')}"
+
+
+def check_loader_args(*, batch_size: int, context_length: int, rank: int, world_size: int, workers: int) -> None:
+    """ValueError naming the bad argument of a loader builder (shared by the image and feature-cache loaders)."""
+    if batch_size < 1 or context_length < 2:
+        raise ValueError(f"batch_size must be >= 1 and context_length >= 2, got {batch_size}, {context_length}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if workers < 0:
+        raise ValueError(f"data.workers must be >= 0, got {workers}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -487,7 +560,7 @@ class TrainLoader:
     current epoch, so that a resumed mid-epoch position survives the trainer's usual ``set_epoch``).
     """
 
-    def __init__(self, dataset: _TrainStream, *, num_samples: int, num_workers: int, seed: int) -> None:
+    def __init__(self, dataset: TrainStream, *, num_samples: int, num_workers: int, seed: int) -> None:
         self.dataset = dataset
         self.num_samples = num_samples
         self.num_batches = dataset.num_batches
@@ -595,12 +668,9 @@ def build_train_loader(
 
     ``num_samples`` is ``cfg.num_samples`` or the sum of ``sizes.json`` over the matched shards.
     """
-    if batch_size < 1 or context_length < 2:
-        raise ValueError(f"batch_size must be >= 1 and context_length >= 2, got {batch_size}, {context_length}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if cfg.workers < 0:
-        raise ValueError(f"data.workers must be >= 0, got {cfg.workers}")
+    check_loader_args(
+        batch_size=batch_size, context_length=context_length, rank=rank, world_size=world_size, workers=cfg.workers
+    )
     urls = expand_shards(cfg.shards)
     num_samples = cfg.num_samples if cfg.num_samples is not None else count_samples(urls)
     num_batches = batches_per_epoch(num_samples, batch_size, world_size)
@@ -612,8 +682,8 @@ def build_train_loader(
     if cfg.workers > 0:
         # Tokenising in forked workers after the parent used the Rust thread pool would deadlock-warn.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    state = _SharedState(cfg.workers, seed=seed)
-    dataset = _TrainStream(
+    state = SharedState(cfg.workers, seed=seed)
+    dataset = TrainStream(
         urls,
         cfg,
         tokenizer,
@@ -641,7 +711,13 @@ def build_train_loader(
 __all__ = [
     "Batch",
     "TrainLoader",
+    "TrainStream",
+    "SharedState",
+    "SkipStats",
+    "ConceptSpans",
     "build_train_loader",
+    "check_loader_args",
+    "sample_location",
     "expand_shards",
     "count_samples",
     "local_shard_path",

@@ -5,12 +5,16 @@ optimizer and scheduler go through ``accelerator.prepare``; the webdataset strea
 from the accelerator's rank and world size. One loop iteration = one batch = one optimizer step
 (``step`` counts batches consumed, including skipped non-finite ones, so the schedule and the data
 position stay aligned).
+
+With ``data.feature_cache`` set, batches come from ``simzss.features.build_cached_loader`` and carry the
+frozen tower's features, so the tower never runs in a training step. It is still built (frozen, cheap to
+hold) for the zero-shot evaluation hook and for exports, and its weights fingerprint must match the
+cache's ``meta.json`` (:func:`check_feature_cache`): features from other weights are refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -117,31 +121,72 @@ def build_tokenizer(cfg: TrainConfig) -> Any:
 
 
 def build_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
-    """The SimZSS model; without a vision tower when training on cached features."""
+    """The SimZSS model, always with its frozen vision tower.
+
+    With a feature cache the tower does not run in training steps (batches carry its features), but the
+    evaluation hook and exports need it, and the trainer checks its weights against the cache.
+    """
     from simzss.models.simzss import SimZSS
 
-    return SimZSS.from_config(cfg.model, tokenizer, build_vision=cfg.data.feature_cache is None)
+    return SimZSS.from_config(cfg.model, tokenizer)
+
+
+def build_concept_bank(cfg: TrainConfig) -> Any:
+    """``data.concept_bank`` (with ``data.synonyms``), or the built-in evaluation vocabulary."""
+    from simzss.concepts import ConceptBank
+
+    if cfg.data.concept_bank:
+        return ConceptBank.from_file(cfg.data.concept_bank, synonyms=cfg.data.synonyms)
+    return ConceptBank.default()
 
 
 def build_loader(cfg: TrainConfig, tokenizer: Any, *, rank: int, world_size: int) -> Any:
-    """This rank's training stream (a ``TrainLoader``)."""
-    from simzss.concepts import ConceptBank
-    from simzss.data.stream import build_train_loader
+    """This rank's training stream (a ``TrainLoader``): the image shards, or the feature cache when
+    ``data.feature_cache`` is set (an unusable cache raises :class:`ConfigError`)."""
+    kwargs = dict(batch_size=cfg.batch_size, context_length=cfg.model.text.context_length, rank=rank,
+                  world_size=world_size, seed=cfg.seed)
+    if cfg.data.feature_cache is None:
+        from simzss.data.stream import build_train_loader
 
-    if cfg.data.concept_bank:
-        bank = ConceptBank.from_file(cfg.data.concept_bank, synonyms=cfg.data.synonyms)
-    else:
-        bank = ConceptBank.default()
-    return build_train_loader(
-        cfg.data,
-        tokenizer,
-        bank,
-        batch_size=cfg.batch_size,
-        context_length=cfg.model.text.context_length,
-        rank=rank,
-        world_size=world_size,
-        seed=cfg.seed,
-    )
+        return build_train_loader(cfg.data, tokenizer, build_concept_bank(cfg), **kwargs)
+    from simzss.features import CacheError, build_cached_loader
+
+    if cfg.data.shards:
+        log.info("data.feature_cache is set: training on %s; data.shards is not used", cfg.data.feature_cache)
+    try:
+        return build_cached_loader(cfg.data, tokenizer, build_concept_bank(cfg), **kwargs)
+    except CacheError as e:
+        raise ConfigError(f"data.feature_cache={cfg.data.feature_cache!r}: {e}") from None
+
+
+def check_feature_cache(
+    cfg: TrainConfig, model: Optional[nn.Module] = None, meta: Optional[Dict[str, Any]] = None
+) -> Optional[Dict[str, Any]]:
+    """Refuse (:class:`ConfigError`, naming the mismatching setting) a feature cache that the model's vision
+    tower would not have produced; returns the cache's ``meta.json`` (None without ``data.feature_cache``).
+
+    Without ``model`` only the settings are compared (architecture, extra timm kwargs, image size, weights
+    source): cheap, before the tower is built. With ``model`` the fingerprint of ``model.vision``'s weights
+    must also equal the cache's, which catches e.g. a random-init tower drawn with another seed. ``meta``
+    is read from ``cfg.data.feature_cache`` when not given.
+    """
+    if cfg.data.feature_cache is None:
+        return None
+    from simzss.features import CacheError, check_cache_compatible, read_cache_meta, weights_fingerprint
+
+    vision = getattr(model, "vision", None) if model is not None else None
+    try:
+        meta = meta if meta is not None else read_cache_meta(cfg.data.feature_cache)
+        fingerprint = weights_fingerprint(vision) if vision is not None else None
+        if fingerprint is not None and not (meta.get("vision") or {}).get("fingerprint"):
+            log.warning("feature cache %s records no weights fingerprint: cannot verify that it was made with "
+                        "this model's vision weights", cfg.data.feature_cache)
+        check_cache_compatible(meta, cfg.model, cfg.data.image_size, fingerprint=fingerprint)
+    except CacheError as e:
+        raise ConfigError(f"data.feature_cache={cfg.data.feature_cache!r}: {e}") from None
+    if fingerprint is not None:
+        log.info("feature cache %s: vision weights fingerprint %s matches", cfg.data.feature_cache, fingerprint)
+    return meta
 
 
 def run_evaluation(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> Dict[str, Any]:
@@ -198,8 +243,9 @@ def _scalar(x: Any) -> float:
 
 
 def _vision_weights_needed(cfg: TrainConfig) -> bool:
-    """A random-init vision tower cannot be rebuilt from its name: keep its weights in checkpoints."""
-    return cfg.data.feature_cache is None and not cfg.model.vision.pretrained and cfg.model.vision.weights is None
+    """A random-init vision tower cannot be rebuilt from its name: keep its weights in checkpoints
+    (also with a feature cache: evaluating or exporting the checkpoint needs the tower)."""
+    return not cfg.model.vision.pretrained and cfg.model.vision.weights is None
 
 
 def _checkpoint_weights(model: nn.Module, cfg: TrainConfig) -> Dict[str, torch.Tensor]:
@@ -287,6 +333,8 @@ class Trainer:
         same_run = self.resume_from is not None and self.resume_from.parent.resolve() == self.ckpt_dir.resolve()
         self.run_id: str = (self.resume_state.get("run_id") if same_run else None) or new_run_id()
 
+        # A cache made for another tower or image size is refused before anything is built or downloaded.
+        self.cache_meta = check_feature_cache(cfg)
         set_seed(cfg.seed)  # identical model init on every rank
         self.tokenizer = build_tokenizer(cfg)
         model = build_model(cfg, self.tokenizer)
@@ -316,6 +364,9 @@ class Trainer:
             self._restore(self.resume_from)
         else:
             set_seed(cfg.seed, device_specific=True)  # per-rank randomness from here on
+        # After a resume too: the vision weights may come from the checkpoint (random-init tower).
+        check_feature_cache(cfg, self.unwrapped, self.cache_meta)
+        self.epoch_times: List[float] = []  # wall seconds of each whole epoch run by fit()
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -407,7 +458,7 @@ class Trainer:
         if not self.cfg.eval.datasets:
             return {}
         if getattr(self.unwrapped, "vision", None) is None:
-            log.warning("no vision tower (training on cached features): zero-shot evaluation skipped")
+            log.warning("the model has no vision tower: zero-shot evaluation skipped")
             return {}
         model = self.unwrapped
         model.eval()
@@ -452,7 +503,7 @@ class Trainer:
                         self.loader.set_epoch(self.epoch)
                     fresh_epoch = True
                     batches_this_pass = 0
-                    t_data = time.perf_counter()
+                    t_data = t_epoch = time.perf_counter()
                     for batch in self.loader:
                         batches_this_pass += 1
                         t_step = time.perf_counter()
@@ -510,12 +561,16 @@ class Trainer:
                         if cfg.eval.every and self.step % cfg.eval.every == 0 and not done and not stop_now:
                             eval_results = self.evaluate(logger)
                         if done or stop_now:
+                            if restarted and batches_this_pass == self.steps_per_epoch:
+                                self._epoch_done(time.perf_counter() - t_epoch)
                             break
                         t_data = time.perf_counter()
                     else:
                         if restarted and batches_this_pass == 0:
                             raise RuntimeError(f"the training stream yielded no batch in epoch {self.epoch}; "
                                                "check data.shards and the skipped-sample log")
+                        if restarted:
+                            self._epoch_done(time.perf_counter() - t_epoch)
                         self.epoch += 1  # the stream is exhausted: next epoch
             bar.close()
             if stopped is None:
@@ -542,9 +597,15 @@ class Trainer:
             "stopped": stopped,
             "nonfinite_steps": self.nonfinite_total,
             "skipped": dict(self.skips.by_reason),
+            "epoch_times": list(self.epoch_times),
             "metrics": last,
             "eval": eval_results,
         }
+
+    def _epoch_done(self, seconds: float) -> None:
+        """Record the wall time of an epoch run whole (from its first batch) in this process."""
+        self.epoch_times.append(seconds)
+        log.info("epoch %d: %d steps in %.1fs", self.epoch, self.steps_per_epoch, seconds)
 
     def _metrics(self, out: Any, loss: torch.Tensor, grad_norm: Any, lr: float, data_time: float, step_time: float,
                  batch_len: int) -> Dict[str, Any]:
@@ -574,7 +635,9 @@ class Trainer:
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Train a SimZSS (or LiT, ``model.concept_weight: 0``) model as configured.
 
-    Returns ``{"step", "epoch", "run_dir", "checkpoint", "stopped", "metrics", "eval", ...}``;
+    Returns ``{"step", "epoch", "run_dir", "checkpoint", "stopped", "metrics", "eval", "epoch_times", ...}``
+    (``epoch_times``: wall seconds of each epoch run whole in this call, checkpoints and evaluations inside it
+    included);
     ``stopped`` is the signal name when SIGTERM/SIGUSR1 ended the run early (after a checkpoint).
     Raises :class:`ConfigError` for unusable settings and :class:`NonFiniteLossError` after
     ``max_nonfinite`` consecutive bad steps.
@@ -637,5 +700,7 @@ __all__ = [
     "build_tokenizer",
     "build_model",
     "build_loader",
+    "build_concept_bank",
+    "check_feature_cache",
     "run_evaluation",
 ]

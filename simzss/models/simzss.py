@@ -11,8 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simzss.config import ModelConfig
-from simzss.losses import class_prototypes, concept_loss, contrastive_loss, pool_visual_concepts
-from simzss.models.text import TextTower
+from simzss.losses import (
+    ConceptTargets,
+    class_prototypes,
+    concept_loss,
+    concept_targets,
+    contrastive_loss,
+    pool_visual_concepts,
+)
+from simzss.models.text import TextTower, is_right_padded
 from simzss.models.vision import FrozenVisionTower, vision_embed_dim
 
 if TYPE_CHECKING:  # only for annotations; the data module may not be importable with the model alone
@@ -37,12 +44,26 @@ class SimZSSOutput:
     logit_scale: Tensor  # exp of the clamped learned logit scale
 
 
+@dataclass
+class _StepPlan:
+    """Host-side facts of a batch, read in one sync before the towers run (see ``SimZSS._plan``)."""
+
+    right_padded: bool | None  # None: not needed (the text tower is not causal-scratch)
+    slots: Tensor | None = None  # [n] flat (b*K + k) index of every valid concept slot, on the device
+    labels: Tensor | None = None  # [n] their class ids, on the device
+    targets: ConceptTargets | None = None
+
+
 class SimZSS(nn.Module):
     """SimZSS (``concept_weight > 0``) or LiT (``concept_weight == 0``, the concept branch is skipped).
 
     ``vision`` may be ``None`` when training from cached vision features (``batch.vision_cls`` and
     ``batch.vision_patches``); then ``embed_dim`` must be given and ``encode_image`` is unavailable.
     ``concept_scale=None`` uses the learned (clamped, exponentiated) logit scale in the concept loss.
+
+    ``equal_batch_sizes`` (attribute, default False): set it when every rank always gets batches of
+    the same size (the webdataset training stream only yields full batches); the contrastive loss
+    then skips exchanging batch sizes under ``torch.distributed``.
     """
 
     def __init__(
@@ -82,13 +103,19 @@ class SimZSS(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.config: ModelConfig | None = None
         self.tokenizer: Any = None
+        self.equal_batch_sizes = False
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, tokenizer: Any, *, build_vision: bool = True) -> "SimZSS":
+    def from_config(
+        cls, cfg: ModelConfig, tokenizer: Any, *, build_vision: bool = True, text_config: Any = None
+    ) -> "SimZSS":
         """Build from a ``ModelConfig`` and a (fast) tokenizer, which sets the text vocabulary and padding.
 
         ``build_vision=False`` skips the vision tower (cached-feature training); its width is then
-        read from the timm architecture without allocating weights.
+        read from the timm architecture without allocating weights. ``text_config`` (text kind
+        ``pretrained``): a transformers config or a local folder with its ``config.json`` to build the
+        text model from, with random init, instead of loading ``text.name_or_path`` (see
+        ``TextTower``); for weights that are loaded right after.
         """
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
@@ -101,7 +128,10 @@ class SimZSS(nn.Module):
             embed_dim = vision.embed_dim
         else:
             embed_dim = vision_embed_dim(vc.name, dict(vc.model_kwargs))
-        text = TextTower(cfg.text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, output_dim=embed_dim)
+        text = TextTower(
+            cfg.text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, output_dim=embed_dim,
+            hf_config=text_config,
+        )
         model = cls(
             vision,
             text,
@@ -135,38 +165,83 @@ class SimZSS(nn.Module):
         cls, patches = self.vision(batch.images)
         return cls.float(), patches.float()
 
+    @staticmethod
+    def _concept_mask(batch: "Batch") -> Tensor:
+        """Concept spans [B, K, L] restricted to real tokens: pad positions are never pooled (their
+        outputs are not defined when the causal tower runs without a mask)."""
+        return batch.concept_mask.bool() & batch.attention_mask.bool().unsqueeze(1)
+
+    def _plan(self, batch: "Batch", concepts: bool) -> _StepPlan:
+        """Everything the step needs on the host, read with one device->host copy before any heavy work.
+
+        Reading it here, while little is queued on the device, replaces the syncs the concept branch
+        and the padding check would otherwise cause in the middle of the forward pass. Valid concept
+        slots have a label >= 0 and at least one real (non-pad) token: a concept without tokens
+        cannot be pooled.
+        """
+        flags = []
+        if self.text.kind == "scratch":  # the causal tower can drop the mask when padding is on the right
+            flags.append(is_right_padded(batch.attention_mask).long().reshape(1))
+        slot_labels = None
+        if concepts:
+            labels = batch.concept_labels
+            valid = (labels >= 0) & self._concept_mask(batch).any(-1)
+            slot_labels = torch.where(valid, labels, torch.full_like(labels, -1)).reshape(-1)
+            flags.append(slot_labels.long())
+        if not flags:
+            return _StepPlan(right_padded=None)
+        host = torch.cat(flags).cpu()  # the one sync
+        right_padded = bool(host[0]) if self.text.kind == "scratch" else None
+        if slot_labels is None:
+            return _StepPlan(right_padded=right_padded)
+        host_labels = host[host.numel() - slot_labels.shape[0] :]
+        slots = torch.nonzero(host_labels >= 0).reshape(-1)
+        labels_host = host_labels[slots]
+        device = batch.concept_labels.device
+        # concept_targets gathers under torch.distributed; on one process it stays on the host
+        targets = concept_targets(labels_host, device=device)
+        # one host->device copy; non_blocking: from a host tensor nothing writes to, it needs no stream sync
+        slots_labels = torch.stack([slots, labels_host]).to(device, non_blocking=True)
+        return _StepPlan(right_padded, slots_labels[0], slots_labels[1], targets)
+
     def forward(self, batch: "Batch") -> SimZSSOutput:
         """Losses for one (per-rank) batch; negatives and prototypes come from the global batch."""
+        use_concepts = self.concept_weight > 0
+        plan = self._plan(batch, use_concepts)
         cls, patches = self._vision_features(batch)
-        tokens, pooled = self.text(batch.input_ids, batch.attention_mask)
+        tokens, pooled = self.text(batch.input_ids, batch.attention_mask, right_padded=plan.right_padded)
         scale = self.scale()
-        global_loss = contrastive_loss(cls, self.text.proj(pooled), scale)
-        if self.concept_weight == 0:  # LiT: no concept work at all
+        global_loss = contrastive_loss(cls, self.text.proj(pooled), scale, equal_sizes=self.equal_batch_sizes)
+        if not use_concepts:  # LiT: no concept work at all
             zero = global_loss.new_zeros(())
             nan = torch.full((), float("nan"), device=zero.device)
             return SimZSSOutput(global_loss, global_loss, zero, nan, 0, 0, scale.detach())
+        assert plan.slots is not None and plan.labels is not None and plan.targets is not None
 
-        mask = batch.concept_mask.to(tokens.dtype)  # [B, K, L]
-        counts = mask.sum(-1)
-        valid = (batch.concept_labels >= 0) & (counts > 0)  # a concept without tokens cannot be pooled
-        labels = batch.concept_labels[valid]
-        span_mean = torch.einsum("bkl,bld->bkd", mask, tokens) / counts.clamp(min=1).unsqueeze(-1)
-        concepts = self.text.proj(span_mean)  # c_t for every slot, [B, K, D]
-        text_concepts = concepts[valid]  # [n, D]
+        b, k, _ = batch.concept_mask.shape
+        mask = self._concept_mask(batch).to(tokens.dtype)  # [B, K, L]
+        counts = mask.sum(-1, keepdim=True).clamp(min=1)
+        span_mean = torch.einsum("bkl,bld->bkd", mask, tokens) / counts  # [B, K, width]
+        # only the valid slots are projected; index_select needs no host sync (boolean masks do)
+        text_concepts = self.text.proj(span_mean.reshape(b * k, tokens.shape[-1]).index_select(0, plan.slots))  # c_t, [n, D]
         if self.query == "concept":
-            queries = concepts
+            picked = text_concepts
         else:  # each concept queries with its class prototype over the global batch
-            protos, _, index = class_prototypes(text_concepts, labels)
-            queries = torch.zeros_like(concepts).masked_scatter(valid.unsqueeze(-1), protos[index])
-        b, h, w, d = patches.shape
-        visual = pool_visual_concepts(patches.reshape(b, h * w, d), queries, self.tau)[valid]
+            protos, _, index = class_prototypes(text_concepts, plan.labels, targets=plan.targets)
+            picked = protos[index]
+        # invalid slots get a zero query: their (uniform) pooling is computed in the batched op, then dropped
+        _, h, w, d = patches.shape
+        queries = picked.new_zeros((b * k, d)).index_copy(0, plan.slots, picked)
+        visual = pool_visual_concepts(patches.reshape(b, h * w, d), queries.reshape(b, k, d), self.tau)
+        visual = visual.reshape(b * k, d).index_select(0, plan.slots)
         stats = concept_loss(
             text_concepts,
             visual,
-            labels,
+            plan.labels,
             scale=scale if self.concept_scale is None else self.concept_scale,
             target=self.concept_target,
             return_stats=True,
+            targets=plan.targets,
         )
         loss = global_loss + self.concept_weight * stats.loss
         return SimZSSOutput(

@@ -106,7 +106,9 @@ class FrozenVisionTower(nn.Module):
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         if h * self.patch_size != images.shape[-2] or w * self.patch_size != images.shape[-1]:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
-        # bf16 autocast only on CUDA; elsewhere the input dtype is used as is.
+        # no_grad rather than inference_mode: the outputs feed autograd ops of the trainable side
+        # (inference tensors cannot be saved for backward). bf16 autocast only on CUDA; elsewhere
+        # the input dtype is used as is.
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
             tokens = self.model.forward_features(images)  # [B, prefix + h*w, D], final norm applied
         cls = tokens[:, 0]
