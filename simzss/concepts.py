@@ -120,7 +120,7 @@ def load_spacy(name: str = DEFAULT_SPACY_MODEL, fast_pos: bool = True, numpy_gem
 
 
 FAST_RULER_FACTORY = "simzss_fast_attribute_ruler"
-# Token attributes a compiled pattern may test: hash-valued strings, and boolean lexeme flags (IS_*, LIKE_*).
+# Token attributes a compiled pattern may test: these hash-valued strings, and boolean lexeme flags (IS_*, LIKE_*).
 _STRING_ATTRS = ("ORTH", "LOWER", "NORM", "TAG", "DEP", "LEMMA")
 _CACHE_LIMIT = 1 << 18  # entries per value cache before it is cleared (bounds memory on open vocabularies)
 
@@ -161,6 +161,25 @@ class FastAttributeRuler:
         """All patterns, in the ``AttributeRuler.patterns`` format."""
         return self.ruler.patterns
 
+    # spaCy serialisation (nlp.to_disk / to_bytes): the patterns, in the AttributeRuler's own format
+    def to_bytes(self, *, exclude: Iterable[str] = ()) -> bytes:
+        return self.ruler.to_bytes(exclude=exclude)
+
+    def from_bytes(self, data: bytes, *, exclude: Iterable[str] = ()) -> "FastAttributeRuler":
+        self.ruler.clear()
+        self.ruler.from_bytes(data, exclude=exclude)
+        self._compile()
+        return self
+
+    def to_disk(self, path: PathLike, *, exclude: Iterable[str] = ()) -> None:
+        self.ruler.to_disk(path, exclude=exclude)
+
+    def from_disk(self, path: PathLike, *, exclude: Iterable[str] = ()) -> "FastAttributeRuler":
+        self.ruler.clear()
+        self.ruler.from_disk(path, exclude=exclude)
+        self._compile()
+        return self
+
     # ---- compilation -------------------------------------------------------------------------------
 
     def _compile(self) -> None:
@@ -188,7 +207,7 @@ class FastAttributeRuler:
             for key, value in spec.items():
                 name = str(key).upper()
                 name = "ORTH" if name == "TEXT" else name
-                is_flag = name.startswith(("IS_", "LIKE_")) and name in IDS
+                is_flag = name.startswith(("IS_", "LIKE_")) and IDS.get(name, 64) < 64  # boolean lexeme flags
                 if name not in _STRING_ATTRS and not is_flag:
                     raise _UnsupportedPattern(f"token attribute {key!r} in {spec!r}")
                 col = columns.setdefault(IDS[name], len(columns))
@@ -282,9 +301,11 @@ class FastAttributeRuler:
         return hit
 
     def _merge(self, pattern_ids: Iterable[int]) -> Optional[Dict[int, Any]]:
-        merged: Dict[int, Any] = {}
+        merged: Dict[Any, Any] = {}
         for pid in sorted(pattern_ids):
-            merged.update(self.ruler.attrs[pid])
+            for attr, value in self.ruler.attrs[pid].items():
+                # extension attributes ("_": {name: value}) are set one by one, so later ones add to earlier ones
+                merged[attr] = {**merged.get("_", {}), **value} if attr == "_" else value
         return merged or None
 
     def __call__(self, doc: Any) -> Any:

