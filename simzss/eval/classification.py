@@ -7,7 +7,6 @@ CLIP convention), then normalised with the vision tower's mean/std. Class embedd
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -17,7 +16,7 @@ from torchvision.transforms import v2
 
 from simzss.eval.datasets import ClassificationDataset, build_classification_dataset
 from simzss.eval.metrics import topk_correct
-from simzss.eval.segmentation import ZeroShotModel, get_mean_std, get_patch_size, model_device, text_classifier
+from simzss.eval.segmentation import EvalRun, ZeroShotModel, get_mean_std, get_patch_size, text_classifier
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +74,9 @@ def evaluate_classification(
 ) -> Dict[str, Any]:
     """Top-1 / top-5 accuracy (x100) of zero-shot classification; ranks split the images and sum the hits."""
     ds = dataset_spec if isinstance(dataset_spec, ClassificationDataset) else build_classification_dataset(dataset_spec)
-    net = accelerator.unwrap_model(model) if accelerator is not None else model
+    run = EvalRun.start(model, accelerator)
+    net, device, rank, world, autocast = run.net, run.device, run.rank, run.world, run.autocast
     check_image_size(net, image_size)
-    was_training = getattr(net, "training", False)
-    net.eval()
-    device = accelerator.device if accelerator is not None else model_device(net)
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     n = len(ds) if max_images is None else min(len(ds), max_images)
     mean, std = get_mean_std(net)
     data = _Transformed(ds, range(rank, n, world), eval_transform(image_size, mean, std), image_size)
@@ -113,8 +107,7 @@ def evaluate_classification(
             if accelerator is not None and world > 1:
                 stats = accelerator.reduce(stats, reduction="sum")
     finally:
-        if was_training:
-            net.train()
+        run.finish()
     num, skipped, top1, top5 = (int(v) for v in stats.tolist())
     return {
         "dataset": ds.name,

@@ -9,7 +9,6 @@ captions and counted in ``skipped``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -22,7 +21,7 @@ from torch import Tensor
 from simzss.eval.classification import check_image_size, eval_transform
 from simzss.eval.datasets import iter_retrieval_records, parse_spec
 from simzss.eval.metrics import retrieval_recall
-from simzss.eval.segmentation import ZeroShotModel, get_mean_std, model_device
+from simzss.eval.segmentation import EvalRun, ZeroShotModel, get_mean_std
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +61,9 @@ def evaluate_retrieval(
 ) -> Dict[str, Any]:
     """R@1/5/10 (x100) image->text and text->image, plus counts. ``workers`` > 0 decodes images in threads."""
     name, _ = parse_spec(dataset_spec)
-    net = accelerator.unwrap_model(model) if accelerator is not None else model
+    run = EvalRun.start(model, accelerator)
+    net, device, rank, world, autocast = run.net, run.device, run.rank, run.world, run.autocast
     check_image_size(net, image_size)
-    was_training = getattr(net, "training", False)
-    net.eval()
-    device = accelerator.device if accelerator is not None else model_device(net)
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     mean, std = get_mean_std(net)
     transform = eval_transform(image_size, mean, std)
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
@@ -148,8 +142,7 @@ def evaluate_retrieval(
     finally:
         if pool is not None:
             pool.shutdown()
-        if was_training:
-            net.train()
+        run.finish()
 
     cap_img = torch.tensor(caption_image, dtype=torch.long, device=device)
     has_caption = torch.zeros(n_img, dtype=torch.bool, device=device)

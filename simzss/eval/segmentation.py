@@ -29,7 +29,8 @@ import contextlib
 import itertools
 import logging
 import math
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -67,6 +68,37 @@ def model_device(model: Any) -> torch.device:
         if t is not None:
             return t.device
     return torch.device("cpu")
+
+
+@dataclass
+class EvalRun:
+    """Where one evaluation runs: the unwrapped model in eval mode, its device, this rank's share, autocast.
+
+    ``start`` switches the model to eval mode; ``finish`` puts it back in train mode if it was training, so
+    the trainer's eval hook can call an evaluator mid-run.
+    """
+
+    net: Any
+    device: torch.device
+    rank: int
+    world: int
+    autocast: Callable[[], ContextManager[Any]]
+    was_training: bool
+
+    @classmethod
+    def start(cls, model: Any, accelerator: Any = None) -> "EvalRun":
+        net = accelerator.unwrap_model(model) if accelerator is not None else model
+        was_training = bool(getattr(net, "training", False))
+        if hasattr(net, "eval"):
+            net.eval()
+        if accelerator is None:
+            return cls(net, model_device(net), 0, 1, contextlib.nullcontext, was_training)
+        return cls(net, accelerator.device, accelerator.process_index, accelerator.num_processes,
+                   accelerator.autocast, was_training)
+
+    def finish(self) -> None:
+        if self.was_training and hasattr(self.net, "train"):
+            self.net.train()
 
 
 def get_logit_scale(model: Any, default: float = 100.0) -> float:
@@ -277,10 +309,6 @@ def resolve_background(ds: SegmentationDataset, background: Optional[str], bg_th
     return mode, thr
 
 
-def _unwrap(model: Any, accelerator: Any) -> Any:
-    return accelerator.unwrap_model(model) if accelerator is not None else model
-
-
 def evaluate_segmentation(
     model: ZeroShotModel,
     dataset_spec: Union[str, SegmentationDataset],
@@ -307,14 +335,8 @@ def evaluate_segmentation(
     """
     ds = dataset_spec if isinstance(dataset_spec, SegmentationDataset) else build_segmentation_dataset(dataset_spec)
     mode, thr = resolve_background(ds, background, bg_threshold)
-    net = _unwrap(model, accelerator)
-    was_training = getattr(net, "training", False)
-    if hasattr(net, "eval"):
-        net.eval()
-    device = accelerator.device if accelerator is not None else model_device(net)
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+    run = EvalRun.start(model, accelerator)
+    net, device, rank, world, autocast = run.net, run.device, run.rank, run.world, run.autocast
 
     n = len(ds) if max_images is None else min(len(ds), max_images)
     names = ds.classnames
@@ -356,8 +378,7 @@ def evaluate_segmentation(
                 conf = accelerator.reduce(conf, reduction="sum")
                 stats = accelerator.reduce(stats, reduction="sum")
     finally:
-        if was_training and hasattr(net, "train"):
-            net.train()
+        run.finish()
     num_images, skipped, invalid_pixels = (int(v) for v in stats.tolist())
     if invalid_pixels:
         log.warning("%s: %d mask pixels had values that are no class id (ignored)", ds.name, invalid_pixels)
