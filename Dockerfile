@@ -1,6 +1,6 @@
 # SimZSS training / evaluation image. Build: docker build -t simzss .
 # Run:   docker run --gpus all -v /data:/data simzss train --config configs/coco_vitb14.yaml
-FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+FROM pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
