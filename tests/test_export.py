@@ -12,40 +12,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import TINY_CAPTIONS, TINY_VISION, tiny_model_config, tiny_tokenizer
 from simzss import export as ex
-from simzss.config import ModelConfig, TextConfig, TrainConfig, VisionConfig, to_yaml
+from simzss.config import TextConfig, TrainConfig, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-VISION = "vit_small_patch14_reg4_dinov2"
-CAPTIONS = ["a photo of a cat on the grass", "a dog under a blue sky", "a red car on a road", "two birds in a tree"]
-
-
-def tiny_tokenizer(out_dir: Path):
-    """A byte-level BPE tokenizer trained on a few captions (no download), saved like the project's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|startoftext|>", "<|endoftext|>", "<|pad|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CAPTIONS * 4, trainer)
-    bos, eos = tok.token_to_id(specials[0]), tok.token_to_id(specials[1])
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{specials[0]} $A {specials[1]}", special_tokens=[(specials[0], bos), (specials[1], eos)]
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1], pad_token=specials[2])
-    fast.save_pretrained(str(out_dir))
-    return fast
-
-
-def tiny_config(tokenizer_path: str, pretrained: bool = False) -> ModelConfig:
-    return ModelConfig(
-        vision=VisionConfig(name=VISION, pretrained=pretrained, model_kwargs={"img_size": 56, "depth": 2}),
-        text=TextConfig(layers=2, width=64, heads=2, context_length=32),
-        tokenizer=tokenizer_path,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +28,7 @@ def tiny(tmp_path_factory):
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("tiny")
     tok = tiny_tokenizer(work / "tok")
-    model = SimZSS.from_config(tiny_config(str(work / "tok")), tok).eval()
+    model = SimZSS.from_config(tiny_model_config(str(work / "tok")), tok).eval()
     with torch.no_grad():  # make the text side differ from a fresh init, so a failed load would show
         for p in model.trainable_state_dict().values():
             if p.is_floating_point():
@@ -78,7 +49,7 @@ def _images() -> torch.Tensor:
 
 def _same_embeddings(a, b) -> None:
     with torch.no_grad():
-        ta, tb = a.encode_texts(CAPTIONS), b.encode_texts(CAPTIONS)
+        ta, tb = a.encode_texts(TINY_CAPTIONS), b.encode_texts(TINY_CAPTIONS)
         (ca, pa), (cb, pb) = a.encode_image(_images()), b.encode_image(_images())
     torch.testing.assert_close(ta, tb, rtol=0, atol=1e-6)
     torch.testing.assert_close(ca, cb, rtol=0, atol=1e-6)
@@ -128,7 +99,7 @@ def test_model_card_and_config(tiny, exported) -> None:
     card = (exported / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: simzss")
     block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
-    assert yaml.safe_load(block)["vision"]["name"] == VISION
+    assert yaml.safe_load(block)["vision"]["name"] == TINY_VISION
     assert "No evaluation results" in card
     meta = json.loads((exported / "config.json").read_text())
     assert meta["model"]["text"]["width"] == 64 and meta["files"]["model.safetensors"] > 0
@@ -242,9 +213,9 @@ def test_hub_vision_is_referenced_by_name(tiny, tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(timm, "create_model", fake_create)
     loaded = ex.load_pretrained(out)
-    assert any(name == VISION and pretrained and kw.get("depth") == 2 for name, pretrained, kw in calls), calls
+    assert any(name == TINY_VISION and pretrained and kw.get("depth") == 2 for name, pretrained, kw in calls), calls
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode_texts(CAPTIONS), model.encode_texts(CAPTIONS), rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded.encode_texts(TINY_CAPTIONS), model.encode_texts(TINY_CAPTIONS), rtol=0, atol=1e-6)
 
 
 def _fake_checkpoint(model, run: Path, *, with_vision: bool) -> Path:
@@ -405,7 +376,7 @@ def test_pretrained_text_tower_export_loads_offline(tiny, tmp_path, monkeypatch,
     tok = ex._load_tokenizer_dir(tok_dir)
     base = tmp_path / "base-model"
     text_cfg = _save_tiny_hf_text_model(kind, base, len(tok))
-    cfg = dataclasses.replace(tiny_config(str(tok_dir)), text=text_cfg)
+    cfg = dataclasses.replace(tiny_model_config(str(tok_dir)), text=text_cfg)
     model = SimZSS.from_config(cfg, tok).eval()
     assert model.text.hf_config is not None and model.text.transformer.dtype == torch.float32
     with torch.no_grad():  # trained weights differ from the base model's: a load from the base would show

@@ -10,29 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_model_config, tiny_tokenizer
 from simzss import inference as inf
-from simzss.config import ModelConfig, TextConfig, TrainConfig, VisionConfig, to_yaml
+from simzss.config import TrainConfig, to_yaml
 
 LABELS = ["cat", "grass", "sky"]
 SLIDE = ["--short-side", "56", "--crop", "56", "--stride", "28", "--device", "cpu"]
-
-
-def _tokenizer(out_dir: Path):
-    """A byte-level BPE tokenizer trained on a few words (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|startoftext|>", "<|endoftext|>", "<|pad|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["a photo of a cat", "green grass", "blue sky", "a dog"] * 4, trainer)
-    ids = [(s, tok.token_to_id(s)) for s in specials[:2]]
-    tok.post_processor = processors.TemplateProcessing(single=f"{specials[0]} $A {specials[1]}", special_tokens=ids)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1], pad_token=specials[2])
-    fast.save_pretrained(str(out_dir))
-    return fast
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +27,8 @@ def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("seg")
-    tok = _tokenizer(work / "tok")
-    cfg = ModelConfig(
-        vision=VisionConfig(name="vit_small_patch14_reg4_dinov2", pretrained=False, model_kwargs={"img_size": 56, "depth": 2}),
-        text=TextConfig(layers=2, width=64, heads=2, context_length=32),
-        tokenizer=str(work / "tok"),
-    )
-    model = SimZSS.from_config(cfg, tok)
+    tok = tiny_tokenizer(work / "tok", ["a photo of a cat", "green grass", "blue sky", "a dog"])
+    model = SimZSS.from_config(tiny_model_config(str(work / "tok")), tok)
     # A sharp logit scale so the random model's argmax varies across the picture (more than one colour).
     with torch.no_grad():
         model.logit_scale.fill_(np.log(100.0))
