@@ -223,10 +223,38 @@ def test_imagefolder_and_imagenet(tmp_path: Path) -> None:
     assert len(ds.classnames) == 1000 and ds.classnames[0] == "tench"
     assert [label for _, label in ds.samples] == [0, 999]
     (inet / synsets[5]).rmdir()
-    with pytest.raises(DatasetError, match="999 class folders, expected 1000"):
+    with pytest.raises(DatasetError, match="999 class folders, expected 1000.*valprep.sh.*LOC_val_solution.csv"):
         build_classification_dataset(f"imagenet:{inet}")
     with pytest.raises(DatasetError, match=str(tmp_path / "missing")):
         build_classification_dataset(f"imagenet:{tmp_path / 'missing'}")
+
+
+def test_imagenet_flat_val_with_solution_csv(tmp_path: Path) -> None:
+    # Kaggle layout: LOC_val_solution.csv four levels above ILSVRC/Data/CLS-LOC/val.
+    val = tmp_path / "ILSVRC" / "Data" / "CLS-LOC" / "val"
+    val.mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"no class folders and no LOC_val_solution.csv.*valprep.sh"):
+        build_classification_dataset(f"imagenet:{val}")
+    synsets = [f"n{i:08d}" for i in range(1000)]
+    rows = [f"ILSVRC2012_val_{i:08d},{s} 1 2 3 4 {s} 5 6 7 8" for i, s in enumerate(synsets, 1)]
+    csv_path = tmp_path / "LOC_val_solution.csv"
+    csv_path.write_text("ImageId,PredictionString\n" + "\n".join(reversed(rows)) + "\n")
+    write_image(val / "ILSVRC2012_val_00000001.JPEG")
+    write_image(val / "ILSVRC2012_val_00001000.JPEG")
+    ds = build_classification_dataset(f"imagenet:{val}")
+    assert len(ds.classnames) == 1000 and ds.classnames[0] == "tench"
+    assert [(p.name, label) for p, label in ds.samples] == [
+        ("ILSVRC2012_val_00000001.JPEG", 0), ("ILSVRC2012_val_00001000.JPEG", 999)
+    ]
+    write_image(val / "ILSVRC2012_val_99999999.JPEG")  # an image the csv does not label
+    with pytest.raises(DatasetError, match="1 of 3 images .* have no row in .*ILSVRC2012_val_99999999.JPEG"):
+        build_classification_dataset(f"imagenet:{val}")
+    csv_path.write_text("ImageId,PredictionString\n" + "\n".join(rows[:10]) + "\n")
+    with pytest.raises(DatasetError, match="names 10 synsets, expected 1000"):
+        build_classification_dataset(f"imagenet:{val}")
+    csv_path.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,\n")
+    with pytest.raises(DatasetError, match="line 2: expected ImageId,PredictionString"):
+        build_classification_dataset(f"imagenet:{val}")
 
 
 # --------------------------------------------------------------------------------------------- retrieval
@@ -283,3 +311,38 @@ def test_karpathy_records(tmp_path: Path, caplog) -> None:
     js.write_text("{}")
     with pytest.raises(DatasetError, match="not a Karpathy split json"):
         list(iter_retrieval_records(f"karpathy:{js}"))
+
+
+def test_wds_truncated_shard_keeps_complete_samples_and_counts_read_error(tmp_path: Path, caplog) -> None:
+    members = {"a.jpg": _jpeg_bytes(1), "a.txt": b"cap a", "b.jpg": _jpeg_bytes(2), "b.txt": b"cap b"}
+    write_tar(tmp_path / "s0.tar", members)
+    data = (tmp_path / "s0.tar").read_bytes()
+    # Cut inside b.jpg's data: "a" is complete, "b" is lost and must not vanish silently.
+    cut = data.index(members["b.jpg"]) + 10
+    (tmp_path / "s0.tar").write_bytes(data[:cut])
+    write_tar(tmp_path / "s1.tar", {"c.jpg": _jpeg_bytes(3), "c.txt": b"cap c"})
+    skipped: Dict[str, int] = {}
+    recs = list(iter_retrieval_records(f"wds:{tmp_path}/s{{0..1}}.tar", skipped=skipped))
+    assert [(k, caps) for k, _, caps in recs] == [("a", ["cap a"]), ("c", ["cap c"])]
+    assert skipped == {"read_error": 1} and "s0.tar" in caplog.text
+
+
+def test_wds_not_a_tar_and_missing_shards(tmp_path: Path) -> None:
+    (tmp_path / "s0.tar").write_bytes(b"this is not a tar file" * 100)
+    with pytest.raises(DatasetError, match=r"no shard of .*s\{0\.\.1\}\.tar could be read.*s0.tar"):
+        list(iter_retrieval_records(f"wds:{tmp_path}/s{{0..1}}.tar"))  # s1.tar does not exist either
+    write_tar(tmp_path / "s1.tar", {"c.jpg": _jpeg_bytes(3), "c.txt": b"cap c"})
+    skipped: Dict[str, int] = {}
+    recs = list(iter_retrieval_records(f"wds:{tmp_path}/s{{0..1}}.tar", skipped=skipped))
+    assert [k for k, _, _ in recs] == ["c"] and skipped == {"read_error": 1}
+
+
+def test_wds_non_utf8_caption_is_counted_not_mangled(tmp_path: Path) -> None:
+    write_tar(tmp_path / "s0.tar", {
+        "a.jpg": _jpeg_bytes(1), "a.txt": "caf\u00e9 cr\u00e8me".encode("latin-1"),
+        "b.jpg": _jpeg_bytes(2), "b.txt": "caf\u00e9".encode("utf-8"),
+    })
+    skipped: Dict[str, int] = {}
+    recs = list(iter_retrieval_records(f"wds:{tmp_path}/s0.tar", skipped=skipped))
+    assert [(k, caps) for k, _, caps in recs] == [("b", ["caf\u00e9"])]
+    assert skipped == {"caption_not_utf8": 1}

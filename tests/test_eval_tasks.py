@@ -308,3 +308,65 @@ def test_cli_retrieval_and_errors(exported_tiny: Path, tmp_path: Path, capsys) -
     with pytest.raises(SystemExit):
         main([str(exported_tiny), "--task", "detection", "--datasets", "folder:x"])
     assert checkpoint_step("runs/x/checkpoints/step-1200") == 1200 and checkpoint_step("exports/m") is None
+
+
+def test_cli_failed_datasets_are_one_line_errors_and_exit_1(exported_tiny: Path, tmp_path: Path, capsys,
+                                                            caplog) -> None:
+    from test_eval_datasets import write_tar  # the tar writer of the dataset tests
+
+    from simzss.eval.runner import main
+
+    js = write_karpathy(tmp_path / "ret")
+    (tmp_path / "junk.tar").write_bytes(b"not a tar" * 200)  # every shard unreadable -> DatasetError
+    good, junk = f"karpathy:{js}", f"wds:{tmp_path}/junk.tar"
+    # A wds shard cut in its only sample: nothing complete before the damage.
+    write_tar(tmp_path / "cut.tar", {"k1.png": (tmp_path / "ret" / "val2014" / "im1.jpg").read_bytes(), "k1.txt": b"c0"})
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "cut.tar").read_bytes()[:530])
+    cut = f"wds:{tmp_path}/cut.tar"
+    out = tmp_path / "res.json"
+    rc = main([str(exported_tiny), "--task", "retrieval", "--datasets", junk, good, cut, "--image-size", "28",
+               "--workers", "0", "--cpu", "--no-progress", "--out", str(out)])
+    assert rc == 1
+    payload = json.loads(out.read_text())
+    assert list(payload["results"]) == [good] and set(payload["failed"]) == {junk, cut}
+    assert "could be read" in payload["failed"][junk] and "Traceback" not in caplog.text
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert any(junk in r.getMessage() and r.exc_info is None for r in errors)
+
+    # Every image unreadable: num_images == 0 is a failure, not a result; the good dataset still runs.
+    caplog.clear()
+    write_classification(tmp_path / "ok")
+    bad = tmp_path / "bad"
+    write_classification(bad)
+    for p in bad.rglob("*.png"):
+        p.write_bytes(b"broken")
+    rc = main([str(exported_tiny), "--task", "classification", "--datasets", f"imagefolder:{bad}",
+               f"imagefolder:{tmp_path / 'ok'}", "--image-size", "28", "--templates", "single", "--workers", "0",
+               "--cpu", "--no-progress", "--out", str(out)])
+    assert rc == 1
+    payload = json.loads(out.read_text())
+    assert list(payload["results"]) == [f"imagefolder:{tmp_path / 'ok'}"]
+    assert "no images evaluated" in payload["failed"][f"imagefolder:{bad}"]
+    assert f"imagefolder:{bad}" not in capsys.readouterr().out  # not in the table
+
+
+def test_cli_oserror_from_one_dataset_does_not_stop_the_others(monkeypatch, tmp_path: Path, caplog) -> None:
+    from simzss.data.shards import ShardReadError
+    from simzss.eval import runner
+
+    def fake_run_task(model, task, spec, args, accelerator):
+        if spec.startswith("bad"):
+            raise ShardReadError(tmp_path / "x.tar", "truncated archive", 3)
+        if spec.startswith("io"):
+            raise PermissionError(13, "Permission denied", str(tmp_path / "locked"))
+        return {"dataset": spec, "mIoU": 50.0, "pixel_acc": 90.0, "num_images": 2, "skipped": {}}
+
+    monkeypatch.setattr(runner, "load_model", lambda path, device: torch.nn.Identity())
+    monkeypatch.setattr(runner, "run_task", fake_run_task)
+    out = tmp_path / "r.json"
+    rc = runner.main(["m", "--datasets", "bad:x", "io:y", "folder:z", "--cpu", "--out", str(out)])
+    assert rc == 1
+    payload = json.loads(out.read_text())
+    assert list(payload["results"]) == ["folder:z"]
+    assert payload["failed"]["bad:x"].startswith("ShardReadError: cannot read shard")
+    assert "Permission denied" in payload["failed"]["io:y"] and "Traceback" not in caplog.text

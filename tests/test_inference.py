@@ -157,3 +157,20 @@ def test_parse_labels() -> None:
     assert inf.parse_labels("cat, grass ,, sky") == LABELS
     with pytest.raises(ValueError):
         inf.parse_labels(",".join(f"c{i}" for i in range(300)))
+
+
+def test_model_segment_accepts_pil_uint8_and_normalised_input(model_dir, picture) -> None:
+    from simzss import SimZSS
+
+    model = SimZSS.from_pretrained(str(model_dir), device="cpu")
+    image = Image.open(picture).convert("RGB")
+    slide = dict(short_side=56, crop=56, stride=28)
+    from_pil, probs = model.segment(image, LABELS, **slide)
+    uint8 = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    from_uint8, _ = model.segment(uint8, LABELS, **slide)
+    from_float, _ = model.segment(inf.image_to_tensor(image, model), LABELS, **slide)
+    assert from_pil.shape == (70, 90) and probs.shape == (3, 70, 90)
+    assert torch.equal(from_pil, from_float)
+    assert (from_pil == from_uint8).float().mean() > 0.99  # same pixels up to float rounding of the normalisation
+    with pytest.raises(ValueError, match="one RGB image"):
+        model.segment(torch.zeros(2, 3, 56, 56), LABELS, **slide)

@@ -337,6 +337,19 @@ def test_prepare_drops_pickle_members_without_unpickling(tmp_path: Path) -> None
     assert not marker.exists()
 
 
+def test_prepare_reports_bank_names_that_can_never_match(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from simzss.concepts import ConceptBank
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _raw_tar(src / "s.tar", [("k.jpg", JPEG), ("k.txt", b"a potted plant next to a dog")])
+    bank = ConceptBank.from_names(["potted plant", "dog", "chest of drawers"])
+    with caplog.at_level("WARNING", logger="simzss.data.prepare"):
+        summary = prepare.prepare_shards(str(src / "s.tar"), tmp_path / "out", bank=bank, progress=False)
+    assert summary["unreachable_bank_names"] == ["potted plant", "chest of drawers"]
+    assert "can never match" in caplog.text and "potted plant" in caplog.text
+
+
 def test_prepare_standard_spacy_writes_the_same_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = _inputs(tmp_path, shards=2, per_shard=6)
     pattern = str(src / "shard-{000000..000001}.tar")

@@ -127,9 +127,9 @@ def masked_text(tokenizer: PreTrainedTokenizerFast, caption: str, mask: torch.Te
 
 
 def content_tokens_through(tokenizer: PreTrainedTokenizerFast, caption: str, end_char: int) -> int:
-    """Number of non-special tokens whose characters start before ``end_char``."""
-    offsets = tokenizer(caption, return_offsets_mapping=True)["offset_mapping"]
-    return sum(1 for s, e in offsets if e > s and s < end_char)
+    """Number of non-special tokens (zero-width ones included) whose characters start before ``end_char``."""
+    enc = tokenizer(caption, return_offsets_mapping=True, return_special_tokens_mask=True)
+    return sum(1 for (s, _), special in zip(enc["offset_mapping"], enc["special_tokens_mask"]) if not special and s < end_char)
 
 
 @pytest.mark.parametrize("name", ["bpe", "wordpiece"])
@@ -165,7 +165,7 @@ def test_concept_masks(name: str, request: pytest.FixtureRequest) -> None:
 
 
 @pytest.mark.parametrize("name", ["bpe", "wordpiece"])
-def test_truncation_drops_or_cuts_concepts(name: str, request: pytest.FixtureRequest) -> None:
+def test_truncation_drops_cut_concepts(name: str, request: pytest.FixtureRequest) -> None:
     tokenizer: PreTrainedTokenizerFast = request.getfixturevalue(name)
     caption = "Two tennis rackets on a table."
     concepts = [[(5, [span(caption, "tennis"), span(caption, "rackets")]), (7, [span(caption, "table")])]]
@@ -174,8 +174,17 @@ def test_truncation_drops_or_cuts_concepts(name: str, request: pytest.FixtureReq
     out = tokenize_batch(tokenizer, [caption], concepts, context_length=keep + 2)
     assert out["input_ids"].shape == (1, keep + 2)
     assert out["input_ids"][0, -1].item() == tokenizer.eos_token_id  # truncation keeps EOS
-    assert out["concept_labels"].tolist() == [[5]]  # "table" cut off entirely: dropped
-    assert "".join(masked_text(tokenizer, caption, out["concept_mask"][0, 0])).lower() == "tennis"  # partly kept
+    # "table" cut off entirely and "tennis rackets" in part: both dropped (K = 0)
+    assert out["concept_labels"].shape == (1, 0)
+
+    # one token more keeps "rackets" (at least its first token) only if the whole word fits
+    whole = content_tokens_through(tokenizer, caption, caption.index("rackets") + len("rackets"))
+    out = tokenize_batch(tokenizer, [caption], concepts, context_length=whole + 2)
+    assert out["concept_labels"].tolist() == [[5]]
+    assert "".join(masked_text(tokenizer, caption, out["concept_mask"][0, 0])).lower() == "tennisrackets"
+    if whole > keep + 1:  # "rackets" spans several tokens: cutting inside the word drops the concept
+        out = tokenize_batch(tokenizer, [caption], concepts, context_length=whole + 1)
+        assert out["concept_labels"].shape == (1, 0)
 
     # a context so short that no concept survives: K = 0 with valid shapes
     out = tokenize_batch(tokenizer, [caption, "a dog"], concepts + [[]], context_length=3)

@@ -293,7 +293,19 @@ def prepare_shards(
     write_sizes(out, sizes)
     summary = _summary(results, plan, out, processes, time.perf_counter() - t0, work_seconds)
     summary["fast_spacy"] = fast_spacy
+    summary["unreachable_bank_names"] = _report_unreachable(bank, spacy_model, fast_spacy)
     return summary
+
+
+def _report_unreachable(bank: "ConceptBank", spacy_model: str, fast_spacy: bool) -> list[str]:
+    """Bank names that no extracted concept can ever equal (parsed with this run's spaCy pipeline), logged."""
+    from simzss.concepts import ConceptExtractor
+
+    names = bank.multiword_unreachable(ConceptExtractor(spacy_model, fast_pos=fast_spacy))
+    if names:
+        log.warning("%d of %d concept-bank names can never match an extracted concept (never trained): %s",
+                    len(names), len(bank), ", ".join(names))
+    return names
 
 
 def _summary(results: list[ShardResult], plan: list[tuple[str, Path]], out: Path, processes: int,

@@ -168,8 +168,9 @@ def tokenize_batch(
     Returns ``input_ids`` / ``attention_mask`` [B, L] long (right-padded, L = longest caption,
     <= ``context_length``; truncation keeps the tokenizer's EOS last), ``concept_mask`` [B, K, L] bool and
     ``concept_labels`` [B, K] long (-1 = padding), K = the most concepts kept by any caption, capped at
-    ``max_concepts`` (K may be 0). A concept none of whose tokens is left after truncation is dropped;
-    beyond ``max_concepts`` the first ones (caption order as given) are kept.
+    ``max_concepts`` (K may be 0). A concept that truncation cuts off, wholly or in part, is dropped (the mean
+    over part of its tokens would be a different concept); beyond ``max_concepts`` the first ones (caption
+    order as given) are kept.
     """
     if len(captions) != len(concepts):
         raise ValueError(f"{len(captions)} captions but {len(concepts)} concept lists")
@@ -201,6 +202,7 @@ def tokenize_batch(
     offsets = enc["offset_mapping"]  # [B, L, 2]; special and pad tokens are (0, 0)
     starts, ends = offsets[..., 0], offsets[..., 1]
     real = (ends > starts) & attention_mask.bool()
+    covered_end = torch.where(real, ends, 0).amax(dim=1).tolist()  # the caption text kept by truncation ends here
     length = input_ids.shape[1]
 
     kept: List[List[Tuple[int, torch.Tensor]]] = []
@@ -212,7 +214,7 @@ def tokenize_batch(
             for s, e in spans:
                 mask |= (starts[b] < e) & (ends[b] > s)  # half-open ranges overlap
             mask &= real[b]
-            if mask.any():
+            if mask.any() and max(e for _, e in spans) <= covered_end[b]:
                 row.append((label, mask))
         if len(row) > max_concepts:
             logger.debug("caption %d: keeping the first %d of %d concepts", b, max_concepts, len(row))

@@ -24,13 +24,23 @@ folder         images/ID.jpg|jpeg|png, masks/ID.png (uint8 class ids, 255 ignore
                line, in id order; a first line ``background`` marks class 0 as background).
 =============  ===========================================================================================
 
-Classification: ``imagenet:PATH`` (ImageFolder-style val: 1000 synset folders ``n01440764/...``, mapped to
-the packaged ``imagenet1k`` names in sorted synset order) and ``imagefolder:PATH`` (class = sub-folder; names
-from ``PATH/classes.txt`` in sorted-folder order if present, else folder names with ``_`` -> space).
+Classification: ``imagenet:PATH`` and ``imagefolder:PATH`` (class = sub-folder; names from ``PATH/classes.txt``
+in sorted-folder order if present, else folder names with ``_`` -> space). ImageNet's 50,000 ILSVRC2012 val
+images (labels = the packaged ``imagenet1k`` names in sorted synset order) may be laid out either way:
 
-Retrieval: ``wds:SHARDS`` (webdataset tar shards, brace patterns allowed; ``KEY.jpg|jpeg|png|webp`` +
-``KEY.txt``; each non-empty line of the txt is one caption, and a key seen again, in the same or another
-shard, adds its captions to the first occurrence's image) and ``karpathy:dataset_coco.json`` (Karpathy split
+* synset folders: ``PATH/n01440764/ILSVRC2012_val_00000293.JPEG``, ... (1000 folders), e.g. made from the flat
+  ``ILSVRC2012_img_val.tar`` with the standard ``valprep.sh`` script (soumith/imagenetloader.torch), or the
+  torchvision ``ImageNet(root, split="val")`` preparation (``val/`` of its root);
+* flat: ``PATH/ILSVRC2012_val_00000001.JPEG``, ... with ``LOC_val_solution.csv`` (Kaggle ImageNet
+  localization challenge: header ``ImageId,PredictionString``, first token of PredictionString = the synset) in
+  PATH or one of its four parent folders (the Kaggle download keeps it four levels above
+  ``ILSVRC/Data/CLS-LOC/val``). Every image in PATH must have a row; the csv must name all 1000 synsets.
+
+Retrieval: ``wds:SHARDS`` (webdataset tar shards, brace patterns and ``::`` lists allowed;
+``KEY.jpg|jpeg|png|webp`` + ``KEY.txt`` (UTF-8); each non-empty line of the txt is one caption, and a key seen
+again, in the same or another shard, adds its captions to the first occurrence's image; pickle members are never
+read; a shard that cannot be read to its end keeps the samples before the damage and counts ``read_error``, a
+caption file that is not UTF-8 drops its sample as ``caption_not_utf8``) and ``karpathy:dataset_coco.json`` (Karpathy split
 json: ``images[].filepath/filename/split/sentences[].raw``; images under the json's folder, or ``image_root``).
 
 A missing or malformed dataset raises :class:`DatasetError` naming the exact path expected.
@@ -38,6 +48,7 @@ A missing or malformed dataset raises :class:`DatasetError` naming the exact pat
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
@@ -341,6 +352,65 @@ def _image_folder_samples(root: Path, name: str) -> Tuple[List[str], List[Tuple[
     return classes, samples
 
 
+IMAGENET_LAYOUT_HELP = (
+    "expected either 1000 synset folders (PATH/n01440764/ILSVRC2012_val_00000293.JPEG, ...; sort the flat "
+    "ILSVRC2012_img_val.tar into them with the standard valprep.sh script) or the flat val images "
+    "(PATH/ILSVRC2012_val_00000001.JPEG, ...) with LOC_val_solution.csv (ImageId,PredictionString) in PATH or one "
+    "of its four parent folders"
+)
+VAL_SOLUTION_CSV = "LOC_val_solution.csv"
+
+
+def _is_synset(name: str) -> bool:
+    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
+
+
+def _imagenet_synset_folders(root: Path, folders: List[str]) -> None:
+    """Check an ImageFolder-style ImageNet val folder (exactly 1000 synset folders)."""
+    bad = [f for f in folders if not _is_synset(f)]
+    if bad:
+        raise DatasetError(f"imagenet: folder {root / bad[0]} is not a synset id; {IMAGENET_LAYOUT_HELP}")
+    if len(folders) != 1000:
+        raise DatasetError(f"imagenet: {root} has {len(folders)} class folders, expected 1000; {IMAGENET_LAYOUT_HELP}")
+
+
+def _imagenet_flat(root: Path) -> List[Tuple[Path, int]]:
+    """Samples of flat ILSVRC2012 val images labelled by ``LOC_val_solution.csv`` (label = sorted-synset index)."""
+    candidates = [root, *list(root.resolve().parents)[:4]]
+    csv_path = next((c / VAL_SOLUTION_CSV for c in candidates if (c / VAL_SOLUTION_CSV).is_file()), None)
+    if csv_path is None:
+        raise DatasetError(f"imagenet: no class folders and no {VAL_SOLUTION_CSV} in {root} or its parents; "
+                           f"{IMAGENET_LAYOUT_HELP}")
+    synset_of: Dict[str, str] = {}
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                tokens = (row.get("PredictionString") or "").split()
+                image_id = (row.get("ImageId") or "").strip()
+                if not image_id or not tokens or not _is_synset(tokens[0]):
+                    raise DatasetError(f"imagenet: {csv_path} line {reader.line_num}: expected ImageId,PredictionString "
+                                       f"with a synset first (e.g. ILSVRC2012_val_00000001,n01751748 ...), got {row}")
+                synset_of[image_id] = tokens[0]
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"imagenet: {csv_path} is not a UTF-8 csv: {e}") from None
+    synsets = sorted(set(synset_of.values()))
+    if len(synsets) != 1000:
+        raise DatasetError(f"imagenet: {csv_path} names {len(synsets)} synsets, expected 1000")
+    label_of = {s: i for i, s in enumerate(synsets)}
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise DatasetError(f"imagenet: no images found in {root}; {IMAGENET_LAYOUT_HELP}")
+    unlabelled = [p for p in files if p.stem not in synset_of]
+    if unlabelled:
+        raise DatasetError(f"imagenet: {len(unlabelled)} of {len(files)} images in {root} have no row in {csv_path}, "
+                           f"e.g. {unlabelled[0].name}")
+    if len(files) < len(synset_of):
+        log.warning("imagenet: %s lists %d images, %d found in %s (evaluating those)",
+                    csv_path, len(synset_of), len(files), root)
+    return [(p, label_of[synset_of[p.stem]]) for p in files]
+
+
 def build_classification_dataset(spec: str) -> ClassificationDataset:
     """Open ``imagenet:PATH`` or ``imagefolder:PATH`` (see the module docstring)."""
     name, path = parse_spec(spec)
@@ -349,25 +419,23 @@ def build_classification_dataset(spec: str) -> ClassificationDataset:
         raise ValueError(f"unknown classification dataset {name!r} in {spec!r}; known: ['imagefolder', 'imagenet']")
     if not root.is_dir():
         raise DatasetError(f"{name}: dataset folder not found: expected {root}")
-    folders, samples = _image_folder_samples(root, name)
     if name == "imagenet":
         names = load_classnames("imagenet1k")
-        if len(folders) != len(names):
-            raise DatasetError(
-                f"imagenet: {root} has {len(folders)} class folders, expected {len(names)} synset folders (n01440764, ...)"
-            )
-        bad = [f for f in folders if not (len(f) == 9 and f[0] == "n" and f[1:].isdigit())]
-        if bad:
-            raise DatasetError(f"imagenet: folder {root / bad[0]} is not a synset id (expected e.g. {root}/n01440764)")
-        classnames = names
-    else:
-        cls_file = root / "classes.txt"
-        if cls_file.is_file():
-            classnames = [ln.strip() for ln in cls_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            if len(classnames) != len(folders):
-                raise DatasetError(f"imagefolder: {cls_file} lists {len(classnames)} names for {len(folders)} folders")
+        folders = sorted(d.name for d in root.iterdir() if d.is_dir())
+        if folders:
+            _imagenet_synset_folders(root, folders)
+            _, samples = _image_folder_samples(root, name)
         else:
-            classnames = [f.replace("_", " ") for f in folders]
+            samples = _imagenet_flat(root)
+        return ClassificationDataset(name, root, names, samples)
+    folders, samples = _image_folder_samples(root, name)
+    cls_file = root / "classes.txt"
+    if cls_file.is_file():
+        classnames = [ln.strip() for ln in cls_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if len(classnames) != len(folders):
+            raise DatasetError(f"imagefolder: {cls_file} lists {len(classnames)} names for {len(folders)} folders")
+    else:
+        classnames = [f.replace("_", " ") for f in folders]
     return ClassificationDataset(name, root, classnames, samples)
 
 
@@ -385,23 +453,47 @@ def _decode_bytes(data: bytes) -> Callable[[], Image.Image]:
     return load
 
 
-def _iter_wds(pattern: str, skipped: Dict[str, int]) -> Iterator[RetrievalRecord]:
-    import webdataset as wds
+def _count(skipped: Dict[str, int], reason: str) -> int:
+    skipped[reason] = skipped.get(reason, 0) + 1
+    return skipped[reason]
 
-    # Raw members only (no .decode()): nothing is ever unpickled.
-    ds = wds.WebDataset(pattern, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+
+def _iter_wds(pattern: str, skipped: Dict[str, int]) -> Iterator[RetrievalRecord]:
+    """Records of webdataset shards, read with :func:`simzss.data.shards.iter_samples` (raw bytes, no pickle).
+
+    A shard that cannot be read to its end (missing, not a tar, truncated) keeps the samples read before the
+    damage and is counted as ``read_error``; if no shard can be read at all it is a :class:`DatasetError`.
+    """
+    from simzss.data.shards import ShardReadError, expand_urls, iter_samples
+
+    try:
+        urls = expand_urls(pattern)
+    except ValueError as e:
+        raise DatasetError(f"wds: {e}") from None
     n = 0
-    for sample in ds:
-        n += 1
-        key = sample["__key__"]
-        img = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
-        if img is None:
-            skipped["no_image"] = skipped.get("no_image", 0) + 1
-            continue
-        caps: List[str] = []
-        if "txt" in sample:
-            caps = [ln.strip() for ln in sample["txt"].decode("utf-8", errors="replace").splitlines() if ln.strip()]
-        yield key, _decode_bytes(img), caps
+    errors: List[ShardReadError] = []
+    for url in urls:
+        try:
+            for sample in iter_samples(url):
+                n += 1
+                key = sample["__key__"]
+                img = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+                if img is None:
+                    _count(skipped, "no_image")
+                    continue
+                try:
+                    text = sample["txt"].decode("utf-8") if "txt" in sample else ""
+                except UnicodeDecodeError as e:
+                    if _count(skipped, "caption_not_utf8") <= 3:
+                        log.warning("wds: %s: sample %s skipped: caption is not UTF-8 (%s)", url, key, e)
+                    continue
+                yield key, _decode_bytes(img), [ln.strip() for ln in text.splitlines() if ln.strip()]
+        except ShardReadError as e:
+            errors.append(e)
+            _count(skipped, "read_error")
+            log.warning("wds: %s (samples before the damage kept)", e)
+    if len(errors) == len(urls):
+        raise DatasetError(f"wds: no shard of {pattern} could be read, e.g. {errors[0]}")
     if n == 0:
         raise DatasetError(f"wds: no samples read from {pattern}")
 

@@ -13,6 +13,10 @@ Under ``accelerate launch`` the images of each dataset are split across processe
 written as JSON (atomically). ``--report-to-run RUN_DIR`` also writes them to ``RUN_DIR/eval/`` and logs
 ``eval/<spec>/<metric>`` scalars at the checkpoint's step to the run's ``metrics.jsonl`` and its tracker
 (TensorBoard folder or wandb run, as configured in ``RUN_DIR/config.yaml``).
+
+A dataset that cannot be read (missing or malformed folder, unreadable shards, IO error) or that ends with no
+evaluated image (all skipped) is reported in one error line and listed under ``"failed"`` in the JSON; the other
+datasets still run, and the exit status is then 1 (2 when the model cannot be loaded).
 """
 
 from __future__ import annotations
@@ -244,13 +248,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     model.eval()
     results: Dict[str, Dict[str, Any]] = {}
-    failed = 0
+    failed: Dict[str, str] = {}
     for spec in args.datasets:
         try:
-            results[spec] = run_task(model, args.task, spec, args, accelerator)
-        except (FileNotFoundError, ValueError) as e:  # a bad dataset: report, go on with the others
-            log.error("%s: %s", spec, e)
-            failed += 1
+            res = run_task(model, args.task, spec, args, accelerator)
+        except (OSError, ValueError) as e:  # DatasetError, ShardReadError, IO: one line, go on with the others
+            failed[spec] = f"{type(e).__name__}: {e}"
+            log.error("%s: %s", spec, failed[spec])
+            continue
+        if not res.get("num_images"):  # everything skipped: no number to report
+            failed[spec] = f"no images evaluated (skipped: {res.get('skipped')})"
+            log.error("%s: %s", spec, failed[spec])
+            continue
+        results[spec] = res
     if accelerator.is_main_process and results:
         print(format_table(args.task, results))
         payload = {
@@ -260,6 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "num_processes": accelerator.num_processes,
             "settings": {k: v for k, v in vars(args).items() if k not in ("model", "task", "datasets", "out")},
             "results": results,
+            "failed": failed,
         }
         if args.out:
             write_json_atomic(Path(args.out), payload)
@@ -268,6 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             report_to_run(Path(args.report_to_run), args.task, payload,
                           args.step if args.step is not None else checkpoint_step(args.model))
     accelerator.wait_for_everyone()
+    if failed:
+        log.error("%d of %d datasets failed: %s", len(failed), len(args.datasets), ", ".join(failed))
     return 1 if failed else 0
 
 

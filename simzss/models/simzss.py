@@ -291,24 +291,46 @@ class SimZSS(nn.Module):
             raise ValueError(f"trainable state mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}")
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "SimZSS":
-        """Load an export folder (delegates to ``simzss.export.load_pretrained``)."""
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> "SimZSS":
+        """Load an export folder onto ``device`` (delegates to ``simzss.export.load_pretrained``)."""
         from simzss.export import load_pretrained
 
-        return load_pretrained(path)
+        return load_pretrained(path, device=device)
 
-    def segment(self, image: Tensor, labels: Sequence[str], **slide_kw: Any) -> tuple[Tensor, Tensor]:
-        """Zero-shot segmentation of one normalised image [1,3,H,W] (or [3,H,W]) into ``labels``.
+    def _image_batch(self, image: Any) -> Tensor:
+        """``segment``'s input as a normalised float [1,3,H,W] on the model's device.
 
-        Returns (prediction [H, W] long, class probabilities [C', H, W]) from ``simzss.eval``;
-        ``templates`` (a set name such as "single" or a list of "{}" prompts) and the sliding-window /
-        background options are passed on to ``text_classifier`` / ``segment_image``.
+        Accepts a PIL image, a uint8 tensor [3,H,W] / [1,3,H,W] (0..255), or a float tensor that is already
+        normalised with the vision tower's mean/std.
+        """
+        if not isinstance(image, Tensor):
+            from simzss.inference import image_to_tensor
+
+            image = image_to_tensor(image, self)
+        if image.ndim == 3:
+            image = image.unsqueeze(0)
+        if image.ndim != 4 or image.shape[:2] != (1, 3):
+            raise ValueError(f"segment takes one RGB image ([3,H,W] or [1,3,H,W]), got shape {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            from simzss.eval.segmentation import get_mean_std
+
+            mean, std = get_mean_std(self)
+            image = (image.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        return image.to(self.logit_scale.device, torch.float32)
+
+    def segment(self, image: Any, labels: Sequence[str], **slide_kw: Any) -> tuple[Tensor, Tensor]:
+        """Zero-shot segmentation of one image into ``labels``.
+
+        ``image``: a PIL image, a uint8 tensor [3,H,W] (0..255), or a float tensor [1,3,H,W] / [3,H,W] already
+        normalised with the vision tower's mean/std; it is moved to the model's device. Returns
+        (prediction [H, W] long, class probabilities [C', H, W]) from ``simzss.eval``; ``templates`` (a set
+        name such as "single" or a list of "{}" prompts) and the sliding-window / background options are passed
+        on to ``text_classifier`` / ``segment_image``.
         """
         from simzss.eval import segment_image, text_classifier
 
         templates = slide_kw.pop("templates", "single")
-        if image.ndim == 3:
-            image = image.unsqueeze(0)
+        image = self._image_batch(image)
         with torch.no_grad():
             classifier = text_classifier(self, list(labels), templates)
             probs = segment_image(self, image, classifier, **slide_kw)
