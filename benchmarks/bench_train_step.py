@@ -93,10 +93,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     for method in weights:
         steps(method, args.warmup)
     per_step: Dict[str, List[float]] = {m: [] for m in weights}
+    peak_gib: Dict[str, float] = {m: 0.0 for m in weights}
     for r in range(args.reps):
         order = list(weights) if r % 2 == 0 else list(reversed(weights))
         for method in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             per_step[method].append(common.timed(lambda: steps(method, args.steps), device) / args.steps)
+            if device.type == "cuda":
+                peak_gib[method] = max(peak_gib[method], torch.cuda.max_memory_allocated(device) / 2**30)
     out = steps("simzss", 1)
     result: Dict[str, Any] = {"benchmark": "train_step", "machine": common.machine_info(device)}
     result["settings"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
@@ -112,8 +117,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     result["ratio_of_min"] = round(result["simzss"]["min_ms"] / result["lit"]["min_ms"], 4)
     pairs = sorted(s / l for s, l in zip(per_step["simzss"], per_step["lit"]))
     result["ratio_per_rep_median"] = round(pairs[len(pairs) // 2], 4)
-    if device.type == "cuda":
-        result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if device.type == "cuda":  # per method: the peak is reset before each timed block
+        for method in weights:
+            result[method]["peak_mem_gib"] = round(peak_gib[method], 2)
     return result
 
 
