@@ -96,9 +96,9 @@ class MemoryStream:
         )
 
 
-def tiny_cfg(tmp_path: Path, *overrides: str) -> TrainConfig:
-    """A config for a ~1 s/step-or-less tiny model; every field stays overridable."""
-    base = [
+def tiny_overrides(tmp_path: Path) -> List[str]:
+    """The overrides of a ~1 s/step-or-less tiny model (see :func:`tiny_cfg`)."""
+    return [
         f"output_dir={tmp_path / 'runs'}", "run_name=t", "batch_size=8", "epochs=2", "log_every=1",
         "checkpoint_every=0", "keep_checkpoints=2", "data.shards=[unused.tar]",
         "model.vision.name=vit_small_patch14_reg4_dinov2", "model.vision.pretrained=false",
@@ -106,7 +106,11 @@ def tiny_cfg(tmp_path: Path, *overrides: str) -> TrainConfig:
         "model.text.layers=2", "model.text.width=64", "model.text.heads=2", "model.text.context_length=8",
         "model.tokenizer=unused", "optim.lr=1e-3", "optim.scale_lr=false", "optim.warmup=0.2",
     ]
-    return load_config(TrainConfig, None, base + list(overrides))
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str) -> TrainConfig:
+    """A config for a ~1 s/step-or-less tiny model; every field stays overridable."""
+    return load_config(TrainConfig, None, tiny_overrides(tmp_path) + list(overrides))
 
 
 @pytest.fixture
@@ -458,6 +462,49 @@ def test_resume_errors_and_extension(tmp_path: Path, memory_data: Dict[str, Any]
         trainer_mod.train(tiny_cfg(tmp_path, "run_name=other", "model.text.width=32", f"resume={longer['checkpoint']}"))
 
 
+def test_cli_resume_option(tmp_path: Path, memory_data: Dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """`simzss train --resume latest|PATH` sets the config's resume field (and beats a resume= override)."""
+    base = tiny_overrides(tmp_path) + ["run_name=cli", "optim.warmup=0", "keep_checkpoints=0"]
+    assert trainer_mod.main([*base, "--resume", "latest", "--print-config"]) == 0
+    assert "resume: latest" in capsys.readouterr().out
+    assert trainer_mod.main([*base, "resume=nowhere", "--print-config", "--resume", str(tmp_path / "x y")]) == 0
+    assert f"resume: {tmp_path / 'x y'}" in capsys.readouterr().out  # a path is taken verbatim
+    assert trainer_mod.main([*base, "--resume", " "]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+    assert trainer_mod.main([*base, "max_steps=2", "checkpoint_every=1"]) == 0
+    assert trainer_mod.main([*base, "max_steps=4", "--resume", "latest"]) == 0  # continues at step 3
+    run = tmp_path / "runs" / "cli"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # A checkpoint path: a new run starting from step 1 of the first one.
+    first = run / "checkpoints" / "step-000000001"
+    assert trainer_mod.main([*base, "run_name=cli2", "max_steps=3", "--resume", str(first)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "cli2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3]
+    with pytest.raises(SystemExit):
+        trainer_mod.main(["--resume"])  # argparse: the option needs a value
+
+
+def test_real_stream_with_two_workers_resumes_exactly(toy_world: Dict[str, Path]) -> None:
+    """The real image stream (prepared toy-world shards, 2 data workers): resuming a checkpoint written in
+    epoch 1 after an odd number of its batches gives the uninterrupted run's weights."""
+    common = ["batch_size=16", "data.num_samples=48", "data.workers=2", "data.crop_scale=[0.3, 1.0]", "max_steps=6",
+              "checkpoint_every=4", "keep_checkpoints=0", "eval.datasets=[]", "optim.lr=1e-3"]
+    straight = trainer_mod.train(load_config(TrainConfig, None, toy_overrides(toy_world, "run_name=w2_straight", *common)))
+    mid = Path(straight["run_dir"]) / "checkpoints" / "step-000000004"
+    state = json.loads((mid / "trainer_state.json").read_text())
+    assert state["loader"]["epoch"] == 1 and state["loader"]["batches_consumed"] == 1  # 3 batches per epoch
+    torch.manual_seed(12345)  # the resumed run must not depend on the process RNG it starts with
+    resumed = trainer_mod.train(load_config(TrainConfig, None, toy_overrides(
+        toy_world, "run_name=w2_resumed", *common, f"resume={mid}")))
+    assert resumed["step"] == 6
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
 # --- training from a feature cache ---------------------------------------------------------------
 
 TOY_VISION = {"name": "vit_small_patch14_reg4_dinov2", "model_kwargs": {"depth": 2, "img_size": 56}}
@@ -573,3 +620,37 @@ def test_incompatible_feature_cache_is_refused(
         trainer_mod.Trainer(cfg("run_name=other_seed", "seed=1", *random_cfg))
     with pytest.raises(trainer_mod.ConfigError, match=r"random-init != model's file:vision.safetensors"):
         trainer_mod.Trainer(cfg("run_name=file_vs_random", f"data.feature_cache={random_cache}"))
+
+
+def test_wandb_mode_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """WANDB_MODE wins; else online with credentials (WANDB_API_KEY or a netrc entry); else offline, logged."""
+    import logging
+
+    from simzss.engine.tracking import wandb_mode
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    with caplog.at_level(logging.INFO, logger="simzss.engine.tracking"):
+        assert wandb_mode() == "offline"
+    assert any("WANDB_API_KEY" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"  # explicit mode beats credentials
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode() == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY")
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine example.com\n  login me\n  password pw\n")
+    netrc.chmod(0o600)
+    assert wandb_mode() == "offline"  # a netrc without a wandb entry
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "p" * 40 + "\n")
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    netrc.write_text("machine wandb.example.org\n  login user\n  password pw\n")
+    assert wandb_mode() == "online"  # a self-hosted server's entry
+    assert wandb_mode({"WANDB_MODE": "online"}, netrc_path=tmp_path / "missing") == "online"
+    assert wandb_mode({}, netrc_path=tmp_path / "missing") == "offline"

@@ -18,8 +18,16 @@ DataLoader takes batches from workers strictly round-robin (skipping finished wo
 is known exactly in the main process. On resume every worker replays its stream (same seeds) and
 discards the batches it had already delivered before collation/tokenisation. Cost: those samples are
 read, decoded and augmented again (about ``consumed / num_batches`` of an epoch's loading work, spread
-over the workers), but nothing is tokenised or sent between processes. Exact replay needs the same
-shards, ``seed``, ``world_size`` and number of workers; random crops are not replayed bit for bit.
+over the workers), but nothing is tokenised or sent between processes. A resumed DataLoader starts its
+round-robin at worker 0, so worker slots are rotated: slot ``w`` plays the *role* of original worker
+``(w + offset) % W`` (``offset`` = the role that was next), and everything a worker does (shard split,
+shuffle seed, crop seeds, share, skip count) depends on its role, not on its slot.
+
+Random crops: each sample is decoded under its own torch RNG seed derived from (seed, epoch, rank,
+role, sample index in the role's stream), inside ``torch.random.fork_rng``, so crops neither read nor
+disturb the process-wide RNG and a replayed stream re-crops every sample identically. Resumed with the
+same shards, ``seed``, ``world_size`` and number of workers, the stream continues bit for bit (keys and
+image tensors) as if it had not stopped; with another number of workers it continues approximately.
 
 Extending: :class:`TrainStream` is public so that other sample formats reuse all of the above; a subclass
 overrides :meth:`TrainStream.decode_sample` and :meth:`TrainStream.collate` (see its docstring and
@@ -228,9 +236,14 @@ def _repeated_shards(urls: Sequence[str], seed: int) -> Iterator[Dict[str, Any]]
         yield from wds.SimpleShardList(list(urls), seed=make_seed(seed, n))
 
 
-def _worker_seed(rank: int) -> int:
-    info = get_worker_info()
-    return rank * 1000 + (info.id if info is not None else 0)
+def _role_seed(rank: int, role: int) -> int:
+    """Resampling seed of worker role ``role`` of ``rank`` (a role, not the DataLoader's worker id; see Resume)."""
+    return rank * 1000 + role
+
+
+def _split_by_role(src: Iterable[Dict[str, Any]], role: int, num_workers: int) -> Iterator[Dict[str, Any]]:
+    """Every ``num_workers``-th shard from ``role`` on (``wds.split_by_worker`` by role instead of worker id)."""
+    return itertools.islice(src, role, None, num_workers)
 
 
 def _count_raw(src: Iterable[Dict[str, Any]], stats: SkipStats) -> Iterator[Dict[str, Any]]:
@@ -275,30 +288,37 @@ def _skip_batches(src: Iterable[List[Dict[str, Any]]], n: int, stats: SkipStats)
 
 
 class SharedState:
-    """Epoch, seed and per-worker resume offsets in shared memory, so that persistent workers see updates.
+    """Epoch, seed, per-role resume offsets and the role rotation in shared memory, so that persistent
+    workers see updates.
 
-    One per :class:`TrainLoader`; the loader writes it before each epoch, every worker reads its own row
-    when its stream starts (:meth:`TrainStream.__iter__`).
+    One per :class:`TrainLoader`; the loader writes it before each pass, every worker reads its role
+    (:meth:`role`) and that role's row when its stream starts (:meth:`TrainStream.__iter__`).
     """
 
-    _HEADER = 2  # epoch, seed
+    _HEADER = 3  # epoch, seed, role offset
 
     def __init__(self, num_workers: int, epoch: int = 0, seed: int = 0) -> None:
         self.num_workers = max(1, num_workers)
         self._arr = multiprocessing.Array("q", self._HEADER + self.num_workers)
         self.set(epoch, seed, [0] * self.num_workers)
 
-    def set(self, epoch: int, seed: int, skips: Sequence[int]) -> None:
-        """Publish the epoch, the stream seed and how many batches each worker must skip (resume)."""
+    def set(self, epoch: int, seed: int, skips: Sequence[int], offset: int = 0) -> None:
+        """Publish the epoch, the stream seed, how many batches each role must skip (resume) and the
+        rotation: DataLoader worker ``w`` plays role ``(w + offset) % num_workers``."""
         with self._arr.get_lock():
-            self._arr[0], self._arr[1] = int(epoch), int(seed)
+            self._arr[0], self._arr[1], self._arr[2] = int(epoch), int(seed), int(offset) % self.num_workers
             for i, s in enumerate(skips):
                 self._arr[self._HEADER + i] = int(s)
 
-    def get(self, worker: int) -> Tuple[int, int, int]:
-        """(epoch, seed, batches to skip for ``worker``)."""
+    def role(self, worker: int) -> int:
+        """The role (original worker index) DataLoader worker ``worker`` plays in this pass."""
         with self._arr.get_lock():
-            return int(self._arr[0]), int(self._arr[1]), int(self._arr[self._HEADER + worker])
+            return (worker + int(self._arr[2])) % self.num_workers
+
+    def get(self, role: int) -> Tuple[int, int, int]:
+        """(epoch, seed, batches to skip for worker role ``role``)."""
+        with self._arr.get_lock():
+            return int(self._arr[0]), int(self._arr[1]), int(self._arr[self._HEADER + role])
 
 
 class TrainStream(IterableDataset):
@@ -357,7 +377,8 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = self.state.role(slot) if num_workers > 1 else 0  # everything below depends on the role only
         epoch, seed, skip = self.state.get(worker)
         self.epoch, self.stream_seed = epoch, seed
         todo = worker_share(self.num_batches, worker, num_workers) - skip
@@ -366,12 +387,12 @@ class TrainStream(IterableDataset):
         stats = SkipStats(worker)
         if self.cfg.resampled:
             # Each worker draws shards with replacement from its own deterministic (seed, epoch, rank,
-            # worker) generator; no split is needed.
+            # role) generator; no split is needed.
             shards: List[Any] = [
                 wds.ResampledShards(
                     self.urls,
                     seed=make_seed(seed, epoch),
-                    worker_seed=partial(_worker_seed, self.rank),
+                    worker_seed=partial(_role_seed, self.rank, worker),
                     deterministic=True,
                 )
             ]
@@ -381,7 +402,7 @@ class TrainStream(IterableDataset):
             shards = [
                 partial(_repeated_shards, self.urls, make_seed(seed, epoch)),
                 partial(_split_by_node, rank=self.rank, world_size=self.world_size),
-                wds.split_by_worker,
+                partial(_split_by_role, role=worker, num_workers=num_workers),
             ]
         stages: List[Any] = [
             *shards,
@@ -393,16 +414,27 @@ class TrainStream(IterableDataset):
             buf = self.cfg.shuffle_buffer
             stages.append(wds.shuffle(buf, initial=min(buf, 100), seed=make_seed(seed, epoch, self.rank, worker)))
         stages += [
-            partial(self._decode_samples, stats=stats),
+            partial(self._decode_samples, stats=stats, crop_seed=make_seed(seed, epoch, self.rank, worker)),
             partial(_group, size=self.batch_size),
             partial(_skip_batches, n=skip, stats=stats),
             wds.map(partial(self.collate, stats=stats)),
         ]
         return iter(wds.DataPipeline(*stages).with_epoch(todo))
 
-    def _decode_samples(self, src: Iterable[Dict[str, Any]], stats: SkipStats) -> Iterator[Dict[str, Any]]:
-        for raw in src:
-            sample = self.decode_sample(raw, stats)
+    def _decode_samples(
+        self, src: Iterable[Dict[str, Any]], stats: SkipStats, crop_seed: int
+    ) -> Iterator[Dict[str, Any]]:
+        """Decode raw samples, each under its own torch seed (``crop_seed``, index in this role's stream).
+
+        torchvision's random crops draw from the global torch RNG; forking it per sample makes every crop a
+        function of the sample's position only (replayed exactly on resume, whatever the process RNG holds)
+        and leaves the caller's RNG untouched (the in-process ``workers=0`` path shares it with training).
+        Only the CPU generator is forked and seeded; CUDA generators are never touched.
+        """
+        for index, raw in enumerate(src):
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(make_seed(crop_seed, index))
+                sample = self.decode_sample(raw, stats)
             if sample is not None:
                 yield sample
 
@@ -569,7 +601,7 @@ class TrainLoader:
         self.epoch = 0
         self._done = [0] * max(1, num_workers)  # batches delivered by each worker in this epoch
         generator = torch.Generator()
-        generator.manual_seed(make_seed(seed, dataset.rank))  # worker base seeds -> augmentation RNG
+        generator.manual_seed(make_seed(seed, dataset.rank))  # worker base seeds (crops are seeded per sample)
         self.loader = DataLoader(
             dataset,
             batch_size=None,
@@ -599,10 +631,14 @@ class TrainLoader:
         shares = [worker_share(self.num_batches, w, workers) for w in range(workers)]
         remaining = [s - d for s, d in zip(shares, self._done)]
         if sum(remaining) > 0:
-            self.dataset.state.set(self.epoch, self.seed, self._done)
+            # A fresh DataLoader pass starts its round-robin at worker 0: rotate the roles so that worker 0
+            # plays the role that was next (the uninterrupted order is role = batch index % workers).
+            offset = sum(self._done) % workers
+            self.dataset.state.set(self.epoch, self.seed, self._done, offset=offset)
             # The DataLoader returns batches strictly round-robin over the workers that still have
-            # some, so this schedule says which worker produced each batch.
-            schedule = [w for r in range(max(remaining)) for w in range(workers) if remaining[w] > r]
+            # some, so this schedule says which role produced each batch.
+            roles = [(w + offset) % workers for w in range(workers)]
+            schedule = [role for r in range(max(remaining)) for role in roles if remaining[role] > r]
             batches = iter(self.loader)
             for produced, worker in enumerate(schedule):
                 try:

@@ -12,7 +12,7 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,46 @@ REPORT_TO = ("none", "wandb", "tensorboard")
 def new_run_id() -> str:
     """A short random id; reused on resume so wandb continues the same run."""
     return uuid.uuid4().hex[:8]
+
+
+def _netrc_has_wandb(env: Mapping[str, str], path: Optional[Path] = None) -> bool:
+    """Whether the netrc file (``path``, ``$NETRC`` or ``~/.netrc``) has an entry for the wandb API host
+    (``api.wandb.ai``, or the host of ``WANDB_BASE_URL``), as ``wandb login`` writes it."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if path is None:
+        path = Path(env.get("NETRC") or Path.home() / ".netrc")
+    if not path.is_file():
+        return False
+    try:
+        hosts = netrc.netrc(str(path)).hosts
+    except (OSError, netrc.NetrcParseError) as e:
+        log.info("cannot read %s (%s): not using it for wandb credentials", path, e)
+        return False
+    wanted = {"api.wandb.ai"}
+    if env.get("WANDB_BASE_URL"):
+        wanted.add(urlparse(env["WANDB_BASE_URL"]).hostname or "")
+    return bool(wanted & set(hosts))
+
+
+def wandb_mode(environ: Optional[Mapping[str, str]] = None, netrc_path: Optional[Path] = None) -> str:
+    """The wandb mode to run in: ``WANDB_MODE`` when set; else ``online`` when credentials exist
+    (``WANDB_API_KEY``, or a wandb entry in ``~/.netrc``); else ``offline`` (logged at INFO, saying why).
+
+    Decided from the environment and the netrc file only: the network is never probed.
+    """
+    env = os.environ if environ is None else environ
+    mode = env.get("WANDB_MODE", "").strip()
+    if mode:
+        return mode
+    if env.get("WANDB_API_KEY", "").strip():
+        return "online"
+    if _netrc_has_wandb(env, netrc_path):
+        return "online"
+    log.info("wandb: offline (no WANDB_API_KEY and no wandb entry in ~/.netrc; set WANDB_MODE=online or run "
+             "`wandb login` to sync live, or `wandb sync` the run folder later)")
+    return "offline"
 
 
 def _jsonable(v: Any) -> Any:
@@ -35,7 +75,7 @@ def _jsonable(v: Any) -> Any:
 class MetricLogger:
     """Writes metric dicts to ``run_dir/metrics.jsonl`` and the configured tracker.
 
-    wandb runs offline unless ``WANDB_MODE`` says otherwise (the machines may have no network);
+    wandb's mode comes from :func:`wandb_mode` (``WANDB_MODE``, else online with credentials, else offline);
     the run id is passed in so that a resumed job appends to the same wandb run (``resume="allow"``).
     """
 
@@ -71,7 +111,7 @@ class MetricLogger:
                 id=run_id,
                 resume="allow",
                 dir=str(self.run_dir),
-                mode=os.environ.get("WANDB_MODE", "offline"),
+                mode=wandb_mode(),
                 config=config,
             )
         elif report_to == "tensorboard":
@@ -108,4 +148,4 @@ class MetricLogger:
             self._tb = None
 
 
-__all__ = ["MetricLogger", "new_run_id", "REPORT_TO"]
+__all__ = ["MetricLogger", "new_run_id", "wandb_mode", "REPORT_TO"]

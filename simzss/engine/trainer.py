@@ -15,6 +15,7 @@ cache's ``meta.json`` (:func:`check_feature_cache`): features from other weights
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -663,6 +664,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file in the TrainConfig schema (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. batch_size=256 model.text.layers=6")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue from the newest checkpoint of this run (latest) or from a checkpoint / run folder; "
+                   "same as the override resume=..., and takes precedence over it")
     return p
 
 
@@ -672,6 +676,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
+        if args.resume is not None:
+            if not args.resume.strip():
+                raise ConfigError("--resume needs 'latest' or a checkpoint path")
+            # Set on the dataclass, not as a dotlist override: a path is taken verbatim (no YAML parsing).
+            cfg = dataclasses.replace(cfg, resume=args.resume)
         validate_config(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"simzss train: config error: {e}", file=sys.stderr)
@@ -689,7 +698,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     if result["stopped"]:
         print(f"simzss train: stopped by {result['stopped']} at step {result['step']}, checkpoint "
-              f"{result['checkpoint']}; resume with resume=latest", file=sys.stderr)
+              f"{result['checkpoint']}; resume with --resume latest", file=sys.stderr)
     return 0
 
 
