@@ -184,34 +184,35 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return image, mask
 
 
-def _voc(path: Path, with_background: bool) -> SegmentationDataset:
-    name = "voc" if with_background else "voc20"
-    root = _pick_root(path, ["VOC2012", "VOCdevkit/VOC2012", ""], "JPEGImages", name)
+def _voc_layout(path: Path, name: str, version: str, marker: str, mask_folder: str, split_folder: str, classes: str,
+                with_background: bool) -> SegmentationDataset:
+    """A VOCdevkit-style dataset (Pascal VOC, Pascal Context): JPEGImages, a PNG mask folder, a val split file.
+
+    ``marker`` is the folder that identifies the dataset's root. Mask value 0 is background: a class of its own
+    ``with_background``, else ignored (labels shift down by one).
+    """
+    root = _pick_root(path, [version, f"VOCdevkit/{version}", ""], marker, name)
     img_dir = _require(root / "JPEGImages", "image folder", name)
-    mask_dir = _require(root / "SegmentationClass", "mask folder", name)
-    ids = _read_split(root / "ImageSets" / "Segmentation" / "val.txt", name)
+    mask_dir = _require(root / mask_folder, "mask folder", name)
+    ids = _read_split(root / "ImageSets" / split_folder / "val.txt", name)
     items = [(i, img_dir / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids]
     _check_exist([it[1] for it in items], "images", name)
     _check_exist([it[2] for it in items], "masks", name)
-    fg = load_classnames("voc20")
+    fg = load_classnames(classes)
     if with_background:
         return SegmentationDataset(name, root, ["background"] + fg, True, items)
     return SegmentationDataset(name, root, fg, False, items, label_lut=_lut_reduce_zero())
+
+
+def _voc(path: Path, with_background: bool) -> SegmentationDataset:
+    name = "voc" if with_background else "voc20"
+    return _voc_layout(path, name, "VOC2012", "JPEGImages", "SegmentationClass", "Segmentation", "voc20", with_background)
 
 
 def _context(path: Path, with_background: bool) -> SegmentationDataset:
     name = "context60" if with_background else "context59"
-    root = _pick_root(path, ["VOC2010", "VOCdevkit/VOC2010", ""], "SegmentationClassContext", name)
-    img_dir = _require(root / "JPEGImages", "image folder", name)
-    mask_dir = root / "SegmentationClassContext"
-    ids = _read_split(root / "ImageSets" / "SegmentationContext" / "val.txt", name)
-    items = [(i, img_dir / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids]
-    _check_exist([it[1] for it in items], "images", name)
-    _check_exist([it[2] for it in items], "masks", name)
-    fg = load_classnames("context59")
-    if with_background:
-        return SegmentationDataset(name, root, ["background"] + fg, True, items)
-    return SegmentationDataset(name, root, fg, False, items, label_lut=_lut_reduce_zero())
+    masks = "SegmentationClassContext"
+    return _voc_layout(path, name, "VOC2010", masks, masks, "SegmentationContext", "context59", with_background)
 
 
 def _coco_layout(path: Path, name: str, suffix: str) -> Tuple[Path, List[Tuple[str, Path, Path]]]:
