@@ -2,7 +2,7 @@
 
 import sys
 
-from simzss.eval.runner import main
+from simzss.cli.eval import main
 
 if __name__ == "__main__":
     sys.exit(main())

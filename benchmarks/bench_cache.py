@@ -89,7 +89,7 @@ def run(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     from simzss.data.synthetic import generate_toy_world
     from simzss.data.tokenize import train_bpe_tokenizer
     from simzss.engine.trainer import train
-    from simzss.features import cache_features
+    from simzss.cli.cache_features import cache_features
     from simzss.models.vision import FrozenVisionTower
 
     if args.threads:

@@ -52,7 +52,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from simzss.eval.segmentation import resized_shape, segment_image, slide_windows
+    from simzss.models.zeroshot import resized_shape, segment_image, slide_windows
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,3 +1,5 @@
+"""``python -m simzss COMMAND ...``: the same as the ``simzss`` console script."""
+
 import sys
 
 from simzss.cli import main

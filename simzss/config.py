@@ -1,7 +1,9 @@
 """Typed configuration for training and models.
 
 Configs are plain dataclasses. YAML files and ``key.sub=value`` command-line overrides are merged
-onto them with OmegaConf, which rejects unknown keys by name. Library code receives these
+onto them with OmegaConf, which rejects unknown keys by name; a list override whose items hold brace
+patterns (``data.shards=[/data/{00000..00059}.tar]``, not valid YAML) is read item by item, and any other
+unparseable value is a one-line :class:`ConfigError` saying how to quote it. Library code receives these
 dataclasses (or explicit arguments taken from them), never an argparse namespace.
 """
 
@@ -12,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
 
+import json
+import re
+
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -25,6 +31,12 @@ class VisionConfig:
     weights: Optional[str] = None  # local weights file (.safetensors/.pth/.bin); implies no hub download
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (e.g. depth)
     compile: bool = False
+    denoiser: str = "none"  # none | dvt (DVT transformer block on the final-norm patch tokens; CLS untouched)
+    denoiser_weights: Optional[str] = None  # local DVT weights file (key "denoiser"); needed for dvt unless included
+    # Input statistics: imagenet (what DINOv2 was trained with; always for training) | clip (what the official
+    # release fed its frozen DINOv2 by mistake; set on imported release checkpoints, whose text towers were
+    # aligned to features of CLIP-normalised images)
+    normalization: str = "imagenet"
 
 
 @dataclass
@@ -37,7 +49,9 @@ class TextConfig:
     width: int = 512
     heads: int = 8
     context_length: int = 77
-    pooling: str = "eos"  # eos (last non-pad token) | cls (first token) | mean
+    pooling: str = "eos"  # eos (last non-pad token) | cls (first token) | mean | argmax (highest token id: open_clip)
+    proj_bias: bool = True  # bias of the projection g (open_clip's text_projection has none)
+    activation: str = "gelu"  # MLP activation of the scratch tower: gelu | quick_gelu
     compile: bool = False
 
 
@@ -47,20 +61,31 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     tokenizer: str = "openai/clip-vit-base-patch32"  # HF fast tokenizer, hub name or local path
     tau: float = 0.1  # temperature of the patch-query softmax
-    query: str = "concept"  # concept (the paper) | prototype (the official release)
+    # Where the paper and the official release disagree, the defaults are the release's: its code produced the
+    # published numbers (docs/recipe.md lists every knob; the paper's choices are one override away).
+    query: str = "prototype"  # prototype (the official release) | concept (the paper)
     concept_weight: float = 0.05  # lambda; 0 turns SimZSS into LiT
-    concept_target: str = "label"  # label (true labels) | argmax (official release)
+    concept_target: str = "argmax"  # argmax (the official release) | label (true labels, the paper)
     concept_scale: Optional[float] = 1 / 0.07  # fixed logit scale of the concept loss; null = learned scale
+    # Text concept c_t of a caption span: "mean" (the paper: mean of the span's tokens, then g) or
+    # "sum_normalized" (the official release: sum over the span of L2-normalised g(token)).
+    concept_pooling: str = "sum_normalized"
+    # Class prototype = normalize(sum of its concepts); true L2-normalises each concept first (the paper),
+    # false sums them as pooled (the official release: multi-token concepts weigh more).
+    prototype_member_norm: bool = False
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100.0)
 
 
 @dataclass
 class DataConfig:
-    shards: List[str] = field(default_factory=list)  # brace patterns, paths, pipe: or URLs
+    shards: List[str] = field(default_factory=list)  # brace patterns, paths, folders, list files, pipe: or URLs
+    allow_pipe_in_shard_lists: bool = False  # pipe: lines inside shard list files (shards.txt) run shell commands
+    max_image_pixels: int = 40_000_000  # decode cap per image (JPEGs shrink to fit, others are skipped); 0 = none
     num_samples: Optional[int] = None  # samples per epoch; default: sum of sizes.json
     image_size: int = 224
     crop_scale: Tuple[float, float] = (0.9, 1.0)
+    interpolation: str = "bicubic"  # resampling of the random resized crop: bicubic (the official release) | bilinear
     workers: int = 4
     shuffle_buffer: int = 1000
     resampled: bool = False
@@ -137,12 +162,52 @@ def load_config(
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist([_parseable_override(o) for o in overrides]))
     except ConfigKeyError as e:
         raise ConfigError(f"unknown config key: {e.full_key!s} ({e.msg.splitlines()[0]})") from None
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).splitlines()[0] + (f" (key: {e.full_key})" if getattr(e, "full_key", None) else "")) from None
     return OmegaConf.to_object(base)  # type: ignore[return-value]
+
+
+def _split_list_items(inner: str) -> List[str]:
+    """Split the inside of ``[a, b{1..3}, c]`` at commas outside braces and quotes."""
+    items, depth, quote, cur = [], 0, "", ""
+    for ch in inner:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    items.append(cur)
+    return [i.strip().strip("'\"") for i in items if i.strip()]
+
+
+def _parseable_override(override: str) -> str:
+    """``key=value`` as OmegaConf will parse it: a list whose items hold brace patterns
+    (``data.shards=[/data/{00000..00059}.tar]``, which YAML reads as a broken mapping) gets its items quoted;
+    any other value YAML cannot read is a :class:`ConfigError` saying how to quote it."""
+    key, value = override.split("=", 1)
+    try:
+        yaml.safe_load(value)
+        return override
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+    stripped = value.strip()
+    if stripped.startswith("[") and stripped.endswith("]") and re.search(r"[{}]", stripped):
+        return f"{key}={json.dumps(_split_list_items(stripped[1:-1]))}"
+    raise ConfigError(
+        f"override {override!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+        f"{key}=\"'...'\" for a string or {key}=\"['a', 'b']\" for a list"
+    )
 
 
 def config_from_dict(schema: type[T], data: Dict[str, Any]) -> T:

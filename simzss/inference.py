@@ -2,7 +2,7 @@
 
 ``simzss segment IMAGE --model PATH --labels "cat,grass,sky" --out overlay.png [--out-mask mask.png]``
 loads an export (or a trainer checkpoint), runs sliding-window zero-shot segmentation
-(:func:`simzss.eval.segment_image`) and writes the picture with a semi-transparent colour overlay and a
+(:func:`simzss.models.zeroshot.segment_image`) and writes the picture with a semi-transparent colour overlay and a
 legend below it; ``--out-mask`` writes the raw label map (uint8 PNG, pixel value = index into the labels).
 """
 
@@ -15,14 +15,20 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
-if TYPE_CHECKING:  # pragma: no cover
-    from simzss.models.simzss import SimZSS
+from simzss.data.shards import current_umask
+from simzss.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, image_to_tensor, load_image
+from simzss.io.load import load_model
+from simzss.models.pretrained import ExportError
+from simzss.models.simzss import SimZSS
+from simzss.models.zeroshot import get_mean_std, model_device, segment_image, text_classifier
+from simzss.helpformat import HelpFormatter
+from simzss.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -63,39 +69,9 @@ def parse_labels(text: str) -> List[str]:
     return labels
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open a picture as RGB with its EXIF orientation applied; a clear error if it is missing or unreadable."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such image file")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"{p}: cannot read the image ({e})") from None
-
-
-def image_to_tensor(image: Image.Image, model: Any = None) -> torch.Tensor:
-    """A PIL picture as a float ``[1, 3, H, W]`` tensor normalised for ``model``'s vision tower (ImageNet mean/std
-    when unknown); no resizing: slide inference resizes."""
-    from torchvision.transforms.v2 import functional as F
-
-    from simzss.eval.segmentation import get_mean_std
-
-    mean, std = get_mean_std(model)
-    x = F.to_dtype(F.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
-    return F.normalize(x, mean=mean.tolist(), std=std.tolist()).unsqueeze(0)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.inference_mode()
 def segment_pil(
-    model: "SimZSS",
+    model: SimZSS,
     image: Image.Image,
     labels: Sequence[str],
     *,
@@ -109,12 +85,10 @@ def segment_pil(
     """Zero-shot segmentation of one PIL picture into ``labels``.
 
     ``templates`` is a built-in template set name (``single``, ``imagenet80``, ``tcl9``) or a list of prompts
-    with ``{}``; extra keywords go to :func:`simzss.eval.segment_image`. Returns the label map (uint8
+    with ``{}``; extra keywords go to :func:`simzss.models.zeroshot.segment_image`. Returns the label map (uint8
     ``[H, W]``, index into ``labels``) and the per-label probabilities (float ``[C, H, W]`` on the CPU) at the
     picture's size. With ``background="threshold"`` channel/index 0 is background and label i is index i + 1.
     """
-    from simzss.eval import segment_image, text_classifier
-
     labels = list(labels)
     if not labels:
         raise ValueError("no labels given")
@@ -122,9 +96,9 @@ def segment_pil(
     if channels > MAX_LABELS:
         raise ValueError(f"at most {MAX_LABELS} classes (the label map is uint8), got {channels}")
     model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     classifier = text_classifier(model, labels, templates)
-    x = image_to_tensor(image, model).to(device)
+    x = image_to_tensor(image, *get_mean_std(model)).to(device)
     scores = segment_image(
         model, x, classifier, short_side=short_side, crop=crop, stride=stride, window_batch=window_batch, **slide_kw
     )
@@ -154,10 +128,13 @@ def render_overlay(
     alpha: float = 0.5,
     *,
     colors: Optional[np.ndarray] = None,
+    min_width: int = 0,
 ) -> Image.Image:
     """The picture with each label's pixels tinted in its colour, and a legend (swatch + name) added below.
 
     The result is RGB, as wide as ``image`` and taller by the legend. ``alpha`` is the overlay opacity.
+    A picture narrower than ``min_width`` is first upscaled by a whole factor (label map: nearest), so that a
+    small image still gives a readable overlay and legend.
     """
     label_map = np.asarray(label_map)
     if label_map.shape != (image.height, image.width):
@@ -172,12 +149,17 @@ def render_overlay(
     if palette.shape != (len(labels), 3):
         raise ValueError(f"colors must be [{len(labels)}, 3], got {palette.shape}")
 
+    if image.width < min_width:
+        factor = -(-min_width // image.width)
+        size = (image.width * factor, image.height * factor)
+        image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        label_map = np.kron(label_map, np.ones((factor, factor), dtype=label_map.dtype))
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     tint = palette[label_map.astype(np.int64)].astype(np.float32)
     blended = Image.fromarray(np.clip((1 - alpha) * base + alpha * tint + 0.5, 0, 255).astype(np.uint8))
 
     w = image.width
-    font_size = int(np.clip(round(w / 45), 10, 28))
+    font_size = int(np.clip(round(w / 32), 14, 28))
     font = ImageFont.load_default(size=font_size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad, gap = max(4, font_size // 3), max(3, font_size // 4)
@@ -217,6 +199,7 @@ def _save_atomic(image: Image.Image, path: Path, fmt: Optional[str] = None) -> N
     try:
         with os.fdopen(fd, "wb") as fh:
             image.save(fh, format=fmt)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; outputs follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -224,8 +207,22 @@ def _save_atomic(image: Image.Image, path: Path, fmt: Optional[str] = None) -> N
 
 
 def _pick_device(name: str) -> torch.device:
+    """``--device``: auto picks cuda, then mps, then cpu; an explicit device must exist (ValueError saying so)."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise ValueError(f"--device {name}: not a device name ({e}); use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
+            if device.index is not None and device.index >= count:
+                raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                         and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu (or auto)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -235,6 +232,7 @@ def _pick_device(name: str) -> torch.device:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         prog="simzss segment",
         description="Segment one image into free-form labels and write a coloured overlay with a legend.",
     )
@@ -243,24 +241,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help='comma-separated class names, e.g. "cat,grass,sky"')
     p.add_argument("--out", required=True, help="overlay picture to write (.png, .jpg)")
     p.add_argument("--out-mask", help="also write the label map as a uint8 PNG (pixel = index into --labels)")
-    p.add_argument("--templates", default="single", help="prompt template set: single | imagenet80 | tcl9 (default single)")
-    p.add_argument("--short-side", type=int, default=448, help="resize the short side to this before sliding (448)")
-    p.add_argument("--crop", type=int, default=448, help="sliding window size (448)")
-    p.add_argument("--stride", type=int, default=224, help="sliding window stride (224)")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1] (0.5)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps (default auto)")
+    p.add_argument("--templates", default="single", help="prompt template set: single | imagenet80 | tcl9")
+    p.add_argument("--short-side", type=int, default=448, help="resize the short side to this before sliding")
+    p.add_argument("--crop", type=int, default=448, help="sliding window size")
+    p.add_argument("--stride", type=int, default=224, help="sliding window stride")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="largest image decoded, in pixels; bigger JPEGs are "
+                   "decoded at 1/2, 1/4 or 1/8 scale, other bigger images are refused; 0 = no limit")
+    p.add_argument("--min-width", type=int, default=0,
+                   help="upscale a narrower picture by a whole factor before drawing, so that the overlay and its "
+                   "legend stay readable (e.g. 448 for small images)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``simzss segment IMAGE --model PATH --labels ... --out overlay.png``."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from simzss.export import ExportError, load_model
+    setup_logging()
 
     try:
         labels = parse_labels(args.labels)
-        image = load_image(args.image)
+        image = load_image(args.image, max_pixels=args.max_pixels)
         out, out_mask = Path(args.out), Path(args.out_mask) if args.out_mask else None
         if out_mask is not None and out_mask.suffix.lower() != ".png":
             raise ValueError(f"--out-mask must be a .png file (lossless), got {out_mask}")
@@ -268,11 +271,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--out {out}: unknown picture format {out.suffix!r}; use .png or .jpg")
         if not 0.0 <= args.alpha <= 1.0:
             raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
-        model = load_model(args.model, _pick_device(args.device))
+        device = _pick_device(args.device)
+        model = load_model(args.model, device)
         label_map, _ = segment_pil(
             model, image, labels, templates=args.templates, short_side=args.short_side, crop=args.crop, stride=args.stride
         )
-        _save_atomic(render_overlay(image, label_map, labels, alpha=args.alpha), out)
+        _save_atomic(render_overlay(image, label_map, labels, alpha=args.alpha, min_width=args.min_width), out)
         if out_mask is not None:
             _save_atomic(Image.fromarray(label_map), out_mask, "PNG")
     except (ExportError, OSError, ValueError, KeyError) as e:  # KeyError: unknown template set

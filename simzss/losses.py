@@ -24,6 +24,7 @@ run) leaves ``class_prototypes`` / ``concept_loss`` with no host sync at all.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -78,7 +79,11 @@ def _gather_varlen(x: Tensor, *, with_grad: bool, sizes: list[int] | None = None
     if with_grad:
         from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
-        parts = list(all_gather_with_grad(padded.contiguous()))
+        # Recent torch marks this function deprecated with a FutureWarning on every call (every step, per rank);
+        # it still works and its backward is the one we need, so silence only that warning here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*distributed\.nn\.functional\.all_gather", category=FutureWarning)
+            parts = list(all_gather_with_grad(padded.contiguous()))
         parts[rank] = padded  # the local slice keeps its direct autograd path
     else:
         parts = [torch.empty_like(padded) for _ in range(world)]
@@ -217,20 +222,27 @@ def concept_targets(labels: Tensor, device: torch.device | str | None = None) ->
 
 
 def class_prototypes(
-    text_concepts: Tensor, labels: Tensor, *, targets: ConceptTargets | None = None
+    text_concepts: Tensor,
+    labels: Tensor,
+    *,
+    targets: ConceptTargets | None = None,
+    normalize_members: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Class prototypes over the global batch for the classes present.
 
     Gathers ``text_concepts`` [n, D] (with gradient) and ``labels`` [n] from all ranks and returns
     ``(prototypes [C, D], classes [C], local_index [n])``: h_i = normalize(Σ_{j: q_j = i}
     normalize(c_t,j)) for the C sorted present classes, and each local concept's row in it.
-    ``targets`` (``concept_targets(labels)``, computed earlier) avoids any host sync here.
+    ``normalize_members=False`` sums the concepts as they are (the official release; a concept
+    pooled as a sum of k unit tokens then weighs up to k times more). ``targets``
+    (``concept_targets(labels)``, computed earlier) avoids any host sync here.
     """
     if targets is None:
         targets = concept_targets(labels, text_concepts.device)
     all_text, _ = _gather_varlen(text_concepts, with_grad=True, sizes=targets.sizes)
+    members = F.normalize(all_text, dim=-1) if normalize_members else all_text
     protos = all_text.new_zeros((targets.classes.numel(), all_text.shape[-1]))
-    protos = F.normalize(protos.index_add(0, targets.global_index, F.normalize(all_text, dim=-1)), dim=-1)
+    protos = F.normalize(protos.index_add(0, targets.global_index, members), dim=-1)
     return protos, targets.classes, targets.local_index
 
 
@@ -252,6 +264,7 @@ def concept_loss(
     *,
     return_stats: bool = False,
     targets: ConceptTargets | None = None,
+    normalize_members: bool = True,
 ) -> Tensor | ConceptLossStats:
     """SimZSS concept loss L_l over the global batch.
 
@@ -264,6 +277,7 @@ def concept_loss(
     zero loss that is still connected to the inputs' graph. ``return_stats=True`` returns a
     ``ConceptLossStats`` with the accuracy and the global concept / class counts. ``targets``
     (``concept_targets(labels)``, computed before the forward pass) leaves no host sync in here.
+    ``normalize_members``: see ``class_prototypes``.
     """
     if target not in ("label", "argmax"):
         raise ValueError(f"concept target must be 'label' or 'argmax', got {target!r}")
@@ -283,7 +297,9 @@ def concept_loss(
         nan = torch.full((), float("nan"), device=zero.device)
         return ConceptLossStats(zero, nan, 0, 0) if return_stats else zero
 
-    protos, classes, local_target = class_prototypes(text_concepts, labels, targets=targets)
+    protos, classes, local_target = class_prototypes(
+        text_concepts, labels, targets=targets, normalize_members=normalize_members
+    )
     logits = scale * F.normalize(visual_concepts, dim=-1) @ protos.T  # [n, C]
     pred = logits.detach().argmax(dim=-1)
     tgt = pred if target == "argmax" else local_target

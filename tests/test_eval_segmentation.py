@@ -13,14 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from simzss.eval.metrics import confusion_matrix, segmentation_scores
-from simzss.eval.segmentation import (
-    evaluate_segmentation,
-    resized_shape,
-    segment_image,
-    slide_cosine,
-    slide_windows,
-    text_classifier,
-)
+from simzss.eval.segmentation import evaluate_segmentation
+from simzss.models.zeroshot import resized_shape, segment_image, slide_cosine, slide_windows, text_classifier
 
 torch.set_num_threads(1)
 

@@ -251,10 +251,10 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def exported_tiny(tmp_path_factory) -> Path:
-    """A random-init tiny SimZSS saved with simzss.export.save_pretrained."""
+    """A random-init tiny SimZSS saved with simzss.io.save_pretrained."""
     from simzss.config import ModelConfig, TextConfig, VisionConfig
     from simzss.data.tokenize import train_bpe_tokenizer
-    from simzss.export import save_pretrained
+    from simzss.io import save_pretrained
     from simzss.models.simzss import SimZSS
 
     torch.manual_seed(0)
@@ -298,7 +298,7 @@ def test_cli_segmentation_json_and_run_report(exported_tiny: Path, tmp_path: Pat
 
 
 def test_cli_retrieval_and_errors(exported_tiny: Path, tmp_path: Path, capsys) -> None:
-    from simzss.eval.runner import checkpoint_step, main
+    from simzss.cli.eval import checkpoint_step, main
 
     js = write_karpathy(tmp_path / "ret")
     assert main([str(exported_tiny), "--task", "retrieval", "--datasets", f"karpathy:{js}", "--image-size", "28",
@@ -314,7 +314,7 @@ def test_cli_failed_datasets_are_one_line_errors_and_exit_1(exported_tiny: Path,
                                                             caplog) -> None:
     from test_eval_datasets import write_tar  # the tar writer of the dataset tests
 
-    from simzss.eval.runner import main
+    from simzss.cli.eval import main
 
     js = write_karpathy(tmp_path / "ret")
     (tmp_path / "junk.tar").write_bytes(b"not a tar" * 200)  # every shard unreadable -> DatasetError
@@ -352,7 +352,7 @@ def test_cli_failed_datasets_are_one_line_errors_and_exit_1(exported_tiny: Path,
 
 def test_cli_oserror_from_one_dataset_does_not_stop_the_others(monkeypatch, tmp_path: Path, caplog) -> None:
     from simzss.data.shards import ShardReadError
-    from simzss.eval import runner
+    from simzss.cli import eval as runner
 
     def fake_run_task(model, task, spec, args, accelerator):
         if spec.startswith("bad"):

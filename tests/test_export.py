@@ -13,7 +13,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import TINY_CAPTIONS, TINY_VISION, tiny_model_config, tiny_tokenizer
-from simzss import export as ex
+import simzss.io as sio
+from simzss.io import export as ex
+from simzss.models.pretrained import load_tokenizer_dir
 from simzss.config import TextConfig, TrainConfig, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +68,7 @@ def test_round_trip_same_embeddings_and_segmentation(tiny, exported) -> None:
     assert meta["format_version"] == ex.FORMAT_VERSION
     assert meta["vision_weights_included"] is True  # random-init tower: auto-included
     assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer"]
-    loaded = ex.load_pretrained(exported)
+    loaded = sio.load_pretrained(exported)
     assert not loaded.training and loaded.config == model.config
     _same_embeddings(model, loaded)
 
@@ -86,8 +88,8 @@ def test_loading_needs_no_training_code(exported) -> None:
     import sys
 
     code = (
-        "import sys; from simzss.export import load_pretrained; m = load_pretrained(sys.argv[1]); "
-        "bad = sorted(k for k in sys.modules if k.startswith(('simzss.engine', 'simzss.data', 'simzss.eval', "
+        "import sys; from simzss import SimZSS; m = SimZSS.from_pretrained(sys.argv[1]); "
+        "bad = sorted(k for k in sys.modules if k.startswith(('simzss.engine', 'simzss.data.stream', 'simzss.data.prepare', 'simzss.eval', "
         "'webdataset', 'spacy'))); print(bad); sys.exit(1 if bad else 0)"
     )
     run = subprocess.run([sys.executable, "-c", code, str(exported)], capture_output=True, text=True, timeout=120)
@@ -149,11 +151,11 @@ def test_partial_export_is_not_loadable(exported, tmp_path) -> None:
     with open(broken / "model.safetensors", "r+b") as fh:
         fh.truncate(100)
     with pytest.raises(ex.ExportError, match="incomplete"):
-        ex.load_pretrained(broken)
+        sio.load_pretrained(broken)
     (broken / "config.json").unlink()
     assert not ex.is_export(broken)
     with pytest.raises(ex.ExportError, match="no config.json"):
-        ex.load_pretrained(broken)
+        sio.load_pretrained(broken)
 
 
 def test_newer_format_is_refused(exported, tmp_path) -> None:
@@ -165,7 +167,7 @@ def test_newer_format_is_refused(exported, tmp_path) -> None:
     meta["format_version"] = ex.FORMAT_VERSION + 1
     (newer / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ex.ExportError, match="newer simzss"):
-        ex.load_pretrained(newer)
+        sio.load_pretrained(newer)
 
 
 def test_overwrite_refusal(tiny, tmp_path) -> None:
@@ -212,7 +214,7 @@ def test_hub_vision_is_referenced_by_name(tiny, tmp_path, monkeypatch) -> None:
         return real_create(name, pretrained=False, **kwargs)  # no network: stand in for the download
 
     monkeypatch.setattr(timm, "create_model", fake_create)
-    loaded = ex.load_pretrained(out)
+    loaded = sio.load_pretrained(out)
     assert any(name == TINY_VISION and pretrained and kw.get("depth") == 2 for name, pretrained, kw in calls), calls
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_texts(TINY_CAPTIONS), model.encode_texts(TINY_CAPTIONS), rtol=0, atol=1e-6)
@@ -245,7 +247,7 @@ def test_export_command_from_checkpoint(tiny, tmp_path, capsys) -> None:
     assert "included" in capsys.readouterr().out
     card = (out / "README.md").read_text()
     assert "At training step 10" in card and "| folder:/toy/val | mIoU | 41.5 |" in card and "run_name: tiny" in card
-    _same_embeddings(model, ex.load_pretrained(out))
+    _same_embeddings(model, sio.load_pretrained(out))
     assert ex.main([str(run), str(out)]) == 1  # exists
     assert "--overwrite" in capsys.readouterr().err
 
@@ -373,7 +375,7 @@ def test_pretrained_text_tower_export_loads_offline(tiny, tmp_path, monkeypatch,
     from simzss.models.simzss import SimZSS
 
     _, tok_dir, _ = tiny
-    tok = ex._load_tokenizer_dir(tok_dir)
+    tok = load_tokenizer_dir(tok_dir)
     base = tmp_path / "base-model"
     text_cfg = _save_tiny_hf_text_model(kind, base, len(tok))
     cfg = dataclasses.replace(tiny_model_config(str(tok_dir)), text=text_cfg)
@@ -391,7 +393,7 @@ def test_pretrained_text_tower_export_loads_offline(tiny, tmp_path, monkeypatch,
                        ckpt / "model.safetensors")
     (ckpt / "config.yaml").write_text(to_yaml(TrainConfig(model=cfg, run_name="tiny")))
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1}))
-    assert ex.write_text_config(model, ckpt) == ckpt / "text_config"
+    assert sio.write_text_config(model, ckpt) == ckpt / "text_config"
 
     shutil.rmtree(base)  # the base model is gone, and the hub is unreachable
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -401,17 +403,17 @@ def test_pretrained_text_tower_export_loads_offline(tiny, tmp_path, monkeypatch,
         raise AssertionError(f"from_pretrained called while loading an export: {args}")
 
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_download)
-    loaded = ex.load_pretrained(out)
+    loaded = sio.load_pretrained(out)
     assert loaded.config.text.name_or_path == str(base)
     _same_embeddings(model, loaded)
-    _same_embeddings(model, ex.load_checkpoint(ckpt))
+    _same_embeddings(model, sio.load_checkpoint(ckpt))
     again = ex.export_checkpoint(ckpt, tmp_path / "export2")
     assert (again / "text_config" / "config.json").is_file()
-    _same_embeddings(model, ex.load_pretrained(again))
+    _same_embeddings(model, sio.load_pretrained(again))
 
     # a damaged text config (same size, so it passes the completeness check) is a clear error
     saved = out / "text_config" / "config.json"
     size = saved.stat().st_size
     saved.write_text(json.dumps({"model_type": "no_such_model"}).ljust(size))
     with pytest.raises(ex.ExportError, match="cannot load the text model config"):
-        ex.load_pretrained(out)
+        sio.load_pretrained(out)

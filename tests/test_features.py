@@ -38,7 +38,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
     from simzss.concepts import ConceptBank, ConceptExtractor
     from simzss.data.synthetic import generate_toy_world
     from simzss.data.tokenize import train_bpe_tokenizer
-    from simzss.features import main
+    from simzss.cli.cache_features import main
     from simzss.models.vision import FrozenVisionTower
 
     torch.set_num_threads(1)
@@ -84,7 +84,7 @@ def _model_cfg(weights: Path) -> ModelConfig:
 
 
 def _loader(world: Dict[str, Any], batch_size: int = 4, workers: int = 0, **kw: Any) -> Any:
-    from simzss.features import build_cached_loader
+    from simzss.data.features import build_cached_loader
 
     cfg = DataConfig(feature_cache=str(world["cache"]), workers=workers, **{"shuffle_buffer": 8, **kw})
     return build_cached_loader(cfg, world["tokenizer"], world["bank"], batch_size=batch_size, context_length=32)
@@ -172,7 +172,7 @@ def test_forward_on_cached_batch_equals_forward_on_images(world: Dict[str, Any])
 
 
 def test_incompatible_cache_is_refused(world: Dict[str, Any]) -> None:
-    from simzss.features import CacheError, check_cache_compatible, read_cache_meta
+    from simzss.data.features import CacheError, check_cache_compatible, read_cache_meta
 
     meta = read_cache_meta(world["cache"])
     cfg = _model_cfg(world["weights"])
@@ -200,7 +200,8 @@ def test_incompatible_cache_is_refused(world: Dict[str, Any]) -> None:
 def test_interrupted_cache_is_refused_then_resumed(world: Dict[str, Any], tmp_path: Path) -> None:
     import shutil
 
-    from simzss.features import CacheError, cache_features
+    from simzss.cli.cache_features import cache_features
+    from simzss.data.features import CacheError
 
     cache = tmp_path / "cache"
     shutil.copytree(world["cache"], cache)
@@ -223,7 +224,7 @@ def test_interrupted_cache_is_refused_then_resumed(world: Dict[str, Any], tmp_pa
 
 
 def test_augmented_views_are_seeded(world: Dict[str, Any], tmp_path: Path) -> None:
-    from simzss.features import cache_features
+    from simzss.cli.cache_features import cache_features
 
     vision = VisionConfig(name=VISION, pretrained=False, weights=str(world["weights"]), model_kwargs=dict(VISION_KW))
     shard = [str(world["prepared"] / "shard-000000.tar")]
@@ -270,11 +271,11 @@ def test_pickled_arrays_are_never_loaded(world: Dict[str, Any], tmp_path: Path) 
 
 
 def test_cli_errors_are_clear(world: Dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from simzss.features import main
+    from simzss.cli.cache_features import main
 
     assert main([str(tmp_path / "missing.tar"), "--out", str(tmp_path / "o"), "--vision", VISION,
                  "--image-size", "56", "--no-pretrained"]) == 2
-    assert "shard not found" in capsys.readouterr().err
+    assert "shard(s) not found" in capsys.readouterr().err
     assert main([str(world["prepared"]), "--out", str(world["prepared"]), "--vision", VISION, "--image-size", "56",
                  "--no-pretrained"]) == 2  # would overwrite its own input
     assert "holds the source shards" in capsys.readouterr().err

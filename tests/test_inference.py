@@ -13,6 +13,8 @@ from PIL import Image
 from conftest import tiny_model_config, tiny_tokenizer
 from simzss import inference as inf
 from simzss.config import TrainConfig, to_yaml
+from simzss.data.transforms import image_to_tensor
+from simzss.models.zeroshot import get_mean_std
 
 LABELS = ["cat", "grass", "sky"]
 SLIDE = ["--short-side", "56", "--crop", "56", "--stride", "28", "--device", "cpu"]
@@ -21,7 +23,7 @@ SLIDE = ["--short-side", "56", "--crop", "56", "--stride", "28", "--device", "cp
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """An export of a random-init SimZSS (DINOv2-small layout, 2 blocks; text 2 x 64)."""
-    from simzss.export import save_pretrained
+    from simzss.io import save_pretrained
     from simzss.models.simzss import SimZSS
 
     torch.manual_seed(0)
@@ -69,7 +71,7 @@ def test_segment_command_writes_overlay_and_mask(model_dir, picture, tmp_path, c
 
 
 def test_overlay_matches_the_label_map(model_dir, picture) -> None:
-    from simzss.export import load_pretrained
+    from simzss.io import load_pretrained
 
     model = load_pretrained(model_dir)
     image = Image.open(picture).convert("RGB")
@@ -93,7 +95,7 @@ def test_segment_from_a_training_checkpoint(model_dir, picture, tmp_path) -> Non
 
     from safetensors.torch import load_file, save_file
 
-    from simzss.export import load_pretrained, read_export_config
+    from simzss.io import load_pretrained, read_export_config
 
     meta = read_export_config(model_dir)
     model = load_pretrained(model_dir)
@@ -168,7 +170,7 @@ def test_model_segment_accepts_pil_uint8_and_normalised_input(model_dir, picture
     from_pil, probs = model.segment(image, LABELS, **slide)
     uint8 = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     from_uint8, _ = model.segment(uint8, LABELS, **slide)
-    from_float, _ = model.segment(inf.image_to_tensor(image, model), LABELS, **slide)
+    from_float, _ = model.segment(image_to_tensor(image, *get_mean_std(model)), LABELS, **slide)
     assert from_pil.shape == (70, 90) and probs.shape == (3, 70, 90)
     assert torch.equal(from_pil, from_float)
     assert (from_pil == from_uint8).float().mean() > 0.99  # same pixels up to float rounding of the normalisation

@@ -414,9 +414,14 @@ def _reference_forward(model: SimZSS, batch) -> tuple[torch.Tensor, torch.Tensor
 
 @pytest.mark.parametrize("query,scale", [("concept", 1 / 0.07), ("prototype", None)])
 def test_simzss_forward_matches_reference_algorithm(tokenizer, query: str, scale: float | None) -> None:
-    """The sync-free forward (one host read up front, index_select, no mask for right padding) changes nothing."""
+    """The sync-free forward (one host read up front, index_select, no mask for right padding) changes nothing.
+
+    The reference pools concepts as the paper does (mean over the span, normalised prototype members, true-label
+    targets); the release's knobs are checked against the release's own loss in tests/test_recipe.py."""
     torch.manual_seed(0)
-    model = SimZSS.from_config(_tiny_config(query=query, concept_scale=scale, concept_weight=0.5), tokenizer).train()
+    paper = dict(concept_pooling="mean", prototype_member_norm=True, concept_target="label")
+    model = SimZSS.from_config(_tiny_config(query=query, concept_scale=scale, concept_weight=0.5, **paper),
+                               tokenizer).train()
     batch = _batch(tokenizer, n=6)
     assert (batch.attention_mask == 0).any() and (batch.concept_labels < 0).any()  # padding of both kinds
     batch.concept_mask[0, 0, -1] = True  # a span reaching into padding: pad tokens are never pooled

@@ -252,7 +252,7 @@ def write_shard(path: Path, members: Dict[str, bytes]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_tokenizer_cli(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_tokenizer_cli(tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
     from simzss import cli
 
     for shard in range(2):
@@ -274,7 +274,8 @@ def test_tokenizer_cli(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
     tok = load_tokenizer(out)
     assert len(tok) == 300 and tok("IGNORED")["input_ids"][0] == tok.bos_token_id
 
-    assert tk.main(["--shards", str(tmp_path / "missing-{0..1}.tar"), "--out", str(tmp_path / "x")]) == 1
+    assert tk.main(["--shards", str(tmp_path / "missing-{0..1}.tar"), "--out", str(tmp_path / "x")]) == 2
+    assert "2 shard(s) not found" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert tk.main(["--shards", str(tmp_path / "shard-000002.tar"), "--out", str(tmp_path / "y")]) == 1
     # a folder stands for its shards; --max-captions limits the training text

@@ -5,8 +5,12 @@ For every input shard ``.../NAME.tar`` this writes ``OUT/NAME.tar`` with the sam
 concept, in-bank or not) and keeps ``OUT/sizes.json`` up to date. Shards are processed in parallel,
 one spaCy pipeline per process. The run is resumable and crash-safe: output shards appear only
 complete (temp file + rename), an existing output shard counts as done, and stale temp files of
-killed runs are removed. Bad samples are dropped and counted by reason; unreadable shards are
-reported, get no output, and make the command exit non-zero.
+killed runs are removed. Bad samples are dropped and counted by reason (one bad sample never costs
+more than itself); output samples hold only the members this package understands (caption, image,
+``.json`` metadata, concepts) under safe names; unreadable shards are reported, get no output, and make
+the command exit non-zero. ``sizes.json`` is updated under a file lock, so several runs may write one
+folder. Worker processes exit by themselves when the driver dies (SIGKILL), and SIGTERM / Ctrl-C stop
+the pool and leave no temporary files.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -25,30 +31,36 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-from tqdm.auto import tqdm
 
+from simzss.concepts import ConceptBank, ConceptExtractor
 from simzss.data.shards import (
     IMAGE_EXTENSIONS,
+    MAX_CAPTION_CHARS,
     ShardReadError,
     clean_stale_temps,
     expand_urls,
     iter_samples,
-    read_sizes,
+    update_sizes,
     write_shard,
-    write_sizes,
 )
-
-if TYPE_CHECKING:
-    from simzss.concepts import ConceptBank, ConceptExtractor
+from simzss.helpformat import HelpFormatter
+from simzss.logs import progress as progress_bar, setup_logging
 
 log = logging.getLogger(__name__)
 
 CONCEPTS_EXT = "concepts.json"
 CONCEPTS_VERSION = 1
 #: Reasons a sample is dropped, in the order they are checked.
-SKIP_REASONS = ("duplicate_key", "missing_caption", "non_utf8_caption", "empty_caption", "missing_image")
+SKIP_REASONS = ("duplicate_key", "missing_caption", "non_utf8_caption", "empty_caption", "caption_too_long",
+                "missing_image", "annotation_error")
+#: Members copied to the output (besides the regenerated ``concepts.json``); anything else is dropped and counted.
+KEPT_EXTENSIONS = ("txt", "json", *IMAGE_EXTENSIONS)
+
+
+class PrepareInterrupted(RuntimeError):
+    """SIGTERM reached ``prepare_shards``; the pool was stopped, finished shards are kept."""
 
 
 @dataclass
@@ -75,13 +87,27 @@ class ShardResult:
 _STATE: dict[str, Any] = {}
 
 
+def _exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Start a daemon thread that ends this worker as soon as its parent is gone (e.g. SIGKILLed): the
+    worker is then re-parented, so ``os.getppid()`` changes. Without it pool workers run on forever."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent_pid:
+                os._exit(1)  # its temp shard file is removed by the next run (dead pid in the name)
+
+    threading.Thread(target=watch, name="simzss-parent-watchdog", daemon=True).start()
+
+
 def _init_worker(spacy_model: str, batch_size: int, bank: "ConceptBank", fast_spacy: bool = True) -> None:
     """Load the spaCy pipeline once per process (a warm-up call forces it) and keep the bank."""
-    from simzss.concepts import ConceptExtractor
-
-    if multiprocessing.parent_process() is not None and not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    extractor = ConceptExtractor(spacy_model, batch_size=batch_size, fast_pos=fast_spacy, numpy_gemm=fast_spacy)
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None:
+        _exit_with_parent(parent.pid)
+    if parent is not None and not logging.getLogger().handlers:
+        setup_logging(logging.WARNING)
+    extractor = ConceptExtractor(spacy_model, batch_size=batch_size, numpy_gemm=fast_spacy)
     extractor(["a warm-up caption"])
     _STATE.update(extractor=extractor, bank=bank, batch_size=batch_size)
 
@@ -105,9 +131,47 @@ def _check_sample(sample: dict[str, Any], seen: set[str]) -> tuple[str | None, s
         return "non_utf8_caption", None
     if not caption.strip():
         return "empty_caption", None
+    if len(caption) > MAX_CAPTION_CHARS:
+        return "caption_too_long", None
     if not any(ext in sample for ext in IMAGE_EXTENSIONS):
         return "missing_image", None
     return None, caption
+
+
+def _kept_members(sample: dict[str, Any], dropped: Counter[str]) -> dict[str, Any]:
+    """The members of ``sample`` the output keeps (:data:`KEPT_EXTENSIONS`; ``json`` only when valid UTF-8
+    JSON); the others are counted in ``dropped`` (``unknown_member`` / ``bad_json``)."""
+    out: dict[str, Any] = {"__key__": sample["__key__"]}
+    for ext, value in sample.items():
+        if ext.startswith("__") or ext == CONCEPTS_EXT:
+            continue
+        if ext not in KEPT_EXTENSIONS:
+            dropped["unknown_member"] += 1
+            continue
+        if ext == "json":
+            try:
+                json.loads(value.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                dropped["bad_json"] += 1
+                continue
+        out[ext] = value
+    return out
+
+
+def _annotate(extractor: "ConceptExtractor", captions: list[str]) -> list[Any]:
+    """Concepts of each caption; a caption spaCy fails on gives None (the batch is retried one by one)."""
+    try:
+        return list(extractor(captions))
+    except Exception:  # noqa: BLE001 - one caption must not cost the batch; each failure is logged below
+        found: list[Any] = []
+        for caption in captions:
+            try:
+                found.extend(extractor([caption]))
+            except Exception as e:  # noqa: BLE001
+                log.warning("concept extraction failed on a caption (%s: %s); sample skipped",
+                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                found.append(None)
+        return found
 
 
 def process_shard(src: str, dst: str, extractor: "ConceptExtractor", bank: "ConceptBank", batch_size: int = 256) -> ShardResult:
@@ -133,12 +197,15 @@ def process_shard(src: str, dst: str, extractor: "ConceptExtractor", bank: "Conc
     def annotated() -> Iterator[dict[str, Any]]:
         it = valid()
         while chunk := list(islice(it, batch_size)):
-            for (sample, _), concepts in zip(chunk, extractor([c for _, c in chunk])):
+            for (sample, _), concepts in zip(chunk, _annotate(extractor, [c for _, c in chunk])):
+                if concepts is None:
+                    res.skipped["annotation_error"] += 1
+                    continue
                 res.captions += 1
                 res.concepts += len(concepts)
                 res.with_in_bank += any(bank.lookup(c.concept) is not None for c in concepts)
                 payload = {"version": CONCEPTS_VERSION, "concepts": [c.to_json() for c in concepts]}
-                out = {k: v for k, v in sample.items() if k != CONCEPTS_EXT}
+                out = _kept_members(sample, res.dropped_members)
                 out[CONCEPTS_EXT] = json.dumps(payload, ensure_ascii=False).encode("utf-8")
                 yield out
 
@@ -168,7 +235,7 @@ WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THRE
 
 
 @contextlib.contextmanager
-def _worker_environment() -> Iterator[None]:
+def worker_environment() -> Iterator[None]:
     """Temporarily add :data:`WORKER_ENV` to ``os.environ`` (only variables not set already)."""
     added = [k for k in WORKER_ENV if k not in os.environ]
     os.environ.update({k: WORKER_ENV[k] for k in added})
@@ -215,8 +282,8 @@ def prepare_shards(
 
     ``inputs``: paths or brace patterns (``::``-separated lists allowed). ``bank`` (default: the
     built-in evaluation vocabulary) only feeds the in-bank statistics; all concepts are stored.
-    Existing output shards are skipped unless ``overwrite``. ``fast_spacy`` turns on both speed-ups of
-    :func:`simzss.concepts.load_spacy` (``False``: the standard spaCy pipeline). Worker processes get one
+    Existing output shards are skipped unless ``overwrite``. ``fast_spacy`` runs spaCy's matrix products
+    through numpy's BLAS (:func:`simzss.concepts.load_spacy`, ``numpy_gemm``; ``False``: spaCy's BLIS). Worker processes get one
     BLAS thread each (unless ``OPENBLAS_NUM_THREADS`` etc. are set); with ``processes=1`` the work runs in
     this process, with its BLAS settings. Raises ``ValueError`` on bad arguments.
     """
@@ -226,44 +293,38 @@ def prepare_shards(
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan([inputs] if isinstance(inputs, str) else list(inputs), out)
     if bank is None:
-        from simzss.concepts import ConceptBank
-
         bank = ConceptBank.default()
     clean_stale_temps(out)
-    try:
-        sizes = read_sizes(out)
-    except ValueError as e:
-        log.warning("%s; rebuilding it", e)
-        sizes = {}
-    sizes = {k: v for k, v in sizes.items() if (out / k).is_file()}  # forget shards deleted since
+    sizes = update_sizes(out, keep=lambda name: (out / name).is_file())  # forget shards deleted since
 
     t0 = time.perf_counter()
     results: list[ShardResult] = []
     todo: list[tuple[str, Path]] = []
+    counted: dict[str, int] = {}
     for src, dst in plan:
         if dst.exists() and not overwrite:
             res = ShardResult(shard=src, output=str(dst), status="skipped")
             try:
                 res.samples = sizes[dst.name] if dst.name in sizes else _count_existing(dst)
-                sizes[dst.name] = res.samples
+                counted[dst.name] = res.samples
             except ShardReadError as e:  # cannot happen for our own outputs, unless edited by hand
                 res.status, res.error = "failed", f"existing output is unreadable ({e}); delete it or use --overwrite"
             results.append(res)
         else:
             todo.append((src, dst))
-    write_sizes(out, sizes)
+    update_sizes(out, counted)
     log.info("%d shard(s): %d to do, %d already done", len(plan), len(todo), len(plan) - len(todo))
 
-    def finished(res: ShardResult, bar: tqdm) -> None:
+    def finished(res: ShardResult, bar: Any) -> None:
         results.append(res)
         if res.status == "done":
-            sizes[Path(res.output).name] = res.samples
-            write_sizes(out, sizes)
+            update_sizes(out, {Path(res.output).name: res.samples})
         bar.update(1)
         bar.set_postfix(captions=sum(r.captions for r in results), failed=sum(r.status == "failed" for r in results))
 
     t_work = time.perf_counter()
-    with tqdm(total=len(todo), unit="shard", desc="prepare", disable=not progress or not todo) as bar:
+    with progress_bar(total=len(todo), unit="shard", desc="prepare", enabled=progress and bool(todo)) as bar, \
+            _sigterm_raises():
         if todo and processes == 1:
             _init_worker(spacy_model, batch_size, bank, fast_spacy)
             for src, dst in todo:
@@ -271,9 +332,10 @@ def prepare_shards(
         elif todo:
             ctx = multiprocessing.get_context("spawn")
             workers = min(processes, len(todo))
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(spacy_model, batch_size, bank, fast_spacy)) as pool:
-                with _worker_environment():  # workers start during submit() and copy the environment
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(spacy_model, batch_size, bank, fast_spacy))
+            try:
+                with worker_environment():  # workers start during submit() and copy the environment
                     pending: dict[Future[ShardResult], tuple[str, Path]] = {
                         pool.submit(_run_shard, src, str(dst)): (src, dst) for src, dst in todo
                     }
@@ -289,19 +351,54 @@ def prepare_shards(
                                 f"{spacy_model!r} installed?)"
                             ) from e
                         finished(res, bar)
+            except BaseException:
+                _stop_pool(pool)
+                clean_stale_temps(out)  # the stopped workers' unfinished shards
+                raise
+            pool.shutdown(wait=True)
     work_seconds = time.perf_counter() - t_work
-    write_sizes(out, sizes)
     summary = _summary(results, plan, out, processes, time.perf_counter() - t0, work_seconds)
     summary["fast_spacy"] = fast_spacy
     summary["unreachable_bank_names"] = _report_unreachable(bank, spacy_model, fast_spacy)
     return summary
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`PrepareInterrupted` (main thread only), so that the pool is stopped and
+    temporary files are removed instead of the driver vanishing and leaving its workers behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise PrepareInterrupted("interrupted by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_pool(pool: ProcessPoolExecutor, timeout: float = 10.0) -> None:
+    """Stop every worker now (terminate, then kill after ``timeout``) and shut the pool down."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
 def _report_unreachable(bank: "ConceptBank", spacy_model: str, fast_spacy: bool) -> list[str]:
     """Bank names that no extracted concept can ever equal (parsed with this run's spaCy pipeline), logged."""
-    from simzss.concepts import ConceptExtractor
-
-    names = bank.multiword_unreachable(ConceptExtractor(spacy_model, fast_pos=fast_spacy))
+    names = bank.multiword_unreachable(ConceptExtractor(spacy_model, numpy_gemm=fast_spacy))
     if names:
         log.warning("%d of %d concept-bank names can never match an extracted concept (never trained): %s",
                     len(names), len(bank), ", ".join(names))
@@ -346,31 +443,31 @@ def _summary(results: list[ShardResult], plan: list[tuple[str, Path]], out: Path
 
 def main(argv: list[str] | None = None) -> int:
     """``simzss prepare INPUT... --out DIR``: exit 0 when every shard is done or skipped, 1 if any failed."""
-    ap = argparse.ArgumentParser(prog="simzss prepare", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="simzss prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", metavar="INPUT", help="shard paths or brace patterns (shard-{000..009}.tar)")
     ap.add_argument("--out", required=True, help="output folder: annotated shards + sizes.json")
     ap.add_argument("--processes", type=int, default=1, help="parallel processes, one spaCy pipeline each")
     ap.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline name or path")
     ap.add_argument("--batch-size", type=int, default=256, help="captions per spaCy batch")
     ap.add_argument("--standard-spacy", action="store_true",
-                    help="run the standard spaCy pipeline (spaCy's AttributeRuler and BLIS matrix products) "
-                         "instead of the faster equivalent")
+                    help="run spaCy's matrix products with its bundled BLIS instead of numpy's BLAS "
+                         "(slower with one BLAS thread per process; same pipeline)")
     ap.add_argument("--overwrite", action="store_true", help="redo shards whose output already exists")
     ap.add_argument("--concept-bank", help="text file, one class name per line (only for the in-bank statistics)")
     ap.add_argument("--synonyms", help="synonyms file for --concept-bank")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         bank = None
         if args.concept_bank:
-            from simzss.concepts import ConceptBank
-
             bank = ConceptBank.from_file(args.concept_bank, synonyms=args.synonyms)
         summary = prepare_shards(args.inputs, args.out, processes=args.processes, spacy_model=args.spacy_model,
                                  batch_size=args.batch_size, bank=bank, overwrite=args.overwrite,
                                  progress=not args.no_progress, fast_spacy=not args.standard_spacy)
+    except PrepareInterrupted as e:
+        print(f"simzss prepare: {e}; finished shards are kept, rerun the same command to continue", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"simzss prepare: error: {e}", file=sys.stderr)
         return 2
@@ -382,4 +479,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["CONCEPTS_EXT", "SKIP_REASONS", "ShardResult", "main", "prepare_shards", "process_shard"]
+__all__ = ["CONCEPTS_EXT", "KEPT_EXTENSIONS", "SKIP_REASONS", "PrepareInterrupted", "ShardResult", "main", "prepare_shards", "process_shard"]

@@ -3,12 +3,16 @@
 Shards follow the webdataset / img2dataset convention: the members of one sample share a key (the
 member path up to the first ``.`` of its basename) and sit next to each other; the rest of the name
 is the extension (``jpg``, ``txt``, ``json``, ``concepts.json``). Member bytes are handed out raw;
-nothing here decodes, and members that could only be read by unpickling are dropped unread.
+nothing here decodes, and members that could only be read by unpickling, or whose names are absolute or
+contain ``..``, are dropped unread. ``sizes.json`` updates are locked (:func:`update_sizes`). Shard specs
+given directly (config, command line) are trusted; ``pipe:`` lines in shard *list files* are refused
+unless allowed (:func:`expand_shards`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -16,7 +20,12 @@ import re
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+try:  # POSIX only; without it sizes.json updates are not locked (one writer at a time then)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 import braceexpand
 
@@ -27,6 +36,11 @@ UNSAFE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth"})
 #: Image extensions accepted in a sample (img2dataset output formats).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SIZES_FILE = "sizes.json"
+#: A shard list inside a dataset folder: ``DIR`` then stands for the shards listed there (see :func:`expand_shards`).
+SHARD_LIST_FILE = "shards.txt"
+#: Longest caption (in characters) that is annotated or trained on; longer samples are skipped and counted
+#: (``caption_too_long``). Real alt-texts are a few hundred characters; spaCy refuses texts over 1,000,000.
+MAX_CAPTION_CHARS = 10_000
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")
 _TMP_MARK = ".tmp-"
@@ -56,6 +70,91 @@ def expand_urls(patterns: str | os.PathLike[str] | Iterable[str | os.PathLike[st
                 urls.extend(braceexpand.braceexpand(part))
     if not urls:
         raise ValueError(f"no shards in {patterns!r}")
+    return urls
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def local_shard_path(url: str) -> Optional[Path]:
+    """Filesystem path of a local shard (plain path or ``file:``), None for ``pipe:`` commands and URLs."""
+    if url.startswith("pipe:") or _URL_SCHEME.match(url):
+        return Path(url[len("file://") :]) if url.startswith("file://") else None
+    if url.startswith("file:"):
+        return Path(url[len("file:") :])
+    return Path(url)
+
+
+def expand_shards(
+    specs: Sequence[str], *, local_only: bool = False, what: str = "shard", allow_pipe_in_lists: bool = False
+) -> list[str]:
+    """Shard specs -> shard URLs: brace patterns and ``::`` lists expanded, local globs matched.
+
+    A local folder stands for the shards listed in its ``shards.txt`` if it has one, else for its ``*.tar``
+    files; a ``*.txt`` file is a shard list (one spec per line, ``#`` comments, relative paths resolved
+    against the list's folder). ``pipe:`` commands and URLs pass through unless ``local_only``, but a
+    ``pipe:`` line inside a shard list is refused unless ``allow_pipe_in_lists``: specs given directly
+    (config, command line) are trusted input, a list file found in a downloaded dataset folder is not, and
+    ``pipe:`` runs its text as a shell command.
+
+    Every local shard must exist: ``FileNotFoundError`` names the missing ones; ``ValueError`` when nothing
+    is given or a list holds a refused entry.
+    """
+    if not specs:
+        raise ValueError(f"no {what}s given")
+    urls: list[str] = []
+    missing: list[str] = []
+
+    def add(item: str, listed_in: Optional[Path]) -> None:
+        path = local_shard_path(item)
+        if path is None:
+            if local_only:
+                raise ValueError(f"{item!r}: only local {what} files are accepted here")
+            if listed_in is not None and item.startswith("pipe:") and not allow_pipe_in_lists:
+                raise ValueError(
+                    f"{listed_in}: refusing the pipe: entry {item[:80]!r} (a shard list file may not run shell "
+                    "commands); put pipe: specs in data.shards directly, or set "
+                    "data.allow_pipe_in_shard_lists=true if you wrote this list yourself"
+                )
+            urls.append(item)
+            return
+        if listed_in is not None and not path.is_absolute():
+            path = listed_in.parent / path
+            item = str(path)
+        if path.is_dir():
+            if listed_in is None and (path / SHARD_LIST_FILE).is_file():
+                read_list(path / SHARD_LIST_FILE)
+                return
+            found = sorted(str(p) for p in path.glob("*.tar"))
+            if not found:
+                raise FileNotFoundError(f"no *.tar {what}s in folder {path}")
+            urls.extend(found)
+        elif any(c in str(path) for c in "*?["):
+            found = sorted(glob.glob(str(path)))
+            urls.extend(found) if found else missing.append(item)
+        elif listed_in is None and path.suffix == ".txt" and path.is_file():
+            read_list(path)
+        elif path.is_file():
+            urls.append(item)
+        else:
+            missing.append(item)
+
+    def read_list(list_file: Path) -> None:
+        try:
+            lines = list_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the shard list {list_file}: {e}") from None
+        entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not entries:
+            raise ValueError(f"the shard list {list_file} is empty")
+        for entry in expand_urls(entries):
+            add(entry, list_file)
+
+    for item in expand_urls(specs):
+        add(item, None)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{len(missing)} {what}(s) not found: {shown}")
     return urls
 
 
@@ -147,9 +246,16 @@ def iter_samples(path: str | os.PathLike[str], dropped: Counter[str] | None = No
             dropped.update(counts)
 
 
+def is_unsafe_name(name: str) -> bool:
+    """True for member names that would point outside a folder they were extracted to (absolute, ``..``)."""
+    return name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name) or bool(re.match(r"^[A-Za-z]:", name))
+
+
 def _skip_reason(member: tarfile.TarInfo) -> str | None:
     if not member.isfile():
         return "not_a_file"
+    if is_unsafe_name(member.name):
+        return "unsafe_name"
     base = os.path.basename(member.name)
     if base.startswith(".") or (base.startswith("__") and "/" not in member.name):
         return "hidden_or_meta"
@@ -211,6 +317,11 @@ def clean_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # ours, but nothing of ours is in flight when cleaning
+    return pid_alive(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a zombie counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -219,7 +330,35 @@ def _pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc on Linux, else by setting and restoring it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike[str], recursive: bool = True) -> None:
+    """Give ``path`` (and everything below it) the modes a plain ``open``/``mkdir`` would have had:
+    ``0o666 & ~umask`` for files, ``0o777 & ~umask`` for folders (``tempfile`` creates 0600 / 0700)."""
+    mask = current_umask()
+    root = Path(path)
+    for p in [root, *(root.rglob("*") if recursive and root.is_dir() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 _MEMBER_META = {"mtime": 0, "mode": 0o644, "uid": 0, "gid": 0, "uname": "", "gname": ""}
@@ -333,6 +472,46 @@ def read_sizes(directory: str | os.PathLike[str], missing_ok: bool = True) -> di
     return sizes
 
 
+@contextlib.contextmanager
+def _sizes_lock(directory: Path) -> Iterator[None]:
+    """Exclusive lock on the folder itself (flock on its descriptor: no lock file is left behind, and the
+    kernel releases the lock if the holder dies)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def update_sizes(
+    directory: str | os.PathLike[str],
+    updates: Optional[Mapping[str, int]] = None,
+    keep: Optional[Callable[[str], bool]] = None,
+) -> dict[str, int]:
+    """Merge ``updates`` into ``directory/sizes.json`` under a file lock and return the merged table.
+
+    Safe with several processes (e.g. two ``simzss prepare`` runs) writing one folder: each update reads the
+    current file inside the lock, so no writer's entries are lost. ``keep(name)`` drops entries for which
+    it returns False. An unreadable ``sizes.json`` is rebuilt from the updates (logged).
+    """
+    d = Path(directory)
+    with _sizes_lock(d):
+        try:
+            sizes = read_sizes(d)
+        except ValueError as e:
+            log.warning("%s; rebuilding it", e)
+            sizes = {}
+        if keep is not None:
+            sizes = {k: v for k, v in sizes.items() if keep(k)}
+        sizes.update({k: int(v) for k, v in (updates or {}).items()})
+        write_sizes(d, sizes)
+    return sizes
+
+
 def write_sizes(directory: str | os.PathLike[str], sizes: Mapping[str, int]) -> Path:
     """Write ``directory/sizes.json`` atomically, keys sorted; return its path."""
     p = Path(directory) / SIZES_FILE
@@ -343,18 +522,26 @@ def write_sizes(directory: str | os.PathLike[str], sizes: Mapping[str, int]) -> 
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_CAPTION_CHARS",
+    "SHARD_LIST_FILE",
     "SIZES_FILE",
     "UNSAFE_EXTENSIONS",
     "ShardReadError",
     "atomic_path",
     "atomic_write_bytes",
     "clean_stale_temps",
+    "current_umask",
+    "expand_shards",
     "expand_urls",
+    "follow_umask",
     "is_unsafe_extension",
+    "is_unsafe_name",
     "iter_samples",
+    "pid_alive",
     "read_sizes",
     "split_key",
     "temp_path",
+    "update_sizes",
     "write_shard",
     "write_sizes",
 ]

@@ -11,7 +11,24 @@ Layout of one rank's stream (everything below the DataLoader runs inside each wo
 Equal epochs on every rank: each worker's stream is infinite, and worker ``w`` of ``W`` emits exactly
 ``num_batches // W + (w < num_batches % W)`` batches, so every rank's DataLoader yields exactly
 ``num_batches = num_samples // (batch_size * world_size)`` batches whatever the shard sizes (no DDP hang).
-Because streams are infinite, an "epoch" visits approximately (not exactly) every sample once.
+
+Every sample once per epoch: ranks split the (endless, per-pass shuffled) shard list, every ``world_size``-th
+shard; the ``W`` workers of a rank then split the rank's *sample* sequence, not its shards (with uneven shards,
+e.g. 3 + 200 samples, a shard split makes workers re-read the start of the big one):
+
+- shard sizes known (``sizes.json`` of local shards, the normal case): worker role ``w`` takes the contiguous
+  range of samples ``[B * (s_0 + ... + s_{w-1}), ...)`` of the rank's sequence, where ``s_v`` is role ``v``'s
+  batch share and ``B`` the batch size. It skips whole shards before its range unread (sizes say how long they
+  are) and reads at most one shard's head in vain, so every shard is read about once per epoch.
+- sizes unknown, local shards: role ``w`` keeps the blocks ``w, w + W, ...`` of ``B`` consecutive samples.
+  Every worker reads (not decodes) all of the rank's shards; they advance together, so after the first read
+  the bytes come from the page cache.
+- sizes unknown, ``pipe:``/URL shards: the workers split the shards (each fetched once); with uneven shards
+  an epoch then covers the samples only approximately once.
+
+With one rank and no skipped samples an epoch thus covers each sample exactly once (in the first two cases),
+except the last ``num_samples % batch_size`` (the dropped partial batch); skipped samples are replaced by the
+ones that follow. With several ranks and uneven shards the ranks' shares are approximate.
 
 Resume: the loader tracks how many batches each worker has delivered in the current epoch. The
 DataLoader takes batches from workers strictly round-robin (skipping finished workers), so that count
@@ -32,7 +49,7 @@ image tensors) as if it had not stopped; with another number of workers it conti
 Extending: :class:`TrainStream` is public so that other sample formats reuse all of the above; a subclass
 overrides :meth:`TrainStream.decode_sample` and :meth:`TrainStream.collate` (see its docstring and
 docs/CONTRACTS.md) and is wrapped in a :class:`TrainLoader` with its own :class:`SharedState`
-(``simzss.features`` does this for cached vision features).
+(``simzss.data.features`` does this for cached vision features).
 """
 
 from __future__ import annotations
@@ -44,7 +61,6 @@ import logging
 import math
 import multiprocessing
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -57,14 +73,21 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import make_seed
 
+from simzss.concepts import Concept, ConceptBank, ConceptExtractor
 from simzss.config import DataConfig
-from simzss.data.shards import IMAGE_EXTENSIONS, SIZES_FILE, expand_urls, read_sizes
-from simzss.data.transforms import decode_image, decode_min_size, normalize_batch, train_crop
+from simzss.data.shards import (
+    IMAGE_EXTENSIONS,
+    MAX_CAPTION_CHARS,
+    SIZES_FILE,
+    expand_shards,
+    local_shard_path,
+    read_sizes,
+)
+from simzss.data.tokenize import tokenize_batch
+from simzss.data.transforms import ImageTooLargeError, decode_image, decode_min_size, normalize_batch, train_crop
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from simzss.concepts import ConceptBank, ConceptExtractor
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +127,7 @@ class Batch:
     captions: List[str]
     keys: List[str]
     skipped: Dict[str, int] = field(default_factory=dict)  # samples skipped by reason since the worker's previous batch
-    vision_cls: Optional[Tensor] = None  # [B,D] cached features (simzss.features)
+    vision_cls: Optional[Tensor] = None  # [B,D] cached features (simzss.data.features)
     vision_patches: Optional[Tensor] = None  # [B,h,w,D]
 
     def _map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "Batch":
@@ -127,30 +150,6 @@ class Batch:
 # Shards and epoch size
 # --------------------------------------------------------------------------------------------------
 
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-
-
-def local_shard_path(url: str) -> Optional[Path]:
-    """Filesystem path of a local shard (plain path or ``file:``), None for ``pipe:`` commands and URLs."""
-    if url.startswith("pipe:") or _URL_SCHEME.match(url):
-        return Path(url[len("file://") :]) if url.startswith("file://") else None
-    if url.startswith("file:"):
-        return Path(url[len("file:") :])
-    return Path(url)
-
-
-def expand_shards(specs: Sequence[str]) -> List[str]:
-    """Brace-expand shard specs (local paths, ``pipe:`` commands, URLs); local shards must exist."""
-    if not specs:
-        raise ValueError("no training shards: set data.shards (paths, brace patterns, pipe: commands or URLs)")
-    urls = expand_urls(specs)
-    missing = [u for u in urls if (p := local_shard_path(u)) is not None and not p.is_file()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"{len(missing)} training shard(s) not found: {shown}")
-    return urls
-
-
 def count_samples(urls: Sequence[str]) -> int:
     """Number of samples in ``urls`` according to the ``sizes.json`` next to each shard."""
     tables: Dict[Path, Dict[str, int]] = {}  # folder -> its sizes.json
@@ -168,9 +167,12 @@ def count_samples(urls: Sequence[str]) -> int:
         else:
             total += n
     if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        folders = sorted({str(p.parent) for p in map(local_shard_path, unknown) if p is not None})
         raise ValueError(
-            f"{len(unknown)} shard(s) missing from their {SIZES_FILE} (e.g. {unknown[0]!r}); "
-            "re-run `simzss prepare` or set data.num_samples"
+            f"{len(unknown)} of {len(urls)} shard(s) have no entry in {SIZES_FILE} ({shown}); re-run the same "
+            f"`simzss prepare ... --out {folders[0]}` command (finished shards are only counted, not redone) "
+            "or set data.num_samples"
         )
     return total
 
@@ -241,9 +243,78 @@ def _role_seed(rank: int, role: int) -> int:
     return rank * 1000 + role
 
 
+def shard_sizes_of(urls: Sequence[str]) -> Optional[Dict[str, int]]:
+    """``{url: samples}`` from the ``sizes.json`` next to each shard; None unless every shard is local and listed."""
+    tables: Dict[Path, Dict[str, int]] = {}
+    out: Dict[str, int] = {}
+    for url in urls:
+        path = local_shard_path(url)
+        if path is None:
+            return None
+        if path.parent not in tables:
+            try:
+                tables[path.parent] = read_sizes(path.parent)
+            except (OSError, ValueError):
+                return None
+        n = tables[path.parent].get(path.name)
+        if n is None:
+            return None
+        out[url] = n
+    return out
+
+
+def _skip_shards_before(
+    src: Iterable[Dict[str, Any]], sizes: Dict[str, int], start: int, head: List[int]
+) -> Iterator[Dict[str, Any]]:
+    """Drop, unread, the shards that end before sample ``start`` of the stream; ``head[0]`` is set to the samples
+    of the first kept shard that still lie before ``start`` (dropped by :func:`_drop_head`)."""
+    pos = 0
+    it = iter(src)
+    for shard in it:
+        n = sizes.get(shard.get("url", ""))
+        if n is not None and pos + n <= start:
+            pos += n
+            continue
+        head[0] = start - pos
+        yield shard
+        break
+    yield from it
+
+
+def _drop_head(src: Iterable[Dict[str, Any]], head: List[int]) -> Iterator[Dict[str, Any]]:
+    """Drop the first ``head[0]`` samples (known once the first shard has been opened, i.e. after one sample)."""
+    it = iter(src)
+    first = next(it, None)
+    if first is None:
+        return
+    if head[0] == 0:
+        yield first
+    else:
+        for _ in itertools.islice(it, head[0] - 1):
+            pass
+    yield from it
+
+
 def _split_by_role(src: Iterable[Dict[str, Any]], role: int, num_workers: int) -> Iterator[Dict[str, Any]]:
     """Every ``num_workers``-th shard from ``role`` on (``wds.split_by_worker`` by role instead of worker id)."""
     return itertools.islice(src, role, None, num_workers)
+
+
+def _select_role_blocks(
+    src: Iterable[Dict[str, Any]], role: int, num_workers: int, block: int
+) -> Iterator[Dict[str, Any]]:
+    """Raw samples of blocks ``role, role + num_workers, ...`` of ``block`` consecutive samples: the workers of a
+    rank share its sample stream batch by batch, so that together they see every sample once."""
+    period = block * num_workers
+    for index, sample in enumerate(src):
+        if (index % period) // block == role:
+            yield sample
+
+
+def _ignore_tar_error(exc: Exception) -> bool:
+    """webdataset handler of the workers other than role 0: the same read error is counted once, by role 0."""
+    logger.debug("tar read error (counted by worker role 0): %s", exc)
+    return True
 
 
 def _count_raw(src: Iterable[Dict[str, Any]], stats: SkipStats) -> Iterator[Dict[str, Any]]:
@@ -324,7 +395,7 @@ class SharedState:
 class TrainStream(IterableDataset):
     """One rank's stream of :class:`Batch` es; each DataLoader worker builds its own wds pipeline.
 
-    Extension contract (``simzss.features`` trains from cached vision features this way): a subclass
+    Extension contract (``simzss.data.features`` trains from cached vision features this way): a subclass
     keeps the shard handling (rank/worker split, shuffling, equal epochs, resume, skip accounting) and
     overrides only
 
@@ -354,6 +425,7 @@ class TrainStream(IterableDataset):
         world_size: int,
         num_batches: int,
         state: SharedState,
+        shard_sizes: Optional[Dict[str, int]] = None,
     ) -> None:
         super().__init__()
         self.urls = urls
@@ -366,9 +438,11 @@ class TrainStream(IterableDataset):
         self.world_size = world_size
         self.num_batches = num_batches
         self.state = state
+        # samples per shard URL (sizes.json) lets each worker skip to its range unread; None: looked up here
+        self.shard_sizes = shard_sizes if shard_sizes is not None else shard_sizes_of(urls)
         self.epoch = 0  # of the stream being produced; set by __iter__ in each worker
         self.stream_seed = 0
-        self.crop = train_crop(cfg.image_size, cfg.crop_scale)  # uint8 per image; normalised per batch
+        self.crop = train_crop(cfg.image_size, cfg.crop_scale, cfg.interpolation)  # uint8 per image; normalised per batch
         self.min_decode_size = decode_min_size(cfg.image_size, cfg.crop_scale)
         self._extractor: Optional["ConceptExtractor"] = None  # created lazily, per worker
         self._warned_on_the_fly = False
@@ -397,19 +471,29 @@ class TrainStream(IterableDataset):
                 )
             ]
         else:
-            # Split an endless, per-pass reshuffled shard list: every worker of every rank always has
-            # shards, however few there are and however uneven their sizes.
+            # Split an endless, per-pass reshuffled shard list by rank: every rank always has shards, however
+            # few there are; the rank's workers then share its samples block by block (module docstring).
             shards = [
                 partial(_repeated_shards, self.urls, make_seed(seed, epoch)),
                 partial(_split_by_node, rank=self.rank, world_size=self.world_size),
-                partial(_split_by_role, role=worker, num_workers=num_workers),
             ]
+        split = "none" if self.cfg.resampled or num_workers == 1 else self._worker_split()
+        head = [0]
+        if split == "range":
+            start = self.batch_size * sum(worker_share(self.num_batches, v, num_workers) for v in range(worker))
+            shards.append(partial(_skip_shards_before, sizes=self.shard_sizes, start=start, head=head))
+        elif split == "shards":
+            shards.append(partial(_split_by_role, role=worker, num_workers=num_workers))
         stages: List[Any] = [
             *shards,
             partial(_fail_if_unproductive, stats=stats, limit=4 * len(self.urls) + 32),
-            wds.tarfile_to_samples(handler=stats.tar_error),
+            wds.tarfile_to_samples(handler=_ignore_tar_error if split == "blocks" and worker else stats.tar_error),
             partial(_count_raw, stats=stats),
         ]
+        if split == "range":
+            stages.append(partial(_drop_head, head=head))
+        elif split == "blocks":
+            stages.append(partial(_select_role_blocks, role=worker, num_workers=num_workers, block=self.batch_size))
         if self.cfg.shuffle_buffer > 1:
             buf = self.cfg.shuffle_buffer
             stages.append(wds.shuffle(buf, initial=min(buf, 100), seed=make_seed(seed, epoch, self.rank, worker)))
@@ -420,6 +504,12 @@ class TrainStream(IterableDataset):
             wds.map(partial(self.collate, stats=stats)),
         ]
         return iter(wds.DataPipeline(*stages).with_epoch(todo))
+
+    def _worker_split(self) -> str:
+        """How this rank's workers share its stream (module docstring): range | blocks | shards."""
+        if self.shard_sizes is not None:
+            return "range"
+        return "blocks" if all(local_shard_path(u) is not None for u in self.urls) else "shards"
 
     def _decode_samples(
         self, src: Iterable[Dict[str, Any]], stats: SkipStats, crop_seed: int
@@ -445,7 +535,8 @@ class TrainStream(IterableDataset):
 
         Returns ``{"key", "caption", "concepts", "image"}`` (``image``: the uint8 random crop). Only these
         members are read; anything else (``.json`` metadata, ``.pyd``/``.pickle``/``.pth``...) is dropped as
-        raw bytes and never deserialised.
+        raw bytes and never deserialised. Images over ``data.max_image_pixels`` (after reduced-size JPEG
+        decoding) are skipped as ``image_too_large``, undecodable ones as ``corrupt_image``.
         """
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if image_ext is None:
@@ -455,7 +546,10 @@ class TrainStream(IterableDataset):
         if sample is None:
             return None
         try:
-            sample["image"] = self.crop(decode_image(raw[image_ext], self.min_decode_size))
+            sample["image"] = self.crop(decode_image(raw[image_ext], self.min_decode_size, self.cfg.max_image_pixels))
+        except ImageTooLargeError as exc:
+            stats.skip("image_too_large", f"{sample_location(raw)}: {exc}"[:500])
+            return None
         except Exception as exc:  # untrusted bytes: PIL raises many types (OSError, ValueError, SyntaxError, ...)
             stats.skip("corrupt_image", f"{sample_location(raw)}: {type(exc).__name__}: {exc}"[:500])
             return None
@@ -466,7 +560,8 @@ class TrainStream(IterableDataset):
 
         ``concepts`` are the in-bank ``(class id, char spans)`` of ``KEY.concepts.json``, or None when the
         sample has none (:meth:`text_fields` then extracts them with spaCy). Skip reasons:
-        ``missing_caption``, ``caption_not_utf8``, ``empty_caption``, ``bad_concepts``.
+        ``missing_caption``, ``caption_not_utf8``, ``empty_caption``, ``caption_too_long`` (over
+        :data:`~simzss.data.shards.MAX_CAPTION_CHARS` characters), ``bad_concepts``.
         """
         where = sample_location(raw)
         caption_bytes = raw.get(CAPTION_EXTENSION)
@@ -481,6 +576,9 @@ class TrainStream(IterableDataset):
         if not caption.strip():  # kept unstripped: concept char spans index the caption as stored
             stats.skip("empty_caption", where)
             return None
+        if len(caption) > MAX_CAPTION_CHARS:  # spaCy refuses (E088) or crawls; the tokenizer would truncate it
+            stats.skip("caption_too_long", f"{where}: {len(caption)} characters")
+            return None
         concepts: Optional[ConceptSpans] = None
         if CONCEPTS_EXTENSION in raw:
             try:
@@ -492,8 +590,6 @@ class TrainStream(IterableDataset):
 
     def parse_concepts(self, data: bytes) -> ConceptSpans:
         """In-bank concepts of a ``KEY.concepts.json`` member as (class id, char spans); ValueError if invalid."""
-        from simzss.concepts import Concept
-
         try:
             doc = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -515,8 +611,6 @@ class TrainStream(IterableDataset):
     def annotate(self, captions: List[str]) -> List[ConceptSpans]:
         """Concepts of captions whose shard has no concepts.json, extracted with spaCy in this worker."""
         if self._extractor is None:
-            from simzss.concepts import ConceptExtractor
-
             self._extractor = ConceptExtractor(self.cfg.spacy_model)
         if not self._warned_on_the_fly:
             self._warned_on_the_fly = True
@@ -530,8 +624,6 @@ class TrainStream(IterableDataset):
     def text_fields(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         """The caption-side ``Batch`` fields of decoded samples (``input_ids``, ``attention_mask``,
         ``concept_mask``, ``concept_labels``, ``captions``, ``keys``); missing concepts are extracted first."""
-        from simzss.data.tokenize import tokenize_batch
-
         captions = [s["caption"] for s in samples]
         concepts = [s["concepts"] for s in samples]
         missing = [i for i, c in enumerate(concepts) if c is None]
@@ -707,7 +799,9 @@ def build_train_loader(
     check_loader_args(
         batch_size=batch_size, context_length=context_length, rank=rank, world_size=world_size, workers=cfg.workers
     )
-    urls = expand_shards(cfg.shards)
+    if not cfg.shards:
+        raise ValueError("no training shards: set data.shards (paths, brace patterns, pipe: commands or URLs)")
+    urls = expand_shards(cfg.shards, what="training shard", allow_pipe_in_lists=cfg.allow_pipe_in_shard_lists)
     num_samples = cfg.num_samples if cfg.num_samples is not None else count_samples(urls)
     num_batches = batches_per_epoch(num_samples, batch_size, world_size)
     if num_batches < 1:
@@ -759,4 +853,5 @@ __all__ = [
     "local_shard_path",
     "batches_per_epoch",
     "worker_share",
+    "shard_sizes_of",
 ]

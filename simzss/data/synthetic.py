@@ -35,6 +35,8 @@ import numpy as np
 from PIL import Image
 
 from simzss.data.shards import atomic_write_bytes, write_shard, write_sizes
+from simzss.helpformat import HelpFormatter
+from simzss.logs import setup_logging
 
 
 RGB = tuple[int, int, int]
@@ -599,15 +601,16 @@ def generate_toy_world(
 
 def main(argv: list[str] | None = None) -> int:
     """``simzss demo-data OUT_DIR``: write the toy world and print a JSON summary."""
-    ap = argparse.ArgumentParser(prog="simzss demo-data", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="simzss demo-data", description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", help="output folder (gets train/, val/, toy_world.json)")
     ap.add_argument("--num-train", type=int, default=2000, help="training image-caption pairs")
     ap.add_argument("--num-val", type=int, default=100, help="held-out images with masks")
     ap.add_argument("--image-size", type=int, default=128, help="image side in pixels")
     ap.add_argument("--shard-size", type=int, default=500, help="samples per training shard")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the generated world")
     ap.add_argument("--overwrite", action="store_true", help="replace existing train/ and val/ folders")
     args = ap.parse_args(argv)
+    setup_logging()
     try:
         summary = generate_toy_world(args.out_dir, num_train=args.num_train, num_val=args.num_val,
                                      image_size=args.image_size, shard_size=args.shard_size, seed=args.seed,

@@ -24,6 +24,11 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from simzss.data.clip_tokenizer import build_openclip_tokenizer  # also registers OpenCLIPTokenizerFast
+from simzss.data.shards import expand_shards, follow_umask, split_key
+from simzss.helpformat import HelpFormatter
+from simzss.logs import setup_logging
+
 logger = logging.getLogger(__name__)
 
 BOS_TOKEN = "<|startoftext|>"
@@ -40,14 +45,21 @@ CaptionConcepts = List[Tuple[int, List[Span]]]  # [(class_id, char spans), ...] 
 # --------------------------------------------------------------------------------------------------
 
 
+OPENCLIP_TOKENIZER = "open_clip"  # load_tokenizer name of open_clip's CLIP tokenizer
+
+
 def load_tokenizer(name_or_path: Union[str, Path]) -> PreTrainedTokenizerFast:
     """Load a fast (Rust-backed) Hugging Face tokenizer from a local folder or a hub name.
 
     A local folder is read with ``local_files_only`` (never a network call). Tokenizers without a pad
     token get their EOS token as pad token (a common convention for GPT-style vocabularies).
+    ``"open_clip"`` (when no such folder exists) is CLIP's BPE tokenizer with open_clip's exact ids, built
+    offline from the file ``open_clip_torch`` ships (:mod:`simzss.data.clip_tokenizer`).
     """
     name = str(name_or_path)
     local = Path(name).exists()
+    if name == OPENCLIP_TOKENIZER and not local:
+        return build_openclip_tokenizer()
     if local and not Path(name).is_dir():
         raise ValueError(f"tokenizer path {name!r} is a file; give the folder written by save_pretrained")
     try:
@@ -136,6 +148,7 @@ def _save_atomic(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     old: Optional[Path] = None
     try:
         tokenizer.save_pretrained(str(tmp))
+        follow_umask(tmp)  # mkdtemp creates 0700; the folder follows the user's umask like other outputs
         if out_dir.exists():
             if not out_dir.is_dir():
                 raise NotADirectoryError(f"tokenizer output {out_dir} exists and is not a folder")
@@ -256,26 +269,11 @@ def _check_concept(b: int, label: object, spans: Sequence[Span]) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def expand_shards(patterns: Sequence[str]) -> List[str]:
-    """Expand brace patterns / ``::`` lists (:func:`simzss.data.shards.expand_urls`); a folder stands for
-    its ``*.tar`` files."""
-    from simzss.data.shards import expand_urls
-
-    paths: List[str] = []
-    for path in expand_urls(patterns):
-        if os.path.isdir(path):
-            paths.extend(sorted(str(p) for p in Path(path).glob("*.tar")))
-        else:
-            paths.append(path)
-    return paths
-
-
 def iter_shard_captions(paths: Sequence[str], stats: Optional[Dict[str, int]] = None) -> Iterator[str]:
     """Yield the UTF-8 ``KEY.txt`` captions of tar shards (stdlib tarfile; nothing is unpickled).
 
     Unreadable shards and undecodable captions are skipped, counted in ``stats`` and logged.
     """
-    from simzss.data.shards import split_key
 
     stats = stats if stats is not None else {}
     for key in ("shards", "captions", "bad_shards", "bad_captions"):
@@ -308,22 +306,19 @@ def iter_shard_captions(paths: Sequence[str], stats: Optional[Dict[str, int]] = 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``simzss tokenizer``: train a byte-level BPE tokenizer on the captions of tar shards."""
-    parser = argparse.ArgumentParser(prog="simzss tokenizer", description=main.__doc__)
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="simzss tokenizer", description=main.__doc__)
     parser.add_argument("--shards", nargs="+", required=True, help="tar shards: paths, brace patterns or folders")
     parser.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
-    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, special tokens included")
     parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a BPE merge")
     parser.add_argument("--max-captions", type=int, default=None, help="train on at most this many captions")
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     try:
-        paths = expand_shards(args.shards)
-    except ValueError:
-        paths = []
-    if not paths:
-        print("simzss tokenizer: no shards matched", file=sys.stderr)
+        paths = expand_shards(args.shards, local_only=True)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"simzss tokenizer: error: {exc}", file=sys.stderr)
         return 2
     stats: Dict[str, int] = {}
     captions: Iterable[str] = iter_shard_captions(paths, stats)

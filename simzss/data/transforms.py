@@ -1,17 +1,21 @@
 """Image decoding and the train / eval transforms (torchvision v2), ImageNet mean/std.
 
 DINOv2 was trained with ImageNet normalisation, so every image fed to the frozen vision tower goes
-through :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` (not CLIP's statistics).
+through :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` (not CLIP's statistics). Every decode goes through
+:func:`open_image`, which caps the pixels decoded (:data:`DEFAULT_MAX_IMAGE_PIXELS`, configurable).
 """
 
 from __future__ import annotations
 
 import io
 import math
-from typing import Sequence, Tuple
+import os
+from pathlib import Path
+from typing import IO, Sequence, Tuple, Union
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
@@ -21,6 +25,29 @@ IMAGENET_STD: Tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # type: 
 # RandomResizedCrop's default aspect-ratio range; decode_min_size relies on it.
 CROP_RATIO: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 
+#: Most pixels (width x height, after reduced-size JPEG decoding) any input image may be decoded to: 40 Mpx,
+#: e.g. 8000 x 5000 (120 MB as RGB). JPEGs above it are decoded at 1/2, 1/4 or 1/8 scale when that fits;
+#: other images above it are refused (:class:`ImageTooLargeError`). ``data.max_image_pixels`` (training) and
+#: ``simzss segment --max-pixels`` change it; ``0`` disables the cap (Pillow's bomb check still applies).
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+_JPEG_SCALES = (1, 2, 4, 8)  # what libjpeg can decode at reduced size
+
+
+class ImageTooLargeError(ValueError):
+    """An image larger than the decode cap (or Pillow's decompression-bomb limit)."""
+
+
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """The torchvision mode of a config name (``bilinear`` | ``bicubic``); ValueError naming the choices."""
+    try:
+        return INTERPOLATIONS[name]
+    except KeyError:
+        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {name!r}") from None
+
 
 def _check_crop_scale(crop_scale: Sequence[float]) -> Tuple[float, float]:
     lo, hi = (float(s) for s in crop_scale)
@@ -29,12 +56,15 @@ def _check_crop_scale(crop_scale: Sequence[float]) -> Tuple[float, float]:
     return lo, hi
 
 
-def train_transform(image_size: int, crop_scale: Sequence[float] = (0.9, 1.0)) -> v2.Compose:
+def train_transform(
+    image_size: int, crop_scale: Sequence[float] = (0.9, 1.0), interpolation: str = "bilinear"
+) -> v2.Compose:
     """Training augmentation: random resized crop to ``image_size``, float tensor, ImageNet-normalised."""
     scale = _check_crop_scale(crop_scale)
+    mode = interpolation_mode(interpolation)
     return v2.Compose(
         [
-            v2.RandomResizedCrop(image_size, scale=scale, ratio=CROP_RATIO, antialias=True),
+            v2.RandomResizedCrop(image_size, scale=scale, ratio=CROP_RATIO, interpolation=mode, antialias=True),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
@@ -42,14 +72,19 @@ def train_transform(image_size: int, crop_scale: Sequence[float] = (0.9, 1.0)) -
     )
 
 
-def train_crop(image_size: int, crop_scale: Sequence[float] = (0.9, 1.0)) -> v2.Compose:
+def train_crop(
+    image_size: int, crop_scale: Sequence[float] = (0.9, 1.0), interpolation: str = "bilinear"
+) -> v2.Compose:
     """The per-image half of :func:`train_transform`: random resized crop to a uint8 [3,H,W] tensor.
 
     The training stream crops each image with this and normalises whole batches with
     :func:`normalize_batch` (same result, about half the per-image cost of float conversion).
     """
     scale = _check_crop_scale(crop_scale)
-    return v2.Compose([v2.RandomResizedCrop(image_size, scale=scale, ratio=CROP_RATIO, antialias=True), v2.ToImage()])
+    mode = interpolation_mode(interpolation)
+    return v2.Compose(
+        [v2.RandomResizedCrop(image_size, scale=scale, ratio=CROP_RATIO, interpolation=mode, antialias=True), v2.ToImage()]
+    )
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
@@ -109,19 +144,60 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, CMYK, YCbCr, 1, ...
 
 
-def decode_image(data: bytes, min_size: int = 0) -> Image.Image:
+def open_image(
+    fp: Union[str, "os.PathLike[str]", IO[bytes]],
+    *,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    min_size: int = 0,
+    reduce: bool = True,
+    name: str | None = None,
+) -> Image.Image:
+    """Open an image lazily (header only) and set up a decode that stays under ``max_pixels``.
+
+    With ``reduce``, JPEGs use libjpeg's reduced-scale decoding (PIL draft mode, 1/2, 1/4 or 1/8): the
+    largest scale that keeps the short side >= ``min_size`` (see :func:`decode_min_size`; ``0``: none), or
+    a larger one when needed to fit under ``max_pixels``. An image that cannot fit (any format without
+    ``reduce``; PNG, WebP... always) raises :class:`ImageTooLargeError` naming its size and the limit
+    before any pixel is decoded. ``max_pixels <= 0`` disables the cap. ``name`` is used in messages.
+    """
+    where = name or (os.fspath(fp) if isinstance(fp, (str, os.PathLike)) else "image")
+    try:
+        img = Image.open(fp)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{where}: {e}") from None
+    w, h = img.size
+    scale = 1
+    jpeg = reduce and img.format == "JPEG"
+    if jpeg and min_size > 0:
+        fit = min(w, h) // min_size
+        scale = max([s for s in _JPEG_SCALES if s <= fit] or [1])
+    if max_pixels > 0 and math.ceil(w / scale) * math.ceil(h / scale) > max_pixels:
+        fitting = [s for s in _JPEG_SCALES if s >= scale and math.ceil(w / s) * math.ceil(h / s) <= max_pixels]
+        if not jpeg or not fitting:
+            img.close()
+            raise ImageTooLargeError(
+                f"{where}: {w}x{h} pixels ({w * h / 1e6:.1f} Mpx) is above the decode limit of "
+                f"{max_pixels / 1e6:g} Mpx; downscale the image first or raise the limit "
+                "(data.max_image_pixels / --max-pixels)"
+            )
+        scale = fitting[0]
+    if scale > 1:
+        # draft picks the largest scale f with f <= min(W // w', H // h'); (W // s, H // s) yields exactly s.
+        img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
+    return img
+
+
+def decode_image(data: bytes, min_size: int = 0, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode image bytes (JPEG, PNG, WebP, ...) into an RGB PIL image.
 
     For JPEGs, libjpeg's reduced-scale decoding (PIL draft mode, 1/2, 1/4 or 1/8) is used whenever the
     result keeps a short side >= ``min_size`` (see :func:`decode_min_size`); this makes decoding large
-    photos several times cheaper. ``min_size <= 0`` decodes at full resolution. Corrupt or truncated
-    data raises (``PIL.UnidentifiedImageError`` / ``OSError`` / ``ValueError``); callers count and skip.
+    photos several times cheaper. ``min_size <= 0`` decodes at full resolution (unless the pixel cap needs
+    less, see :func:`open_image`). An image over ``max_pixels`` raises :class:`ImageTooLargeError`; corrupt
+    or truncated data raises (``PIL.UnidentifiedImageError`` / ``OSError`` / ``ValueError``); callers
+    count and skip.
     """
-    img = Image.open(io.BytesIO(data))
-    if min_size > 0 and img.format == "JPEG" and min(img.size) >= 2 * min_size:
-        # draft picks the largest power-of-two factor f <= min(W // min_size, H // min_size),
-        # so the decoded short side stays >= min_size.
-        img.draft("RGB", (min_size, min_size))
+    img = open_image(io.BytesIO(data), max_pixels=max_pixels, min_size=min_size)
     img.load()  # decode now so that truncated data fails here, not in the transform
     return _to_rgb(img)
 
@@ -130,10 +206,45 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CROP_RATIO",
+    "INTERPOLATIONS",
+    "interpolation_mode",
     "train_transform",
     "train_crop",
     "normalize_batch",
     "eval_transform",
     "decode_min_size",
     "decode_image",
+    "open_image",
+    "load_image",
+    "image_to_tensor",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "ImageTooLargeError",
 ]
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open a picture as RGB with its EXIF orientation applied; a clear error if it is missing or unreadable.
+
+    Decoded under the pixel cap (:func:`open_image`): a JPEG above ``max_pixels`` comes back at 1/2, 1/4 or
+    1/8 scale, anything else above it raises :class:`ImageTooLargeError` (a ``ValueError``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such image file")
+    try:
+        with open_image(p, max_pixels=max_pixels) as im:
+            im.load()
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except ImageTooLargeError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"{p}: cannot read the image ({e})") from None
+
+
+def image_to_tensor(
+    image: Image.Image, mean: Sequence[float] | torch.Tensor = IMAGENET_MEAN, std: Sequence[float] | torch.Tensor = IMAGENET_STD
+) -> torch.Tensor:
+    """A PIL picture as a float ``[1, 3, H, W]`` tensor normalised with ``mean``/``std`` (the vision tower's; ImageNet
+    by default); no resizing: slide inference resizes."""
+    x = TF.to_dtype(TF.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
+    return TF.normalize(x, mean=[float(m) for m in mean], std=[float(s) for s in std]).unsqueeze(0)

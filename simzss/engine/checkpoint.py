@@ -10,8 +10,12 @@ Layout of ``RUN/checkpoints/step-000001000/``::
     config.yaml              the resolved config, human-readable
     rng-rank{R}.json / .safetensors   python / numpy / torch / cuda RNG of every rank
 
-A checkpoint is written into a hidden temporary directory and renamed into place, so a crash
-never leaves a half-written ``step-*`` directory behind; ``latest_checkpoint`` only sees complete ones.
+A checkpoint is written into a hidden temporary directory (files fsynced) and renamed into place, so a
+crash never leaves a half-written ``step-*`` directory behind; ``latest_checkpoint`` only sees complete ones.
+Files can still be damaged afterwards (disk full on another node, manual edits, a truncated copy):
+:func:`validate_checkpoint` opens every file, the trainer's ``resume=latest`` takes the newest checkpoint
+that validates (naming the skipped ones in a warning), and an explicit damaged checkpoint is a
+:class:`CheckpointError` naming the file. Files get the modes of the user's umask.
 """
 
 from __future__ import annotations
@@ -27,12 +31,22 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from simzss.data.shards import follow_umask
 
 log = logging.getLogger(__name__)
 
 CKPT_RE = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
+#: Files every checkpoint has (``rank-R.json`` for each of ``world_size`` ranks comes on top).
+REQUIRED_FILES = ("trainer_state.json", "model.safetensors", "optimizer.json", "scheduler.json", "config.yaml")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or damaged; the message names the file."""
 
 
 # --- tensors <-> (safetensors, JSON) -------------------------------------------------------------
@@ -169,17 +183,89 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-def resolve_resume(resume: str, ckpt_dir: str | Path) -> Optional[Path]:
-    """``latest`` -> newest checkpoint in ``ckpt_dir`` (None when there is none yet, so a requeued
-    job can start from scratch); a path -> that checkpoint, or the newest inside a run folder."""
+def _check_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({str(e).splitlines()[0][:200]})") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    try:
+        # Parsing the header checks that the file is exactly as long as its tensors (truncated or extended
+        # files fail) without reading the data.
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: damaged safetensors file ({str(e).splitlines()[0][:200]})") from None
+
+
+def _check_state(directory: Path, name: str) -> None:
+    skeleton = _check_json(directory / f"{name}.json")
+    tensors = directory / f"{name}.safetensors"
+    if tensors.exists() or "__tensor__" in json.dumps(skeleton) or "__ndarray__" in json.dumps(skeleton):
+        _check_safetensors(tensors)
+
+
+def validate_checkpoint(path: str | Path) -> Path:
+    """Open every file of checkpoint ``path`` (JSON and YAML parsed, safetensors headers checked against the
+    file lengths, ``rank-R`` state of every rank that wrote one); return ``path`` or raise
+    :class:`CheckpointError` naming the first damaged or missing file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder")
+    state = _check_json(path / "trainer_state.json")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path / 'trainer_state.json'}: no step number")
+    for name in REQUIRED_FILES[1:]:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing")
+    _check_safetensors(path / "model.safetensors")
+    _check_state(path, "optimizer")
+    _check_state(path, "scheduler")
+    for rank in range(int(state.get("world_size") or 1)):
+        _check_state(path, f"rank-{rank}")
+    try:
+        yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path / 'config.yaml'}: not readable YAML ({str(e).splitlines()[0][:200]})") from None
+    return path
+
+
+def latest_valid_checkpoint(ckpt_dir: str | Path) -> Optional[Path]:
+    """The newest checkpoint in ``ckpt_dir`` that :func:`validate_checkpoint` accepts; each newer damaged one
+    is named in a warning. None when there is none."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return validate_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("skipping damaged checkpoint %s: %s", path.name, e)
+    return None
+
+
+def resolve_resume(resume: str, ckpt_dir: str | Path, *, validate: bool = False) -> Optional[Path]:
+    """``latest`` -> newest checkpoint in ``ckpt_dir`` (None when there is none yet, so a requeued job can start
+    from scratch); a path -> that checkpoint, or the newest inside a run folder.
+
+    With ``validate`` (the trainer's resume) every candidate must pass :func:`validate_checkpoint`: ``latest``
+    skips damaged ones with a warning naming them, an explicit damaged checkpoint raises :class:`CheckpointError`
+    naming the file. Without it a checkpoint only needs its ``trainer_state.json`` (exports need fewer files).
+    """
+    newest = latest_valid_checkpoint if validate else latest_checkpoint
     if resume == "latest":
-        return latest_checkpoint(ckpt_dir)
+        return newest(ckpt_dir)
     path = Path(resume)
-    if (path / "trainer_state.json").exists():
-        return path
+    if (path / "trainer_state.json").exists() or (validate and CKPT_RE.match(path.name) and path.is_dir()):
+        return validate_checkpoint(path) if validate else path
     for candidate in (path / "checkpoints", path):
-        found = latest_checkpoint(candidate)
-        if found is not None:
+        if list_checkpoints(candidate):
+            found = newest(candidate)
+            if found is None:
+                raise CheckpointError(f"resume={resume!r}: every checkpoint in {candidate} is damaged (see the warnings)")
             return found
     raise FileNotFoundError(f"resume={resume!r}: not a checkpoint (no trainer_state.json) nor a folder with checkpoints")
 
@@ -207,8 +293,24 @@ def clean_tmp(ckpt_dir: str | Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file (and the folder) of ``root`` to disk, so that the rename publishes complete data."""
+    for p in [*root.rglob("*"), root]:
+        if p.is_file() or p == root:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass  # some filesystems cannot fsync a directory
+            finally:
+                os.close(fd)
+
+
 def finalize_checkpoint(tmp: Path, ckpt_dir: str | Path, step: int) -> Path:
-    """Atomically move a fully written temporary checkpoint into place (replacing one of the same step)."""
+    """Atomically move a fully written temporary checkpoint into place (replacing one of the same step);
+    files are fsynced first and get the modes of the user's umask."""
+    follow_umask(tmp)
+    _fsync_tree(tmp)
     final = Path(ckpt_dir) / checkpoint_name(step)
     if final.exists():
         # os.replace cannot replace a non-empty directory: move the old one aside first.
@@ -242,6 +344,10 @@ __all__ = [
     "list_checkpoints",
     "latest_checkpoint",
     "resolve_resume",
+    "validate_checkpoint",
+    "latest_valid_checkpoint",
+    "CheckpointError",
+    "REQUIRED_FILES",
     "rotate_checkpoints",
     "tmp_checkpoint_dir",
     "clean_tmp",

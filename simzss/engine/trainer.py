@@ -6,7 +6,7 @@ from the accelerator's rank and world size. One loop iteration = one batch = one
 (``step`` counts batches consumed, including skipped non-finite ones, so the schedule and the data
 position stay aligned).
 
-With ``data.feature_cache`` set, batches come from ``simzss.features.build_cached_loader`` and carry the
+With ``data.feature_cache`` set, batches come from ``simzss.data.features.build_cached_loader`` and carry the
 frozen tower's features, so the tower never runs in a training step. It is still built (frozen, cheap to
 hold) for the zero-shot evaluation hook and for exports, and its weights fingerprint must match the
 cache's ``meta.json`` (:func:`check_feature_cache`): features from other weights are refused.
@@ -31,12 +31,20 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from simzss.concepts import ConceptBank
 from simzss.config import ConfigError, TrainConfig, load_config, to_dict, to_yaml
+from simzss.data.features import CacheError, build_cached_loader, check_cache_compatible, read_cache_meta, weights_fingerprint
+from simzss.data.stream import build_train_loader
+from simzss.data.tokenize import load_tokenizer
 from simzss.engine import checkpoint as ckpt_io
 from simzss.engine.optim import build_optimizer, build_scheduler
 from simzss.engine.signals import GracefulStop
 from simzss.engine.tracking import REPORT_TO, MetricLogger, new_run_id
-from simzss.export import write_text_config
+from simzss.eval import evaluate_segmentation
+from simzss.logs import progress, setup_logging
+from simzss.models.pretrained import write_text_config
+from simzss.models.simzss import SimZSS
+from simzss.helpformat import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,11 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.eval.every >= 0, f"eval.every must be >= 0, got {cfg.eval.every}"),
         (bool(cfg.run_name) and "/" not in cfg.run_name, f"run_name must be a non-empty folder name, got {cfg.run_name!r}"),
         (bool(cfg.data.shards) or cfg.data.feature_cache is not None, "data.shards is empty (and no data.feature_cache)"),
+        (cfg.data.workers >= 0, f"data.workers must be >= 0 (0 = load in the training process), got {cfg.data.workers}"),
+        (cfg.model.vision.normalization == "imagenet",
+         f"model.vision.normalization={cfg.model.vision.normalization!r}: training feeds ImageNet-normalised images "
+         "(DINOv2's statistics); 'clip' exists only to evaluate imported release checkpoints"),
+        (cfg.data.max_image_pixels >= 0, f"data.max_image_pixels must be >= 0 (0 = no cap), got {cfg.data.max_image_pixels}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -117,8 +130,6 @@ def needs_find_unused(cfg: TrainConfig) -> bool:
 
 def build_tokenizer(cfg: TrainConfig) -> Any:
     """The text tokenizer named by ``cfg.model.tokenizer``."""
-    from simzss.data.tokenize import load_tokenizer
-
     return load_tokenizer(cfg.model.tokenizer)
 
 
@@ -128,15 +139,11 @@ def build_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
     With a feature cache the tower does not run in training steps (batches carry its features), but the
     evaluation hook and exports need it, and the trainer checks its weights against the cache.
     """
-    from simzss.models.simzss import SimZSS
-
     return SimZSS.from_config(cfg.model, tokenizer)
 
 
 def build_concept_bank(cfg: TrainConfig) -> Any:
     """``data.concept_bank`` (with ``data.synonyms``), or the built-in evaluation vocabulary."""
-    from simzss.concepts import ConceptBank
-
     if cfg.data.concept_bank:
         return ConceptBank.from_file(cfg.data.concept_bank, synonyms=cfg.data.synonyms)
     return ConceptBank.default()
@@ -148,11 +155,7 @@ def build_loader(cfg: TrainConfig, tokenizer: Any, *, rank: int, world_size: int
     kwargs = dict(batch_size=cfg.batch_size, context_length=cfg.model.text.context_length, rank=rank,
                   world_size=world_size, seed=cfg.seed)
     if cfg.data.feature_cache is None:
-        from simzss.data.stream import build_train_loader
-
         return build_train_loader(cfg.data, tokenizer, build_concept_bank(cfg), **kwargs)
-    from simzss.features import CacheError, build_cached_loader
-
     if cfg.data.shards:
         log.info("data.feature_cache is set: training on %s; data.shards is not used", cfg.data.feature_cache)
     try:
@@ -174,8 +177,6 @@ def check_feature_cache(
     """
     if cfg.data.feature_cache is None:
         return None
-    from simzss.features import CacheError, check_cache_compatible, read_cache_meta, weights_fingerprint
-
     vision = getattr(model, "vision", None) if model is not None else None
     try:
         meta = meta if meta is not None else read_cache_meta(cfg.data.feature_cache)
@@ -193,8 +194,6 @@ def check_feature_cache(
 
 def run_evaluation(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> Dict[str, Any]:
     """Zero-shot segmentation on every ``cfg.eval.datasets`` spec; ``{spec: {"mIoU", ...}}``."""
-    from simzss.eval import evaluate_segmentation
-
     return {
         spec: evaluate_segmentation(
             model,
@@ -210,6 +209,33 @@ def run_evaluation(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> Dict
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can span many lines)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return (text.strip().splitlines() or [type(e).__name__])[0]
+
+
+def _drop_rows_after(path: Path, step: int) -> int:
+    """Remove the rows of a ``{"step": N, ...}`` JSON-lines log with ``N > step`` (steps that a resume from
+    ``step`` runs again) and torn lines; returns how many were removed."""
+    if not path.is_file():
+        return 0
+    kept: List[str] = []
+    dropped = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            row_step = None
+        if isinstance(row_step, int) and row_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        _write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -322,7 +348,7 @@ class Trainer:
 
         check_eval_datasets(cfg)
         try:
-            self.resume_from: Optional[Path] = ckpt_io.resolve_resume(cfg.resume, self.ckpt_dir) if cfg.resume else None
+            self.resume_from: Optional[Path] = ckpt_io.resolve_resume(cfg.resume, self.ckpt_dir, validate=True) if cfg.resume else None
             self.resume_state: Dict[str, Any] = (
                 json.loads((self.resume_from / "trainer_state.json").read_text(encoding="utf-8"))
                 if self.resume_from else {}
@@ -338,15 +364,25 @@ class Trainer:
         # A cache made for another tower or image size is refused before anything is built or downloaded.
         self.cache_meta = check_feature_cache(cfg)
         set_seed(cfg.seed)  # identical model init on every rank
-        self.tokenizer = build_tokenizer(cfg)
-        model = build_model(cfg, self.tokenizer)
+        try:
+            self.tokenizer = build_tokenizer(cfg)
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r}: {_first_line(e)} (give the folder written by "
+                              "`simzss tokenizer` or a Hugging Face hub name)") from None
+        try:
+            model = build_model(cfg, self.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot build the model: {_first_line(e)}") from None
         if hasattr(model, "equal_batch_sizes"):
             model.equal_batch_sizes = True  # both streams yield full batches: no per-step size exchange
         if cfg.model.text.compile and hasattr(model, "text"):
             model.text.compile()
         if cfg.model.vision.compile and getattr(model, "vision", None) is not None:
             model.vision.compile()
-        self.loader = build_loader(cfg, self.tokenizer, rank=acc.process_index, world_size=acc.num_processes)
+        try:
+            self.loader = build_loader(cfg, self.tokenizer, rank=acc.process_index, world_size=acc.num_processes)
+        except (OSError, ValueError) as e:  # missing shards or bank, no sizes, batch larger than the data...
+            raise ConfigError(f"training data: {_first_line(e)}") from None
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch < 1:
             raise ConfigError(
@@ -366,6 +402,12 @@ class Trainer:
         self.skips = _SkipCounter()
         if self.resume_from is not None:
             self._restore(self.resume_from)
+            if self.is_main:
+                for name in ("metrics.jsonl", "eval_history.jsonl"):
+                    n = _drop_rows_after(self.run_dir / name, self.step)
+                    if n:
+                        log.info("%s: removed %d row(s) after step %d (steps run again from the checkpoint)",
+                                 name, n, self.step)
         else:
             set_seed(cfg.seed, device_specific=True)  # per-rank randomness from here on
         # After a resume too: the vision weights may come from the checkpoint (random-init tower).
@@ -423,16 +465,23 @@ class Trainer:
         """Continue exactly where ``path`` left off: weights, optimizer, schedule, RNG, data position."""
         acc = self.accelerator
         st = self.resume_state
+        # The hyperparameters come from the current config (a user lowering optim.lr after a non-finite stop
+        # means it), the optimizer's moments and the schedule's position from the checkpoint.
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         try:
             _load_weights(self.unwrapped, ckpt_io.load_model_weights(path / "model.safetensors"), path)
             self.optimizer.load_state_dict(ckpt_io.load_state(path, "optimizer"))
         except (ValueError, KeyError, RuntimeError) as e:
-            raise ConfigError(f"resume: {path} does not fit this model/optimizer config ({e})") from None
+            raise ConfigError(f"resume: {path} does not fit this model/optimizer config ({_first_line(e)})") from None
         sched = ckpt_io.load_state(path, "scheduler")
         # The schedule's shape (warmup, total steps) comes from the current config, its position from the checkpoint.
         sched["lr_lambdas"] = [None] * len(sched.get("lr_lambdas", [None]))
         self.scheduler.load_state_dict(sched)
         inner = getattr(self.scheduler, "scheduler", self.scheduler)  # accelerate's wrapper
+        for group, new in zip(self.optimizer.param_groups, fresh):
+            group.update({k: new[k] for k in ("weight_decay", "betas", "eps", "initial_lr") if k in new})
+        inner.base_lrs = [float(new["initial_lr"]) for new in fresh]
+        self._report_changed_settings(st.get("config") or {}, int(st["step"]))
         for group, base, fn in zip(self.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
             group["lr"] = base * fn(inner.last_epoch)  # as LambdaLR computes it: identical when the shape is unchanged
         self.step = int(st["step"])
@@ -455,6 +504,19 @@ class Trainer:
 
             set_seed(self.cfg.seed + self.step, device_specific=True)
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+
+    def _report_changed_settings(self, saved: Dict[str, Any], step: int) -> None:
+        """Warn about each optimizer / schedule setting that differs from the checkpoint's config: the new
+        values are in effect from here on (never silently replaced by the checkpoint's)."""
+        now = json.loads(json.dumps(to_dict(self.cfg)))  # tuples -> lists, as stored in the checkpoint
+        fields = [("optim", k) for k in now["optim"]] + [(None, k) for k in ("batch_size", "max_steps", "epochs")]
+        for section, key in fields:
+            old_section = saved.get(section, {}) if section else saved
+            new_section = now[section] if section else now
+            if isinstance(old_section, dict) and key in old_section and old_section[key] != new_section[key]:
+                name = f"{section}.{key}" if section else key
+                log.warning("resume: %s changed since the checkpoint (%r -> %r); the new value is used from step %d",
+                            name, old_section[key], new_section[key], step)
 
     # -- evaluation --
 
@@ -487,12 +549,10 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train to ``total_steps`` (or a stop signal); returns final metrics and paths."""
         acc, cfg = self.accelerator, self.cfg
-        from tqdm.auto import tqdm
-
         logger = MetricLogger(self.run_dir, cfg.report_to, run_id=self.run_id, run_name=cfg.run_name,
                               config=to_dict(cfg), enabled=self.is_main)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True,
-                   desc=cfg.run_name)
+        bar = progress(total=self.total_steps, initial=self.step, enabled=self.is_main, desc=cfg.run_name,
+                       unit="step")
         last: Dict[str, Any] = {}
         eval_results: Dict[str, Any] = {}
         stopped: Optional[str] = None
@@ -550,7 +610,10 @@ class Trainer:
                         if self.step % cfg.log_every == 0 or self.step == self.total_steps or stop_now:
                             last = self._metrics(out, loss, grad_norm, lr, data_time, step_time, len(batch))
                             logger.log(last, self.step)
-                            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['concept_accuracy']:.3f}")
+                            postfix = {"loss": f"{last['loss']:.4f}"}
+                            if math.isfinite(last["concept_accuracy"]):  # nan without concepts (LiT)
+                                postfix["acc"] = f"{last['concept_accuracy']:.3f}"
+                            bar.set_postfix(postfix)
 
                         if consecutive_nonfinite >= cfg.max_nonfinite:
                             last_ckpt = self.save_checkpoint()
@@ -656,6 +719,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=HelpFormatter,
         prog="simzss train",
         description="Train SimZSS (or LiT with model.concept_weight=0). Works as a plain process or under "
         "`accelerate launch` (multi-GPU / multi-node).",
@@ -673,7 +737,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``simzss train`` / ``python train.py``; exit 0 (done or preempted), 1 (non-finite stop), 2 (bad config)."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         if args.resume is not None:
@@ -683,7 +747,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg = dataclasses.replace(cfg, resume=args.resume)
         validate_config(cfg)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"simzss train: config error: {e}", file=sys.stderr)
+        print(f"simzss train: config error: {_first_line(e)}", file=sys.stderr)
         return 2
     if args.print_config:
         print(to_yaml(cfg), end="")
@@ -691,7 +755,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         result = train(cfg)
     except ConfigError as e:
-        print(f"simzss train: config error: {e}", file=sys.stderr)
+        print(f"simzss train: config error: {_first_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"simzss train: stopped: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Zero-shot evaluation: segmentation (sliding windows, mIoU), classification (top-1/5), retrieval (R@k).
 
-Library entry points used by the trainer, ``SimZSS.segment`` and ``simzss eval`` (:mod:`simzss.eval.runner`).
+Library entry points used by the trainer and ``simzss eval`` (:mod:`simzss.cli.eval`); the per-image
+prediction they share with ``SimZSS.segment`` is :mod:`simzss.models.zeroshot`.
 """
 
 from simzss.eval.classification import evaluate_classification
@@ -13,12 +14,7 @@ from simzss.eval.datasets import (
 )
 from simzss.eval.metrics import confusion_matrix, retrieval_recall, segmentation_scores, topk_correct
 from simzss.eval.retrieval import evaluate_retrieval
-from simzss.eval.segmentation import (
-    evaluate_segmentation,
-    segment_image,
-    slide_windows,
-    text_classifier,
-)
+from simzss.eval.segmentation import evaluate_segmentation
 
 __all__ = [
     "DatasetError",
@@ -31,9 +27,6 @@ __all__ = [
     "iter_retrieval_records",
     "parse_spec",
     "retrieval_recall",
-    "segment_image",
     "segmentation_scores",
-    "slide_windows",
-    "text_classifier",
     "topk_correct",
 ]

@@ -2,7 +2,7 @@
 
 Images are resized (short side, bicubic, antialiased) and centre-cropped to ``image_size`` (224 by default, the
 CLIP convention), then normalised with the vision tower's mean/std. Class embeddings come from
-:func:`simzss.eval.segmentation.text_classifier` (default templates: the 80 OpenAI ImageNet prompts).
+:func:`simzss.models.zeroshot.text_classifier` (default templates: the 80 OpenAI ImageNet prompts).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from torchvision.transforms import v2
 
 from simzss.eval.datasets import ClassificationDataset, build_classification_dataset
 from simzss.eval.metrics import topk_correct
-from simzss.eval.segmentation import EvalRun, ZeroShotModel, get_mean_std, get_patch_size, text_classifier
+from simzss.eval.segmentation import EvalRun
+from simzss.models.zeroshot import ZeroShotModel, get_mean_std, get_patch_size, text_classifier
+from simzss.logs import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +91,7 @@ def evaluate_classification(
                 classifier = text_classifier(net, ds.classnames, templates).to(device)
             it = loader
             if progress and rank == 0:
-                from tqdm.auto import tqdm
-
-                it = tqdm(loader, desc=ds.name, unit="batch")
+                it = progress_bar(loader, desc=ds.name, unit="batch")
             for images, labels in it:
                 ok = labels >= 0
                 stats[1] += int((~ok).sum())

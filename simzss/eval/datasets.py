@@ -60,8 +60,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from simzss.data.convert.benchmarks import raw_download_hint
+from simzss.data.shards import ShardReadError, expand_urls, iter_samples
+from simzss.data.transforms import open_image
 from simzss.eval.metrics import IGNORE_INDEX
-from simzss.eval.prompts import load_classnames
+from simzss.resources import load_classnames
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ def _check_exist(paths: Sequence[Path], what: str, dataset: str) -> None:
 
 def read_mask(path: Path) -> np.ndarray:
     """Read a label PNG as ``uint8 [H, W]`` class ids (palette indices for palette PNGs, never colours)."""
-    with Image.open(path) as im:
+    with open_image(path, reduce=False) as im:  # the decode pixel cap applies (ImageTooLargeError)
         if im.mode in ("P", "L"):
             arr = np.array(im)  # palette PNG: the indices themselves (convert("L") would give luminance)
         elif im.mode in ("I", "I;16", "I;16B", "I;16L"):
@@ -129,8 +132,8 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def read_image(path: Path) -> Image.Image:
-    """Decode an image file as RGB (fully loaded, file closed)."""
-    with Image.open(path) as im:
+    """Decode an image file as RGB (fully loaded, file closed; under the decode pixel cap, never reduced)."""
+    with open_image(path, reduce=False) as im:
         return im.convert("RGB")
 
 
@@ -317,7 +320,13 @@ def build_segmentation_dataset(spec: str) -> SegmentationDataset:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{name}: dataset folder not found: expected {root}")
-    return SEGMENTATION_DATASETS[name](root)
+    try:
+        return SEGMENTATION_DATASETS[name](root)
+    except DatasetError as e:
+        hint = raw_download_hint(name, root)  # the official download, not yet converted
+        if hint is None:
+            raise
+        raise DatasetError(f"{e}; {hint}") from None
 
 
 # ---------------------------------------------------------------------------------------- classification
@@ -448,7 +457,7 @@ RetrievalRecord = Tuple[str, Callable[[], Image.Image], List[str]]
 
 def _decode_bytes(data: bytes) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(io.BytesIO(data)) as im:
             return im.convert("RGB")
 
     return load
@@ -465,8 +474,6 @@ def _iter_wds(pattern: str, skipped: Dict[str, int]) -> Iterator[RetrievalRecord
     A shard that cannot be read to its end (missing, not a tar, truncated) keeps the samples read before the
     damage and is counted as ``read_error``; if no shard can be read at all it is a :class:`DatasetError`.
     """
-    from simzss.data.shards import ShardReadError, expand_urls, iter_samples
-
     try:
         urls = expand_urls(pattern)
     except ValueError as e:

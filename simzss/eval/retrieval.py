@@ -21,7 +21,9 @@ from torch import Tensor
 from simzss.eval.classification import check_image_size, eval_transform
 from simzss.eval.datasets import iter_retrieval_records, parse_spec
 from simzss.eval.metrics import retrieval_recall
-from simzss.eval.segmentation import EvalRun, ZeroShotModel, get_mean_std
+from simzss.eval.segmentation import EvalRun
+from simzss.models.zeroshot import ZeroShotModel, get_mean_std
+from simzss.logs import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +106,7 @@ def evaluate_retrieval(
                 dim = net.encode_texts(["a photo"]).shape[-1]
             records = iter_retrieval_records(dataset_spec, image_root=image_root, split=split, skipped=skipped)
             if progress and rank == 0:
-                from tqdm.auto import tqdm
-
-                records = tqdm(records, desc=name, unit="img")
+                records = progress_bar(records, desc=name, unit="img")
             for key, loader_fn, caps in records:
                 idx = key_to_idx.get(key)
                 if idx is None:

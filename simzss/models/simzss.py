@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simzss.config import ModelConfig
+from simzss.data.transforms import image_to_tensor
 from simzss.losses import (
     ConceptTargets,
     class_prototypes,
@@ -19,8 +22,10 @@ from simzss.losses import (
     contrastive_loss,
     pool_visual_concepts,
 )
+from simzss.models.pretrained import WEIGHTS_NAME, load_state, read_export
 from simzss.models.text import TextTower, is_right_padded
-from simzss.models.vision import FrozenVisionTower, vision_embed_dim
+from simzss.models.vision import FrozenVisionTower, build_vision_tower, vision_embed_dim
+from simzss.models.zeroshot import get_mean_std, segment_image, text_classifier
 
 if TYPE_CHECKING:  # only for annotations; the data module may not be importable with the model alone
     from simzss.data.stream import Batch
@@ -29,6 +34,7 @@ __all__ = ["SimZSS", "SimZSSOutput"]
 
 _QUERIES = ("concept", "prototype")
 _TARGETS = ("label", "argmax")
+_POOLINGS = ("mean", "sum_normalized")
 
 
 @dataclass
@@ -73,16 +79,20 @@ class SimZSS(nn.Module):
         *,
         embed_dim: int,
         tau: float = 0.1,
-        query: str = "concept",
+        query: str = "prototype",
         concept_weight: float = 0.05,
-        concept_target: str = "label",
+        concept_target: str = "argmax",
         concept_scale: float | None = 1 / 0.07,
         logit_scale_init: float = math.log(1 / 0.07),
         logit_scale_max: float = math.log(100.0),
+        concept_pooling: str = "sum_normalized",
+        prototype_member_norm: bool = False,
     ) -> None:
         super().__init__()
         if query not in _QUERIES:
             raise ValueError(f"query must be one of {_QUERIES}, got {query!r}")
+        if concept_pooling not in _POOLINGS:
+            raise ValueError(f"concept_pooling must be one of {_POOLINGS}, got {concept_pooling!r}")
         if concept_target not in _TARGETS:
             raise ValueError(f"concept_target must be one of {_TARGETS}, got {concept_target!r}")
         if concept_weight < 0:
@@ -99,6 +109,8 @@ class SimZSS(nn.Module):
         self.concept_weight = concept_weight
         self.concept_target = concept_target
         self.concept_scale = concept_scale
+        self.concept_pooling = concept_pooling
+        self.prototype_member_norm = prototype_member_norm
         self.logit_scale_max = logit_scale_max
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.config: ModelConfig | None = None
@@ -122,9 +134,7 @@ class SimZSS(nn.Module):
         vc = cfg.vision
         vision = None
         if build_vision:
-            vision = FrozenVisionTower(
-                vc.name, pretrained=vc.pretrained, weights=vc.weights, model_kwargs=dict(vc.model_kwargs)
-            )
+            vision = build_vision_tower(vc)
             embed_dim = vision.embed_dim
         else:
             embed_dim = vision_embed_dim(vc.name, dict(vc.model_kwargs))
@@ -143,6 +153,8 @@ class SimZSS(nn.Module):
             concept_scale=cfg.concept_scale,
             logit_scale_init=cfg.logit_scale_init,
             logit_scale_max=cfg.logit_scale_max,
+            concept_pooling=cfg.concept_pooling,
+            prototype_member_norm=cfg.prototype_member_norm,
         )
         model.config = cfg
         model.tokenizer = tokenizer
@@ -204,6 +216,24 @@ class SimZSS(nn.Module):
         slots_labels = torch.stack([slots, labels_host]).to(device, non_blocking=True)
         return _StepPlan(right_padded, slots_labels[0], slots_labels[1], targets)
 
+    def _text_concepts(self, tokens: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
+        """Projected text concepts c_t [n, D] of the valid slots (``slots``: flat b*K + k indices).
+
+        ``tokens`` [B, L, width] are the text tower's outputs, ``mask`` [B, K, L] the concept spans
+        (real tokens only). ``concept_pooling="mean"``: g(mean of the span's tokens);
+        ``"sum_normalized"``: sum over the span of normalize(g(token)), as the official release does.
+        """
+        b, k, _ = mask.shape
+        mask = mask.to(tokens.dtype)
+        if self.concept_pooling == "mean":
+            counts = mask.sum(-1, keepdim=True).clamp(min=1)
+            span_mean = torch.einsum("bkl,bld->bkd", mask, tokens) / counts  # [B, K, width]
+            # only the valid slots are projected; index_select needs no host sync (boolean masks do)
+            return self.text.proj(span_mean.reshape(b * k, tokens.shape[-1]).index_select(0, slots))
+        projected = F.normalize(self.text.proj(tokens), dim=-1)  # [B, L, D]
+        summed = torch.einsum("bkl,bld->bkd", mask, projected)  # [B, K, D]
+        return summed.reshape(b * k, projected.shape[-1]).index_select(0, slots)
+
     def forward(self, batch: "Batch") -> SimZSSOutput:
         """Losses for one (per-rank) batch; negatives and prototypes come from the global batch."""
         use_concepts = self.concept_weight > 0
@@ -219,15 +249,13 @@ class SimZSS(nn.Module):
         assert plan.slots is not None and plan.labels is not None and plan.targets is not None
 
         b, k, _ = batch.concept_mask.shape
-        mask = self._concept_mask(batch).to(tokens.dtype)  # [B, K, L]
-        counts = mask.sum(-1, keepdim=True).clamp(min=1)
-        span_mean = torch.einsum("bkl,bld->bkd", mask, tokens) / counts  # [B, K, width]
-        # only the valid slots are projected; index_select needs no host sync (boolean masks do)
-        text_concepts = self.text.proj(span_mean.reshape(b * k, tokens.shape[-1]).index_select(0, plan.slots))  # c_t, [n, D]
+        text_concepts = self._text_concepts(tokens, self._concept_mask(batch), plan.slots)  # c_t, [n, D]
         if self.query == "concept":
             picked = text_concepts
         else:  # each concept queries with its class prototype over the global batch
-            protos, _, index = class_prototypes(text_concepts, plan.labels, targets=plan.targets)
+            protos, _, index = class_prototypes(
+                text_concepts, plan.labels, targets=plan.targets, normalize_members=self.prototype_member_norm
+            )
             picked = protos[index]
         # invalid slots get a zero query: their (uniform) pooling is computed in the batched op, then dropped
         _, h, w, d = patches.shape
@@ -242,6 +270,7 @@ class SimZSS(nn.Module):
             target=self.concept_target,
             return_stats=True,
             targets=plan.targets,
+            normalize_members=self.prototype_member_norm,
         )
         loss = global_loss + self.concept_weight * stats.loss
         return SimZSSOutput(
@@ -291,11 +320,22 @@ class SimZSS(nn.Module):
             raise ValueError(f"trainable state mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}")
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> "SimZSS":
-        """Load an export folder onto ``device`` (delegates to ``simzss.export.load_pretrained``)."""
-        from simzss.export import load_pretrained
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", *, build_vision: bool = True
+    ) -> "SimZSS":
+        """Load an export folder (``simzss export``, ``save_pretrained``, ``simzss import-official``) as an
+        eval-mode model on ``device``.
 
-        return load_pretrained(path, device=device)
+        The vision tower comes from the export when its weights are included, otherwise from timm by name
+        (``pretrained=True`` downloads it, or reads the local hub cache). ``build_vision=False`` gives a
+        text-only model. Errors are :class:`simzss.models.pretrained.ExportError` naming the file.
+        """
+        parts = read_export(path, build_vision=build_vision)
+        model = cls.from_config(parts.build_config, parts.tokenizer, build_vision=build_vision,
+                                text_config=parts.text_config)
+        load_state(model, parts.state, vision_included=parts.vision_included, source=Path(path) / WEIGHTS_NAME)
+        model.config = parts.config
+        return model.to(device).eval()
 
     def _image_batch(self, image: Any) -> Tensor:
         """``segment``'s input as a normalised float [1,3,H,W] on the model's device.
@@ -304,16 +344,12 @@ class SimZSS(nn.Module):
         normalised with the vision tower's mean/std.
         """
         if not isinstance(image, Tensor):
-            from simzss.inference import image_to_tensor
-
-            image = image_to_tensor(image, self)
+            image = image_to_tensor(image, *get_mean_std(self))
         if image.ndim == 3:
             image = image.unsqueeze(0)
         if image.ndim != 4 or image.shape[:2] != (1, 3):
             raise ValueError(f"segment takes one RGB image ([3,H,W] or [1,3,H,W]), got shape {tuple(image.shape)}")
         if image.dtype == torch.uint8:
-            from simzss.eval.segmentation import get_mean_std
-
             mean, std = get_mean_std(self)
             image = (image.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
         return image.to(self.logit_scale.device, torch.float32)
@@ -323,12 +359,10 @@ class SimZSS(nn.Module):
 
         ``image``: a PIL image, a uint8 tensor [3,H,W] (0..255), or a float tensor [1,3,H,W] / [3,H,W] already
         normalised with the vision tower's mean/std; it is moved to the model's device. Returns
-        (prediction [H, W] long, class probabilities [C', H, W]) from ``simzss.eval``; ``templates`` (a set
+        (prediction [H, W] long, class probabilities [C', H, W]) from :mod:`simzss.models.zeroshot`; ``templates`` (a set
         name such as "single" or a list of "{}" prompts) and the sliding-window / background options are passed
         on to ``text_classifier`` / ``segment_image``.
         """
-        from simzss.eval import segment_image, text_classifier
-
         templates = slide_kw.pop("templates", "single")
         image = self._image_batch(image)
         with torch.no_grad():

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TextTower", "is_right_padded"]
 
-_POOLINGS = ("eos", "cls", "mean")
+_POOLINGS = ("eos", "cls", "mean", "argmax")
+_ACTIVATIONS = ("gelu", "quick_gelu")
 
 
 class TextTower(nn.Module):
@@ -31,7 +32,10 @@ class TextTower(nn.Module):
     for dual encoders (CLIP, SigLIP) the text model is kept, for encoder-decoders the encoder.
     Pooling (``cfg.pooling``) is done here from the last hidden state: ``eos`` = the last non-pad
     token (``attention_mask.sum(1) - 1`` for right padding), ``cls`` = the first token, ``mean`` =
-    the mean over non-pad tokens.
+    the mean over non-pad tokens, ``argmax`` = the token with the highest id (open_clip's rule: with
+    CLIP's vocabulary, whose end-of-text id is the largest, the first end-of-text token).
+    ``cfg.proj_bias`` gives ``proj`` a bias (open_clip's ``text_projection`` has none);
+    ``cfg.activation`` picks the scratch tower's MLP activation (exact ``gelu`` or CLIP's ``quick_gelu``).
 
     ``hf_config`` (kind ``pretrained`` only): build the architecture from this transformers config
     (a ``PretrainedConfig`` or a local folder holding its ``config.json``) with random init instead
@@ -55,6 +59,8 @@ class TextTower(nn.Module):
         super().__init__()
         if cfg.pooling not in _POOLINGS:
             raise ValueError(f"text pooling must be one of {_POOLINGS}, got {cfg.pooling!r}")
+        if cfg.activation not in _ACTIVATIONS:
+            raise ValueError(f"text activation must be one of {_ACTIVATIONS}, got {cfg.activation!r}")
         self.kind = cfg.kind
         self.pooling = cfg.pooling
         self.context_length: int | None = None
@@ -71,7 +77,7 @@ class TextTower(nn.Module):
         else:
             raise ValueError(f"text kind must be 'scratch' or 'pretrained', got {cfg.kind!r}")
         self.width: int = int(self.transformer.config.hidden_size)
-        self.proj = nn.Linear(self.width, output_dim)
+        self.proj = nn.Linear(self.width, output_dim, bias=cfg.proj_bias)
 
     @staticmethod
     def _build_scratch(cfg: TextConfig, vocab_size: int, pad_token_id: int) -> nn.Module:
@@ -88,7 +94,7 @@ class TextTower(nn.Module):
             num_hidden_layers=cfg.layers,
             num_attention_heads=cfg.heads,
             max_position_embeddings=cfg.context_length,
-            hidden_act="gelu",
+            hidden_act=cfg.activation,
             attention_dropout=0.0,
             # Only used by CLIPTextModel's own pooler, which we ignore; set in-vocabulary ids.
             pad_token_id=pad_token_id,
@@ -156,12 +162,17 @@ class TextTower(nn.Module):
             if right_padded:
                 model_mask = None
         tokens = self.transformer(input_ids=input_ids, attention_mask=model_mask).last_hidden_state
-        return tokens, self.pool(tokens, attention_mask)
+        return tokens, self.pool(tokens, attention_mask, input_ids)
 
-    def pool(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
-        """Pooled text feature per ``self.pooling`` (see the class docstring)."""
+    def pool(self, tokens: Tensor, attention_mask: Tensor, input_ids: Tensor | None = None) -> Tensor:
+        """Pooled text feature per ``self.pooling`` (see the class docstring); ``argmax`` needs ``input_ids``."""
         if self.pooling == "cls":
             return tokens[:, 0]
+        if self.pooling == "argmax":
+            if input_ids is None:
+                raise ValueError("argmax pooling needs the input ids")
+            # torch.argmax returns the first maximal index: the first end-of-text, as open_clip takes it
+            return tokens[torch.arange(tokens.shape[0], device=tokens.device), input_ids.argmax(dim=-1)]
         mask = attention_mask.to(tokens.dtype)
         if self.pooling == "mean":
             return (tokens * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)

@@ -7,6 +7,12 @@ Examples::
         --datasets folder:demo/data/val --out results.json --report-to-run runs/x
     simzss eval exports/simzss-b14 --task classification --datasets imagenet:/data/imagenet/val
     simzss eval exports/simzss-b14 --task retrieval --datasets karpathy:/data/coco/dataset_coco.json
+    simzss eval exports/simzss-b14 gem:ViT-B-16/openai maskclip:ViT-B-16/openai --datasets voc20:/data/VOCdevkit \
+        --out compare.json --report reports/voc20
+
+Several models are evaluated in turn with the same settings; ``--out`` then holds ``{"task", "runs": [...]}`` (one
+payload per model) and ``--report DIR`` writes pictures and a ``report.md`` comparing them
+(:mod:`simzss.reports.segmentation_report`).
 
 Under ``accelerate launch`` the images of each dataset are split across processes and the counts reduced; a plain
 ``simzss eval`` is one process (GPU if present, else CPU). Results are printed as a table and, with ``--out``,
@@ -32,6 +38,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from simzss.baselines import is_baseline_spec
+from simzss.config import TrainConfig, load_config
+from simzss.engine.checkpoint import latest_checkpoint
+from simzss.engine.tracking import MetricLogger, new_run_id
+from simzss.eval.classification import evaluate_classification
+from simzss.eval.retrieval import evaluate_retrieval
+from simzss.eval.segmentation import evaluate_segmentation
+from simzss.io.load import load_model as _load
+from simzss.io.checkpoint import LATEST
+from simzss.reports.segmentation_report import ModelRun, write_report
+from simzss.helpformat import HelpFormatter
+from simzss.logs import setup_logging
+
 log = logging.getLogger("simzss.eval")
 
 TASKS = ("segmentation", "classification", "retrieval")
@@ -43,11 +62,11 @@ DEFAULT_TEMPLATES = {"segmentation": "single", "classification": "imagenet80", "
 
 def load_model(path: str, device: Any = "cpu") -> Any:
     """Load a SimZSS model from an export folder or a trainer checkpoint (step folder, checkpoints folder or run
-    folder: the newest complete checkpoint) via :func:`simzss.export.load_model`."""
-    from simzss.export import load_model as _load
-
+    folder: the newest complete checkpoint) via :func:`simzss.io.load.load_model`."""
+    if is_baseline_spec(path):  # gem:..., maskclip:... (simzss.baselines)
+        return _load(path, device)
     p = Path(path).expanduser()
-    if not p.exists():
+    if not p.exists() and not (p.name == LATEST and p.parent.is_dir()):  # RUN/checkpoints/latest: an alias
         raise FileNotFoundError(f"model not found: {p}")
     return _load(p, device)
 
@@ -128,12 +147,8 @@ def _run_tracking(run_dir: Path) -> Tuple[str, Optional[str], str]:
     report_to, run_name, run_id = "none", run_dir.name, None
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
-        from simzss.config import TrainConfig, load_config
-
         cfg = load_config(TrainConfig, cfg_path)
         report_to, run_name = cfg.report_to, cfg.run_name
-    from simzss.engine.checkpoint import latest_checkpoint
-
     ckpt = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
     if ckpt is not None and (ckpt / "trainer_state.json").is_file():
         run_id = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("run_id")
@@ -149,8 +164,6 @@ def report_to_run(run_dir: Path, task: str, payload: Dict[str, Any], step: Optio
     stamp = f"step-{step}" if step is not None else _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = run_dir / "eval" / f"{task}-{stamp}.json"
     write_json_atomic(out, payload)
-    from simzss.engine.tracking import MetricLogger, new_run_id
-
     report_to, run_id, run_name = _run_tracking(run_dir)
     if report_to == "wandb" and run_id is None:
         log.warning("%s: no run id found in its checkpoints; eval scalars go to metrics.jsonl only", run_dir)
@@ -173,10 +186,13 @@ def report_to_run(run_dir: Path, task: str, payload: Dict[str, Any], step: Optio
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="simzss eval", description="Zero-shot segmentation / classification / retrieval of a SimZSS model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("model", help="export folder (simzss export) or training checkpoint folder (RUN/checkpoints/step-N)")
-    p.add_argument("--task", choices=TASKS, default="segmentation")
+    p.add_argument("model", nargs="+",
+                   help="one or more models, evaluated in turn: export folder (simzss export), training checkpoint "
+                        "folder (RUN/checkpoints/step-N), or a training-free baseline spec such as gem:ViT-B-16/openai, "
+                        "maskclip:ViT-B-16/openai, gem:ViT-B-16@/path/weights.bin (docs/baselines_and_reports.md)")
+    p.add_argument("--task", choices=TASKS, default="segmentation", help="what to evaluate")
     p.add_argument("--datasets", nargs="+", required=True, metavar="NAME:PATH",
                    help="segmentation: voc, voc20, context60, context59, coco_object, coco_stuff, cityscapes, ade20k, "
                         "folder; classification: imagenet, imagefolder; retrieval: wds, karpathy")
@@ -185,27 +201,34 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("segmentation")
     g.add_argument("--short-side", type=int, default=448, help="resize the short side to this (0 = keep size)")
     g.add_argument("--max-long", type=int, default=2048, help="cap on the long side after resizing")
-    g.add_argument("--crop", type=int, default=448)
-    g.add_argument("--stride", type=int, default=224)
-    g.add_argument("--window-batch", type=int, default=16)
+    g.add_argument("--crop", type=int, default=448, help="sliding window size")
+    g.add_argument("--stride", type=int, default=224, help="sliding window stride")
+    g.add_argument("--window-batch", type=int, default=16, help="windows per forward pass")
     g.add_argument("--background", choices=("threshold", "class"), default=None,
                    help="background handling for datasets with a background class (default: threshold)")
     g.add_argument("--bg-threshold", type=float, default=None,
                    help="threshold mode: default 0.95 voc/coco_object, 0.35 context60, 0.5 folder")
+    g.add_argument("--pamr", action="store_true",
+                   help="refine each image's probabilities with PAMR (TCL: 10 iterations, dilations 1-24); "
+                        "recorded in the results' protocol")
     g = p.add_argument_group("classification / retrieval")
-    g.add_argument("--image-size", type=int, default=224)
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--image-size", type=int, default=224, help="input size (resize short side, center crop)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per batch")
     g.add_argument("--split", default="test", help="Karpathy json split")
     g.add_argument("--image-root", default=None, help="Karpathy images root (default: the json's folder)")
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4, help="data-loading workers (threads for retrieval)")
     g.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images of each dataset")
-    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="autocast dtype")
     g.add_argument("--cpu", action="store_true", help="force CPU")
     g.add_argument("--out", default=None, help="write results JSON here")
     g.add_argument("--report-to-run", default=None, metavar="RUN_DIR", help="also log results to this training run")
+    g.add_argument("--report", default=None, metavar="DIR",
+                   help="segmentation: write pictures (per-class IoU, most confused pairs, sample grids) and a "
+                        "report.md comparing the models into DIR")
+    g.add_argument("--report-samples", type=int, default=6, help="images per dataset in the report's sample grid")
     g.add_argument("--step", type=int, default=None, help="step to log at (default: from a step-N checkpoint name)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
     return p
 
 
@@ -215,73 +238,89 @@ def run_task(model: Any, task: str, spec: str, args: argparse.Namespace, acceler
                   progress=not args.no_progress)
     templates = args.templates or DEFAULT_TEMPLATES[task]
     if task == "segmentation":
-        from simzss.eval.segmentation import evaluate_segmentation
-
         return evaluate_segmentation(
             model, spec, templates=templates, short_side=args.short_side or None, crop=args.crop,
             stride=args.stride, window_batch=args.window_batch, background=args.background,
-            bg_threshold=args.bg_threshold, max_long=args.max_long, **common,
+            bg_threshold=args.bg_threshold, max_long=args.max_long, return_confusion=bool(args.report),
+            num_samples=args.report_samples if args.report else 0, pamr=args.pamr, **common,
         )
     if task == "classification":
-        from simzss.eval.classification import evaluate_classification
-
         return evaluate_classification(model, spec, templates=templates, image_size=args.image_size,
                                        batch_size=args.batch_size, **common)
-    from simzss.eval.retrieval import evaluate_retrieval
-
     return evaluate_retrieval(model, spec, image_size=args.image_size, batch_size=args.batch_size,
                               image_root=args.image_root, split=args.split, **common)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
+    if args.report_to_run and len(args.model) > 1:
+        log.error("--report-to-run takes one model, got %d", len(args.model))
+        return 2
+    if args.report and args.task != "segmentation":
+        log.error("--report draws segmentation results; drop it for --task %s", args.task)
+        return 2
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
-    try:
-        model = load_model(args.model, accelerator.device)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # ExportError is a RuntimeError
-        log.error("%s", e)
-        return 2
-    model.eval()
-    results: Dict[str, Dict[str, Any]] = {}
-    failed: Dict[str, str] = {}
-    for spec in args.datasets:
+    payloads: List[Dict[str, Any]] = []
+    not_loaded: List[str] = []
+    any_failed = False
+    for model_spec in args.model:
         try:
-            res = run_task(model, args.task, spec, args, accelerator)
-        except (OSError, ValueError) as e:  # DatasetError, ShardReadError, IO: one line, go on with the others
-            failed[spec] = f"{type(e).__name__}: {e}"
-            log.error("%s: %s", spec, failed[spec])
+            model = load_model(model_spec, accelerator.device)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:  # ExportError is a RuntimeError
+            log.error("%s", e)
+            not_loaded.append(model_spec)
             continue
-        if not res.get("num_images"):  # everything skipped: no number to report
-            failed[spec] = f"no images evaluated (skipped: {res.get('skipped')})"
-            log.error("%s: %s", spec, failed[spec])
-            continue
-        results[spec] = res
-    if accelerator.is_main_process and results:
-        print(format_table(args.task, results))
-        payload = {
-            "model": str(args.model),
-            "task": args.task,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "num_processes": accelerator.num_processes,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("model", "task", "datasets", "out")},
-            "results": results,
-            "failed": failed,
-        }
+        model.eval()
+        results: Dict[str, Dict[str, Any]] = {}
+        failed: Dict[str, str] = {}
+        for spec in args.datasets:
+            try:
+                res = run_task(model, args.task, spec, args, accelerator)
+            except (OSError, ValueError) as e:  # DatasetError, ShardReadError, IO: one line, go on with the others
+                failed[spec] = f"{type(e).__name__}: {e}"
+                log.error("%s: %s", spec, failed[spec])
+                continue
+            if not res.get("num_images"):  # everything skipped: no number to report
+                failed[spec] = f"no images evaluated (skipped: {res.get('skipped')})"
+                log.error("%s: %s", spec, failed[spec])
+                continue
+            results[spec] = res
+        del model
+        any_failed = any_failed or bool(failed)
+        if failed:
+            log.error("%s: %d of %d datasets failed: %s", model_spec, len(failed), len(args.datasets), ", ".join(failed))
+        if results:
+            payloads.append({
+                "model": str(model_spec),
+                "task": args.task,
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "num_processes": accelerator.num_processes,
+                "settings": {k: v for k, v in vars(args).items() if k not in ("model", "task", "datasets", "out")},
+                "results": results,
+                "failed": failed,
+            })
+    if accelerator.is_main_process and payloads:
+        for payload in payloads:
+            print((f"\n{payload['model']}\n" if len(args.model) > 1 else "") + format_table(args.task, payload["results"]))
+        if args.report:
+            runs = [ModelRun(p["model"], p["results"], failed=p["failed"]) for p in payloads]
+            log.info("report written to %s", write_report(args.report, runs))
+        for payload in payloads:  # sample pictures are for the report only, never JSON
+            for res in payload["results"].values():
+                res.pop("samples", None)
         if args.out:
-            write_json_atomic(Path(args.out), payload)
+            write_json_atomic(Path(args.out), payloads[0] if len(args.model) == 1 else {"task": args.task, "runs": payloads})
             log.info("results written to %s", args.out)
         if args.report_to_run:
-            report_to_run(Path(args.report_to_run), args.task, payload,
-                          args.step if args.step is not None else checkpoint_step(args.model))
+            report_to_run(Path(args.report_to_run), args.task, payloads[0],
+                          args.step if args.step is not None else checkpoint_step(args.model[0]))
     accelerator.wait_for_everyone()
-    if failed:
-        log.error("%d of %d datasets failed: %s", len(failed), len(args.datasets), ", ".join(failed))
-    return 1 if failed else 0
+    return 2 if not_loaded else (1 if any_failed else 0)
 
 
 __all__ = ["TASKS", "load_model", "checkpoint_step", "write_json_atomic", "format_table", "report_to_run",

@@ -1,7 +1,7 @@
 """``simzss demo``: the whole pipeline on the built-in synthetic toy world, on a CPU, in minutes.
 
 Each stage runs through the same command entry point a user would call (``simzss demo-data``,
-``prepare``, ``tokenizer``, ``train``, ``export``, ``eval``, ``segment``), so the demo exercises what
+``prepare``, ``tokenizer``, ``train``, ``plot``, ``export``, ``eval``, ``segment``), so the demo exercises what
 the README documents. Stages whose outputs exist are reused; ``--fresh`` starts over.
 """
 
@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from simzss.cli import COMMANDS
+from simzss.helpformat import HelpFormatter
+from simzss.logs import setup_logging
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 class StageFailed(RuntimeError):
@@ -102,6 +104,9 @@ def run_demo(
             shutil.rmtree(run_dir)  # a demo run is cheap; never resume a stale one silently
         _run("train", ["--config", str(_config(config, config_dir)), f"run_name={run_name}", *common])
         results[variant] = _read_miou(run_dir)
+    curves = workdir / "training_curves.png"
+    _run("plot", [*(str(runs / f"demo_{v}") for v, _ in variants), "--out", str(curves), "--title", "toy world",
+                  "--labels", *({"simzss": "SimZSS", "lit": "LiT"}[v] for v, _ in variants)])
 
     simzss_run = runs / "demo_simzss"
     _run("export", [str(simzss_run / "checkpoints"), str(export), "--overwrite"])
@@ -113,7 +118,8 @@ def run_demo(
     first_image = sorted((data / "val" / "images").iterdir())[0]
     overlay = workdir / "overlay.png"
     _run("segment", [str(first_image), "--model", str(export), "--labels", ",".join(classes),
-                     "--out", str(overlay), "--out-mask", str(workdir / "overlay_mask.png"), *eval_size])
+                     "--out", str(overlay), "--out-mask", str(workdir / "overlay_mask.png"), *eval_size,
+                     "--min-width", "448"])
 
     summary = {
         "miou_simzss": results["simzss"],
@@ -121,14 +127,15 @@ def run_demo(
         "export": str(export),
         "overlay": str(overlay),
         "eval_export": str(eval_json),
+        "curves": str(curves),
     }
     (workdir / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="simzss demo", description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="demo", help="where data, runs, export and overlay go (default ./demo)")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="simzss demo", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="demo", help="where data, runs, export and overlay go")
     p.add_argument("--num-train", type=int, default=3000, help="toy-world training pairs")
     p.add_argument("--num-val", type=int, default=100, help="held-out images with masks")
     p.add_argument("--max-steps", type=int, default=None, help="cap the training steps (default: configs/demo.yaml)")
@@ -137,6 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--config-dir", default=str(REPO_CONFIGS), help="folder with demo.yaml and demo_lit.yaml")
     p.add_argument("--fresh", action="store_true", help="delete the workdir first")
     args = p.parse_args(argv)
+    setup_logging()
     try:
         summary = run_demo(
             Path(args.workdir), num_train=args.num_train, num_val=args.num_val, max_steps=args.max_steps,
@@ -149,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"  SimZSS mIoU: {summary['miou_simzss']:.1f}")
     if summary["miou_lit"] is not None:
         print(f"  LiT    mIoU: {summary['miou_lit']:.1f}   (same steps, concept loss off)")
-    print(f"  export: {summary['export']}\n  overlay: {summary['overlay']}")
+    print(f"  export: {summary['export']}\n  overlay: {summary['overlay']}\n  training curves: {summary['curves']}")
     return 0
 
 

@@ -6,18 +6,26 @@ import importlib
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
+from simzss import __version__
+
 # name -> (module, function, one-line help). Modules are imported only when their command runs,
 # so `simzss --help` stays fast and a job never pays for another job's imports.
 COMMANDS: Dict[str, Tuple[str, str, str]] = {
-    "demo": ("simzss.demo", "main", "toy world end to end: data, prepare, train, evaluate, overlay"),
+    "demo": ("simzss.cli.demo", "main", "toy world end to end: data, prepare, train, evaluate, overlay"),
     "demo-data": ("simzss.data.synthetic", "main", "write the synthetic toy-world shards and held-out split"),
+    "shards": ("simzss.cli.shards", "main", "raw datasets (COCO Captions, CSV/parquet tables) -> webdataset shards"),
     "prepare": ("simzss.data.prepare", "main", "annotate image-caption shards with concepts (concepts.json)"),
     "tokenizer": ("simzss.data.tokenize", "main", "train a BPE tokenizer on caption shards"),
     "train": ("simzss.engine.trainer", "main", "train a SimZSS (or LiT) model"),
-    "eval": ("simzss.eval.runner", "main", "zero-shot segmentation / classification / retrieval"),
-    "export": ("simzss.export", "main", "export a checkpoint for inference (safetensors)"),
+    "eval": ("simzss.cli.eval", "main", "zero-shot segmentation / classification / retrieval"),
+    "export": ("simzss.io.export", "main", "export a checkpoint for inference (safetensors)"),
     "segment": ("simzss.inference", "main", "segment one image with free-form labels"),
-    "cache-features": ("simzss.features", "main", "precompute frozen vision features for training"),
+    "report": ("simzss.cli.report", "main", "pictures and report.md from saved segmentation results"),
+    "plot": ("simzss.cli.plot", "main", "training curves of one or more runs (metrics.jsonl)"),
+    "serve": ("simzss.cli.serve", "main", "local demo page: drop an image, type class names, see the overlay"),
+    "convert-benchmark": ("simzss.cli.convert_benchmark", "main", "official benchmark download -> the layout eval reads"),
+    "cache-features": ("simzss.cli.cache_features", "main", "precompute frozen vision features for training"),
+    "import-official": ("simzss.io.official", "main", "convert a checkpoint of the official release into an export"),
 }
 
 
@@ -34,8 +42,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from simzss import __version__
-
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]

@@ -1,0 +1,1 @@
+"""Converters from raw dataset downloads to the layouts simzss reads (training shards, benchmark folders)."""

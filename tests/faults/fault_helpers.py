@@ -1,0 +1,127 @@
+"""Shared helpers of the fault-injection suite: generated shards, a deterministic in-memory stream and
+tiny trainer configs (random-init models, no download)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Sequence
+
+import torch
+from PIL import Image
+
+from simzss.config import TrainConfig, load_config
+from simzss.data.shards import write_shard, write_sizes
+
+VOCAB = 64
+CLASSES = 4
+NO_CONCEPTS = json.dumps({"version": 1, "concepts": []}).encode()
+
+
+def jpeg_bytes(size: int = 16, colour: tuple[int, int, int] = (120, 80, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_uneven_shards(folder: Path, sizes: Sequence[int], *, concepts: bool = True) -> List[str]:
+    """Shards ``folder/shard-N.tar`` with ``sizes[N]`` samples (keys ``sN-iii``: tiny JPEG, caption, and an
+    empty concepts.json unless ``concepts`` is false) plus ``sizes.json``; returns the shard paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    img = jpeg_bytes()
+    paths = []
+    for n, count in enumerate(sizes):
+        samples = []
+        for i in range(count):
+            s = {"__key__": f"s{n}-{i:03d}", "jpg": img, "txt": f"a photo of a cat number {i}"}
+            if concepts:
+                s["concepts.json"] = NO_CONCEPTS
+            samples.append(s)
+        path = folder / f"shard-{n}.tar"
+        write_shard(path, samples)
+        paths.append(str(path))
+    write_sizes(folder, {Path(p).name: c for p, c in zip(paths, sizes)})
+    return paths
+
+
+class TinyTokenizer:
+    """What SimZSS.from_config needs from a tokenizer: a vocabulary size and a pad id."""
+
+    pad_token_id = 0
+
+    def __len__(self) -> int:
+        return VOCAB
+
+
+class MemoryStream:
+    """Deterministic stand-in for ``TrainLoader``: batch (epoch, i) is always the same tensors."""
+
+    def __init__(self, num_batches: int, batch_size: int, image_size: int = 28, seed: int = 0) -> None:
+        self.num_batches, self.batch_size, self.image_size, self.seed = num_batches, batch_size, image_size, seed
+        self.epoch, self.consumed = 0, 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "batches_consumed": self.consumed}
+
+    def load_state_dict(self, d: Dict[str, int]) -> None:
+        self.epoch, self.consumed = int(d["epoch"]), int(d["batches_consumed"])
+
+    def __iter__(self) -> Iterator[Any]:
+        while self.consumed < self.num_batches:
+            batch = self._make(self.epoch, self.consumed)
+            self.consumed += 1
+            yield batch
+
+    def _make(self, epoch: int, i: int) -> Any:
+        from simzss.data.stream import Batch
+
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch * 1009 + i)
+        b, length, k = self.batch_size, 8, 2
+        labels = torch.randint(0, CLASSES, (b, k), generator=g)
+        images = 0.3 * torch.randn(b, 3, self.image_size, self.image_size, generator=g)
+        ids = torch.randint(3, VOCAB, (b, length), generator=g)
+        ids[:, 1] = 3 + labels[:, 0]
+        ids[:, 3] = 3 + labels[:, 1]
+        ids[:, -1] = 2
+        concept_mask = torch.zeros(b, k, length, dtype=torch.bool)
+        concept_mask[:, 0, 1] = True
+        concept_mask[:, 1, 3] = True
+        return Batch(
+            images=images, input_ids=ids, attention_mask=torch.ones(b, length, dtype=torch.long),
+            concept_mask=concept_mask, concept_labels=labels, captions=[""] * b,
+            keys=[f"{epoch}-{i}-{j}" for j in range(b)],
+        )
+
+
+def tiny_overrides(tmp_path: Path, *extra: str) -> List[str]:
+    """A tiny random-init SimZSS (ViT-S/14 cut to 2 blocks at 28 px, text 2 x 64)."""
+    return [
+        f"output_dir={tmp_path / 'runs'}", "run_name=t", "batch_size=8", "epochs=2", "log_every=1",
+        "checkpoint_every=0", "keep_checkpoints=5", "data.shards=[unused.tar]",
+        "model.vision.name=vit_small_patch14_reg4_dinov2", "model.vision.pretrained=false",
+        "model.vision.model_kwargs={depth: 2, img_size: 28}",
+        "model.text.layers=2", "model.text.width=64", "model.text.heads=2", "model.text.context_length=8",
+        "model.tokenizer=unused", "optim.lr=1e-3", "optim.scale_lr=false", "optim.warmup=0.2",
+        *extra,
+    ]
+
+
+def tiny_cfg(tmp_path: Path, *extra: str) -> TrainConfig:
+    return load_config(TrainConfig, None, tiny_overrides(tmp_path, *extra))
+
+
+def use_memory_data(monkeypatch: Any, trainer_mod: Any, num_batches: int = 4) -> None:
+    """Route the trainer to the tiny tokenizer and the in-memory stream."""
+    monkeypatch.setattr(trainer_mod, "build_tokenizer", lambda cfg: TinyTokenizer())
+    monkeypatch.setattr(
+        trainer_mod, "build_loader",
+        lambda cfg, tok, *, rank, world_size: MemoryStream(num_batches, cfg.batch_size, seed=cfg.seed),
+    )
