@@ -93,6 +93,7 @@ class DataConfig:
     concept_bank: Optional[str] = None  # text file; default: the built-in evaluation vocabulary
     synonyms: Optional[str] = None
     spacy_model: str = "en_core_web_sm"  # used only when shards lack concepts.json
+    lowercase_concepts: bool = False  # on-the-fly parsing of the lower-cased caption (the release; `prepare --lowercase`)
     feature_cache: Optional[str] = None  # cache-features output: training steps skip the vision tower (still built for eval/export)
 
 

@@ -640,3 +640,22 @@ def test_numpy_gemm_default_follows_blas_threads(monkeypatch: pytest.MonkeyPatch
     load_spacy.cache_clear()  # the (name, None) entry depends on the environment
     monkeypatch.setattr(extract_module.os, "cpu_count", lambda: 1)
     assert extract_module.blas_single_threaded()
+
+
+def test_lowercase_parsing_keeps_spans_on_the_caption_as_written() -> None:
+    """`lowercase=True` (the release parsed lower-cased captions): concepts come from the lower-cased parse, text and
+    spans from the caption as written; a caption whose lower-casing changes length is parsed as written."""
+    caption = "Two TENNIS Rackets next to A Dog"
+    lower = ConceptExtractor(SPACY_MODEL, lowercase=True)
+    as_parsed = ConceptExtractor(SPACY_MODEL)([caption.lower()])[0]
+    got = lower([caption])[0]
+    assert [c.concept for c in got] == [c.concept for c in as_parsed] and got
+    assert [c.spans for c in got] == [c.spans for c in as_parsed]
+    for c in got:
+        assert c.text == caption[c.chunk_span[0]:c.chunk_span[1]]  # original casing
+    assert [c.text for c in got] == ["Two TENNIS Rackets", "A Dog"]
+    odd = "İstanbul has a big Bridge"  # "İ".lower() is two characters: offsets would shift
+    assert len(odd.lower()) != len(odd)
+    assert [c.spans for c in lower([odd])[0]] == [c.spans for c in ConceptExtractor(SPACY_MODEL)([odd])[0]]
+    clone = pickle.loads(pickle.dumps(lower))
+    assert clone.lowercase and "lowercase=True" in repr(clone)

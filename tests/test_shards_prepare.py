@@ -361,6 +361,23 @@ def test_prepare_standard_spacy_writes_the_same_shards(tmp_path: Path, capsys: p
         assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "std" / name).read_bytes()
 
 
+def test_prepare_lowercase_parses_lower_case_but_keeps_the_caption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--lowercase` (as the release prepared its shards): concepts of the lower-cased parse, caption untouched."""
+    from simzss.concepts import ConceptExtractor
+
+    src = tmp_path / "src"
+    src.mkdir()
+    caption = "Two TENNIS Rackets next to A Dog"
+    _raw_tar(src / "s.tar", [("k.jpg", JPEG), ("k.txt", caption.encode())])
+    assert prepare.main([str(src / "s.tar"), "--out", str(tmp_path / "out"), "--no-progress", "--lowercase"]) == 0
+    assert json.loads(capsys.readouterr().out)["lowercase"] is True
+    with tarfile.open(tmp_path / "out" / "s.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert members["k.txt"].decode() == caption
+    stored = [c["concept"] for c in json.loads(members["k.concepts.json"])["concepts"]]
+    assert stored == [c.concept for c in ConceptExtractor(lowercase=True)([caption])[0]] == ["tennis racket", "dog"]
+
+
 def test_worker_processes_get_one_blas_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -368,7 +385,7 @@ def test_worker_processes_get_one_blas_thread(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "3")  # a user's own setting wins
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        with prepare._worker_environment():
+        with prepare.worker_environment():
             seen = pool.submit(os.getenv, "OPENBLAS_NUM_THREADS"), pool.submit(os.getenv, "MKL_NUM_THREADS")
         assert [f.result() for f in seen] == ["1", "3"]
     assert "OPENBLAS_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"  # restored

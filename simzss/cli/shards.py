@@ -35,6 +35,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="also annotate the caption concepts (KEY.concepts.json), as `simzss prepare` does")
     p.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline for --prepare")
     p.add_argument("--batch-size", type=int, default=256, help="captions per spaCy batch with --prepare")
+    p.add_argument("--lowercase", action="store_true",
+                   help="with --prepare: parse the lower-cased caption, as the official release did")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
 
 
@@ -81,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             skipped = None
             source = {"kind": "table", "table": str(Path(args.table).resolve()), "image_column": args.image_column,
                       "caption_column": args.caption_column}
-        prepare = (PrepareOptions(spacy_model=args.spacy_model, batch_size=args.batch_size)
+        prepare = (PrepareOptions(spacy_model=args.spacy_model, batch_size=args.batch_size, lowercase=args.lowercase)
                    if args.prepare else None)
         summary = write_dataset(records, args.out, source=source, samples_per_shard=args.samples_per_shard,
                                 processes=args.processes, overwrite=args.overwrite, show_progress=not args.no_progress,

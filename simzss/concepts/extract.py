@@ -150,9 +150,16 @@ def _chunk_concept(chunk: "Span", text: str) -> Optional[Concept]:
     )
 
 
-def doc_concepts(doc: "Doc") -> List[Concept]:
-    """The concepts of a parsed spaCy ``Doc``, one per noun chunk that reduces to one, in order."""
-    text = doc.text
+def doc_concepts(doc: "Doc", text: Optional[str] = None) -> List[Concept]:
+    """The concepts of a parsed spaCy ``Doc``, one per noun chunk that reduces to one, in order.
+
+    ``text``: the caption the character spans refer to, when the doc parsed a same-length variant of it (the
+    lower-cased caption); the chunk text is then taken from ``text``. Default: the doc's own text.
+    """
+    if text is None:
+        text = doc.text
+    elif len(text) != len(doc.text):
+        raise ValueError("doc_concepts: text must have the length of the parsed text (spans are shared)")
     concepts = (_chunk_concept(chunk, text) for chunk in doc.noun_chunks)
     return [c for c in concepts if c is not None]
 
@@ -169,6 +176,7 @@ class ConceptExtractor:
         batch_size: int = 256,
         n_process: int = 1,
         numpy_gemm: Optional[bool] = None,
+        lowercase: bool = False,
     ) -> None:
         if batch_size < 1 or n_process < 1:
             raise ValueError(f"batch_size and n_process must be >= 1, got {batch_size}, {n_process}")
@@ -176,6 +184,9 @@ class ConceptExtractor:
         self.batch_size = batch_size
         self.n_process = n_process
         self.numpy_gemm = numpy_gemm  # see load_spacy; None = auto
+        # Parse the lower-cased caption, as the official release did; spans still index the caption as written, so
+        # a caption whose lower-casing changes its length (rare: e.g. "İ") is parsed as written.
+        self.lowercase = lowercase
         self._nlp: Optional["Language"] = None
 
     @property
@@ -192,17 +203,26 @@ class ConceptExtractor:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         state.pop("fast_pos", None)  # pickles of versions with a hand-written attribute ruler
-        self.__dict__.update({"numpy_gemm": None, **state})
+        self.__dict__.update({"numpy_gemm": None, "lowercase": False, **state})
 
     def __repr__(self) -> str:
         return (f"ConceptExtractor(model={self.model!r}, batch_size={self.batch_size}, n_process={self.n_process}, "
-                f"numpy_gemm={self.numpy_gemm})")
+                f"numpy_gemm={self.numpy_gemm}, lowercase={self.lowercase})")
 
     def __call__(self, captions: Sequence[str]) -> List[List[Concept]]:
         """Concepts of each caption, in order; a caption without nouns (or empty) gives ``[]``."""
         for i, caption in enumerate(captions):
             if not isinstance(caption, str):
                 raise TypeError(f"caption {i} is {type(caption).__name__}, expected str")
-        docs = self.nlp.pipe(captions, batch_size=self.batch_size, n_process=self.n_process)
-        return [doc_concepts(doc) for doc in docs]
+        parsed = [self._parse_form(c) for c in captions]
+        docs = self.nlp.pipe(parsed, batch_size=self.batch_size, n_process=self.n_process)
+        return [doc_concepts(doc, caption) for doc, caption in zip(docs, captions)]
+
+    def _parse_form(self, caption: str) -> str:
+        """What spaCy parses: the caption, lower-cased with ``lowercase`` when that keeps every offset."""
+        if self.lowercase:
+            lower = caption.lower()
+            if len(lower) == len(caption):
+                return lower
+        return caption
 

@@ -100,14 +100,15 @@ def _exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
     threading.Thread(target=watch, name="simzss-parent-watchdog", daemon=True).start()
 
 
-def _init_worker(spacy_model: str, batch_size: int, bank: "ConceptBank", fast_spacy: bool = True) -> None:
+def _init_worker(spacy_model: str, batch_size: int, bank: "ConceptBank", fast_spacy: bool = True,
+                 lowercase: bool = False) -> None:
     """Load the spaCy pipeline once per process (a warm-up call forces it) and keep the bank."""
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid is not None:
         _exit_with_parent(parent.pid)
     if parent is not None and not logging.getLogger().handlers:
         setup_logging(logging.WARNING)
-    extractor = ConceptExtractor(spacy_model, batch_size=batch_size, numpy_gemm=fast_spacy)
+    extractor = ConceptExtractor(spacy_model, batch_size=batch_size, numpy_gemm=fast_spacy, lowercase=lowercase)
     extractor(["a warm-up caption"])
     _STATE.update(extractor=extractor, bank=bank, batch_size=batch_size)
 
@@ -277,6 +278,7 @@ def prepare_shards(
     overwrite: bool = False,
     progress: bool = True,
     fast_spacy: bool = True,
+    lowercase: bool = False,
 ) -> dict[str, Any]:
     """Annotate shards with concepts into ``out_dir``; return the run summary (see ``simzss prepare``).
 
@@ -326,14 +328,14 @@ def prepare_shards(
     with progress_bar(total=len(todo), unit="shard", desc="prepare", enabled=progress and bool(todo)) as bar, \
             _sigterm_raises():
         if todo and processes == 1:
-            _init_worker(spacy_model, batch_size, bank, fast_spacy)
+            _init_worker(spacy_model, batch_size, bank, fast_spacy, lowercase)
             for src, dst in todo:
                 finished(_run_shard(src, str(dst)), bar)
         elif todo:
             ctx = multiprocessing.get_context("spawn")
             workers = min(processes, len(todo))
             pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                       initargs=(spacy_model, batch_size, bank, fast_spacy))
+                                       initargs=(spacy_model, batch_size, bank, fast_spacy, lowercase))
             try:
                 with worker_environment():  # workers start during submit() and copy the environment
                     pending: dict[Future[ShardResult], tuple[str, Path]] = {
@@ -359,6 +361,7 @@ def prepare_shards(
     work_seconds = time.perf_counter() - t_work
     summary = _summary(results, plan, out, processes, time.perf_counter() - t0, work_seconds)
     summary["fast_spacy"] = fast_spacy
+    summary["lowercase"] = lowercase
     summary["unreachable_bank_names"] = _report_unreachable(bank, spacy_model, fast_spacy)
     return summary
 
@@ -452,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--standard-spacy", action="store_true",
                     help="run spaCy's matrix products with its bundled BLIS instead of numpy's BLAS "
                          "(slower with one BLAS thread per process; same pipeline)")
+    ap.add_argument("--lowercase", action="store_true",
+                    help="parse the lower-cased caption, as the official release prepared its shards (spans still "
+                         "refer to the caption as written)")
     ap.add_argument("--overwrite", action="store_true", help="redo shards whose output already exists")
     ap.add_argument("--concept-bank", help="text file, one class name per line (only for the in-bank statistics)")
     ap.add_argument("--synonyms", help="synonyms file for --concept-bank")
@@ -464,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             bank = ConceptBank.from_file(args.concept_bank, synonyms=args.synonyms)
         summary = prepare_shards(args.inputs, args.out, processes=args.processes, spacy_model=args.spacy_model,
                                  batch_size=args.batch_size, bank=bank, overwrite=args.overwrite,
-                                 progress=not args.no_progress, fast_spacy=not args.standard_spacy)
+                                 progress=not args.no_progress, fast_spacy=not args.standard_spacy,
+                                 lowercase=args.lowercase)
     except PrepareInterrupted as e:
         print(f"simzss prepare: {e}; finished shards are kept, rerun the same command to continue", file=sys.stderr)
         return 128 + signal.SIGTERM

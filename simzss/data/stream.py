@@ -611,7 +611,7 @@ class TrainStream(IterableDataset):
     def annotate(self, captions: List[str]) -> List[ConceptSpans]:
         """Concepts of captions whose shard has no concepts.json, extracted with spaCy in this worker."""
         if self._extractor is None:
-            self._extractor = ConceptExtractor(self.cfg.spacy_model)
+            self._extractor = ConceptExtractor(self.cfg.spacy_model, lowercase=self.cfg.lowercase_concepts)
         if not self._warned_on_the_fly:
             self._warned_on_the_fly = True
             logger.warning(

@@ -60,6 +60,7 @@ class PrepareOptions:
     spacy_model: str = "en_core_web_sm"
     batch_size: int = 256
     fast_spacy: bool = True
+    lowercase: bool = False
 
 
 @dataclass
@@ -156,7 +157,8 @@ def _init_worker(prepare: Optional[PrepareOptions]) -> None:
         setup_logging(logging.WARNING)
     _STATE.clear()
     if prepare is not None:
-        extractor = ConceptExtractor(prepare.spacy_model, batch_size=prepare.batch_size, numpy_gemm=prepare.fast_spacy)
+        extractor = ConceptExtractor(prepare.spacy_model, batch_size=prepare.batch_size, numpy_gemm=prepare.fast_spacy,
+                                     lowercase=prepare.lowercase)
         extractor(["a warm-up caption"])
         _STATE.update(extractor=extractor, batch_size=prepare.batch_size)
 
