@@ -5,7 +5,7 @@ Multi-GPU / multi-node: ``accelerate launch [--config_file ...] train.py --confi
 
 import sys
 
-from simzss.engine.trainer import main
+from simzss.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

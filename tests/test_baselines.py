@@ -317,3 +317,24 @@ def test_experimental_gem_over_dinov2_export(tmp_path) -> None:
     assert not torch.allclose(patches, ref_patches, atol=1e-3)
     with pytest.raises(FileNotFoundError, match="not a SimZSS export"):
         load_baseline(f"gem-dinov2:{tmp_path / 'tok'}")
+
+
+@pytest.mark.parametrize("kind", ["gem", "maskclip"])
+def test_segment_command_on_a_real_photo(tiny_config, tmp_path, kind: str) -> None:
+    """`simzss segment` with a baseline on a real photograph (the one matplotlib ships), at the standard 448 / 224
+    protocol: the overlay and the label map come back at the photo's size with a legend below."""
+    import matplotlib.cbook
+    from PIL import Image
+
+    from simzss import inference
+
+    photo = Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    width, height = Image.open(photo).size
+    rc = inference.main([str(photo), "--model", f"{kind}:{tiny_config}/random", "--labels", "person,flag,uniform",
+                         "--out", str(tmp_path / "overlay.png"), "--out-mask", str(tmp_path / "mask.png"),
+                         "--device", "cpu"])
+    assert rc == 0
+    mask = Image.open(tmp_path / "mask.png")
+    assert mask.size == (width, height) and max(mask.getdata()) <= 2
+    overlay = Image.open(tmp_path / "overlay.png")
+    assert overlay.width >= width and overlay.height > height  # legend below the picture

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from simzss.config import ConfigError, TrainConfig, load_config, to_dict
-from simzss.engine.trainer import main, validate_config
+from simzss.cli.train import main
+from simzss.engine.trainer import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

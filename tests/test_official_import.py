@@ -292,6 +292,19 @@ def test_refuses_pickled_code(release: Release, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("content", [b"not a checkpoint at all\n", b"PK\x03\x04garbage", b""], ids=["text", "zip", "empty"])
+def test_foreign_files_are_one_line_errors(tmp_path: Path, capsys, content: bytes) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    rc = official.main([str(bad), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "bad.pt" in err and "Traceback" not in err
+    from simzss.models.denoiser import read_denoiser_state
+
+    with pytest.raises(ValueError, match="not a readable torch weights file"):
+        read_denoiser_state(bad)
+
+
 def test_unknown_and_missing_keys_named(release: Release, tmp_path: Path, capsys) -> None:
     state = release.state_dict()
     state["visual.decoder.weight"] = torch.zeros(3)

@@ -22,6 +22,7 @@ from torch import nn
 
 from simzss.config import TrainConfig, VisionConfig, load_config
 from simzss.engine import checkpoint as ckpt_io
+from simzss.cli import train as train_cli
 from simzss.engine import trainer as trainer_mod
 from simzss.engine.optim import WarmupCosine, build_optimizer, build_scheduler, param_groups, scaled_lr
 
@@ -296,7 +297,7 @@ def test_nonfinite_losses_skipped_then_run_stops(tmp_path: Path, memory_data: Di
     cli = [f"output_dir={tmp_path / 'runs'}", "run_name=cli", "batch_size=8", "max_nonfinite=3", "data.shards=[x.tar]",
            "model.vision.name=vit_small_patch14_reg4_dinov2", "model.vision.pretrained=false",
            "model.vision.model_kwargs={depth: 2, img_size: 28}", "model.text.layers=2", "model.text.width=64"]
-    assert trainer_mod.main(cli) == 1  # the CLI's exit code for a diverged run
+    assert train_cli.main(cli) == 1  # the CLI's exit code for a diverged run
 
 
 def test_lit_trains(tmp_path: Path, memory_data: Dict[str, Any]) -> None:
@@ -469,25 +470,25 @@ def test_resume_errors_and_extension(tmp_path: Path, memory_data: Dict[str, Any]
 def test_cli_resume_option(tmp_path: Path, memory_data: Dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     """`simzss train --resume latest|PATH` sets the config's resume field (and beats a resume= override)."""
     base = tiny_overrides(tmp_path) + ["run_name=cli", "optim.warmup=0", "keep_checkpoints=0"]
-    assert trainer_mod.main([*base, "--resume", "latest", "--print-config"]) == 0
+    assert train_cli.main([*base, "--resume", "latest", "--print-config"]) == 0
     assert "resume: latest" in capsys.readouterr().out
-    assert trainer_mod.main([*base, "resume=nowhere", "--print-config", "--resume", str(tmp_path / "x y")]) == 0
+    assert train_cli.main([*base, "resume=nowhere", "--print-config", "--resume", str(tmp_path / "x y")]) == 0
     assert f"resume: {tmp_path / 'x y'}" in capsys.readouterr().out  # a path is taken verbatim
-    assert trainer_mod.main([*base, "--resume", " "]) == 2
+    assert train_cli.main([*base, "--resume", " "]) == 2
     assert "--resume" in capsys.readouterr().err
 
-    assert trainer_mod.main([*base, "max_steps=2", "checkpoint_every=1"]) == 0
-    assert trainer_mod.main([*base, "max_steps=4", "--resume", "latest"]) == 0  # continues at step 3
+    assert train_cli.main([*base, "max_steps=2", "checkpoint_every=1"]) == 0
+    assert train_cli.main([*base, "max_steps=4", "--resume", "latest"]) == 0  # continues at step 3
     run = tmp_path / "runs" / "cli"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # A checkpoint path: a new run starting from step 1 of the first one.
     first = run / "checkpoints" / "step-000000001"
-    assert trainer_mod.main([*base, "run_name=cli2", "max_steps=3", "--resume", str(first)]) == 0
+    assert train_cli.main([*base, "run_name=cli2", "max_steps=3", "--resume", str(first)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "runs" / "cli2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 3]
     with pytest.raises(SystemExit):
-        trainer_mod.main(["--resume"])  # argparse: the option needs a value
+        train_cli.main(["--resume"])  # argparse: the option needs a value
 
 
 def test_real_stream_with_two_workers_resumes_exactly(toy_world: Dict[str, Path]) -> None:
@@ -609,7 +610,7 @@ def test_incompatible_feature_cache_is_refused(
         trainer_mod.Trainer(cfg("run_name=bad_depth", "model.vision.model_kwargs={depth: 3, img_size: 56}"))
     with pytest.raises(trainer_mod.ConfigError, match=r"data.feature_cache=.*not a feature cache"):
         trainer_mod.Trainer(cfg("run_name=no_cache", f"data.feature_cache={tmp_path}"))
-    assert trainer_mod.main(cache_overrides(toy_world, toy_cache, "run_name=cli", "data.image_size=112")) == 2
+    assert train_cli.main(cache_overrides(toy_world, toy_cache, "run_name=cli", "data.image_size=112")) == 2
     assert "data.image_size" in capsys.readouterr().err
 
     # weights: a cache of a random-init tower only fits a model whose tower has the same weights

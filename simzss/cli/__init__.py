@@ -16,7 +16,7 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "shards": ("simzss.cli.shards", "main", "raw datasets (COCO Captions, CSV/parquet tables) -> webdataset shards"),
     "prepare": ("simzss.data.prepare", "main", "annotate image-caption shards with concepts (concepts.json)"),
     "tokenizer": ("simzss.data.tokenize", "main", "train a BPE tokenizer on caption shards"),
-    "train": ("simzss.engine.trainer", "main", "train a SimZSS (or LiT) model"),
+    "train": ("simzss.cli.train", "main", "train a SimZSS (or LiT) model"),
     "eval": ("simzss.cli.eval", "main", "zero-shot segmentation / classification / retrieval"),
     "export": ("simzss.io.export", "main", "export a checkpoint for inference (safetensors)"),
     "segment": ("simzss.inference", "main", "segment one image with free-form labels"),

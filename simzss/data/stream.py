@@ -54,22 +54,17 @@ docs/CONTRACTS.md) and is wrapped in a :class:`TrainLoader` with its own :class:
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
 import math
-import multiprocessing
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import webdataset as wds
-from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import make_seed
 
@@ -78,10 +73,23 @@ from simzss.config import DataConfig
 from simzss.data.shards import (
     IMAGE_EXTENSIONS,
     MAX_CAPTION_CHARS,
-    SIZES_FILE,
     expand_shards,
     local_shard_path,
-    read_sizes,
+)
+from simzss.data.batch import Batch
+from simzss.data.sampling import (
+    SharedState,
+    batches_per_epoch,
+    count_samples,
+    drop_head,
+    repeated_shards,
+    role_seed,
+    select_role_blocks,
+    shard_sizes_of,
+    skip_shards_before,
+    split_by_node,
+    split_by_role,
+    worker_share,
 )
 from simzss.data.tokenize import tokenize_batch
 from simzss.data.transforms import ImageTooLargeError, decode_image, decode_min_size, normalize_batch, train_crop
@@ -99,92 +107,6 @@ _LOG_FIRST_SKIPS = 10
 
 ConceptSpans = List[Tuple[int, List[Tuple[int, int]]]]  # [(class_id, char spans), ...] of one caption
 
-_TENSOR_FIELDS = (
-    "images",
-    "input_ids",
-    "attention_mask",
-    "concept_mask",
-    "concept_labels",
-    "vision_cls",
-    "vision_patches",
-)
-
-
-# --------------------------------------------------------------------------------------------------
-# Batch
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    """One training batch (see docs/CONTRACTS.md)."""
-
-    images: Optional[Tensor]  # [B,3,H,W] float, ImageNet-normalised (None when features are cached)
-    input_ids: Tensor  # [B,L] long
-    attention_mask: Tensor  # [B,L] long
-    concept_mask: Tensor  # [B,K,L] bool
-    concept_labels: Tensor  # [B,K] long, -1 padding
-    captions: List[str]
-    keys: List[str]
-    skipped: Dict[str, int] = field(default_factory=dict)  # samples skipped by reason since the worker's previous batch
-    vision_cls: Optional[Tensor] = None  # [B,D] cached features (simzss.data.features)
-    vision_patches: Optional[Tensor] = None  # [B,h,w,D]
-
-    def _map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "Batch":
-        changes = {name: fn(getattr(self, name)) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
-        return dataclasses.replace(self, **changes)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        """Copy of the batch with every tensor on ``device``."""
-        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "Batch":
-        """Copy with tensors in pinned memory (called by the DataLoader's pin-memory thread)."""
-        return self._map_tensors(lambda t: t.pin_memory())
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-# --------------------------------------------------------------------------------------------------
-# Shards and epoch size
-# --------------------------------------------------------------------------------------------------
-
-def count_samples(urls: Sequence[str]) -> int:
-    """Number of samples in ``urls`` according to the ``sizes.json`` next to each shard."""
-    tables: Dict[Path, Dict[str, int]] = {}  # folder -> its sizes.json
-    total = 0
-    unknown: List[str] = []
-    for url in urls:
-        path = local_shard_path(url)
-        if path is None:
-            raise ValueError(f"cannot size remote shard {url!r}: set data.num_samples")
-        if path.parent not in tables:
-            tables[path.parent] = read_sizes(path.parent)
-        n = tables[path.parent].get(path.name)
-        if n is None:
-            unknown.append(url)
-        else:
-            total += n
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        folders = sorted({str(p.parent) for p in map(local_shard_path, unknown) if p is not None})
-        raise ValueError(
-            f"{len(unknown)} of {len(urls)} shard(s) have no entry in {SIZES_FILE} ({shown}); re-run the same "
-            f"`simzss prepare ... --out {folders[0]}` command (finished shards are only counted, not redone) "
-            "or set data.num_samples"
-        )
-    return total
-
-
-def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
-    """Batches every rank yields per epoch: ``num_samples // (batch_size * world_size)``."""
-    return num_samples // (batch_size * world_size)
-
-
-def worker_share(num_batches: int, worker: int, num_workers: int) -> int:
-    """Batches worker ``worker`` of ``num_workers`` produces per epoch; the shares sum to ``num_batches``."""
-    return num_batches // num_workers + int(worker < num_batches % num_workers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,90 +147,6 @@ class SkipStats:
         out = dict(self.pending)
         self.pending.clear()
         return out
-
-
-def _split_by_node(src: Iterable[Dict[str, Any]], rank: int, world_size: int) -> Iterator[Dict[str, Any]]:
-    """Every ``world_size``-th shard from ``rank`` on (rank passed explicitly, never read from the env)."""
-    return itertools.islice(src, rank, None, world_size)
-
-
-def _repeated_shards(urls: Sequence[str], seed: int) -> Iterator[Dict[str, Any]]:
-    """The shard list repeated forever, each pass shuffled with its own seed (identical on every rank)."""
-    for n in itertools.count():
-        yield from wds.SimpleShardList(list(urls), seed=make_seed(seed, n))
-
-
-def _role_seed(rank: int, role: int) -> int:
-    """Resampling seed of worker role ``role`` of ``rank`` (a role, not the DataLoader's worker id; see Resume)."""
-    return rank * 1000 + role
-
-
-def shard_sizes_of(urls: Sequence[str]) -> Optional[Dict[str, int]]:
-    """``{url: samples}`` from the ``sizes.json`` next to each shard; None unless every shard is local and listed."""
-    tables: Dict[Path, Dict[str, int]] = {}
-    out: Dict[str, int] = {}
-    for url in urls:
-        path = local_shard_path(url)
-        if path is None:
-            return None
-        if path.parent not in tables:
-            try:
-                tables[path.parent] = read_sizes(path.parent)
-            except (OSError, ValueError):
-                return None
-        n = tables[path.parent].get(path.name)
-        if n is None:
-            return None
-        out[url] = n
-    return out
-
-
-def _skip_shards_before(
-    src: Iterable[Dict[str, Any]], sizes: Dict[str, int], start: int, head: List[int]
-) -> Iterator[Dict[str, Any]]:
-    """Drop, unread, the shards that end before sample ``start`` of the stream; ``head[0]`` is set to the samples
-    of the first kept shard that still lie before ``start`` (dropped by :func:`_drop_head`)."""
-    pos = 0
-    it = iter(src)
-    for shard in it:
-        n = sizes.get(shard.get("url", ""))
-        if n is not None and pos + n <= start:
-            pos += n
-            continue
-        head[0] = start - pos
-        yield shard
-        break
-    yield from it
-
-
-def _drop_head(src: Iterable[Dict[str, Any]], head: List[int]) -> Iterator[Dict[str, Any]]:
-    """Drop the first ``head[0]`` samples (known once the first shard has been opened, i.e. after one sample)."""
-    it = iter(src)
-    first = next(it, None)
-    if first is None:
-        return
-    if head[0] == 0:
-        yield first
-    else:
-        for _ in itertools.islice(it, head[0] - 1):
-            pass
-    yield from it
-
-
-def _split_by_role(src: Iterable[Dict[str, Any]], role: int, num_workers: int) -> Iterator[Dict[str, Any]]:
-    """Every ``num_workers``-th shard from ``role`` on (``wds.split_by_worker`` by role instead of worker id)."""
-    return itertools.islice(src, role, None, num_workers)
-
-
-def _select_role_blocks(
-    src: Iterable[Dict[str, Any]], role: int, num_workers: int, block: int
-) -> Iterator[Dict[str, Any]]:
-    """Raw samples of blocks ``role, role + num_workers, ...`` of ``block`` consecutive samples: the workers of a
-    rank share its sample stream batch by batch, so that together they see every sample once."""
-    period = block * num_workers
-    for index, sample in enumerate(src):
-        if (index % period) // block == role:
-            yield sample
 
 
 def _ignore_tar_error(exc: Exception) -> bool:
@@ -356,40 +194,6 @@ def _skip_batches(src: Iterable[List[Dict[str, Any]]], n: int, stats: SkipStats)
             pass
         stats.drain()
     yield from it
-
-
-class SharedState:
-    """Epoch, seed, per-role resume offsets and the role rotation in shared memory, so that persistent
-    workers see updates.
-
-    One per :class:`TrainLoader`; the loader writes it before each pass, every worker reads its role
-    (:meth:`role`) and that role's row when its stream starts (:meth:`TrainStream.__iter__`).
-    """
-
-    _HEADER = 3  # epoch, seed, role offset
-
-    def __init__(self, num_workers: int, epoch: int = 0, seed: int = 0) -> None:
-        self.num_workers = max(1, num_workers)
-        self._arr = multiprocessing.Array("q", self._HEADER + self.num_workers)
-        self.set(epoch, seed, [0] * self.num_workers)
-
-    def set(self, epoch: int, seed: int, skips: Sequence[int], offset: int = 0) -> None:
-        """Publish the epoch, the stream seed, how many batches each role must skip (resume) and the
-        rotation: DataLoader worker ``w`` plays role ``(w + offset) % num_workers``."""
-        with self._arr.get_lock():
-            self._arr[0], self._arr[1], self._arr[2] = int(epoch), int(seed), int(offset) % self.num_workers
-            for i, s in enumerate(skips):
-                self._arr[self._HEADER + i] = int(s)
-
-    def role(self, worker: int) -> int:
-        """The role (original worker index) DataLoader worker ``worker`` plays in this pass."""
-        with self._arr.get_lock():
-            return (worker + int(self._arr[2])) % self.num_workers
-
-    def get(self, role: int) -> Tuple[int, int, int]:
-        """(epoch, seed, batches to skip for worker role ``role``)."""
-        with self._arr.get_lock():
-            return int(self._arr[0]), int(self._arr[1]), int(self._arr[self._HEADER + role])
 
 
 class TrainStream(IterableDataset):
@@ -466,7 +270,7 @@ class TrainStream(IterableDataset):
                 wds.ResampledShards(
                     self.urls,
                     seed=make_seed(seed, epoch),
-                    worker_seed=partial(_role_seed, self.rank, worker),
+                    worker_seed=partial(role_seed, self.rank, worker),
                     deterministic=True,
                 )
             ]
@@ -474,16 +278,16 @@ class TrainStream(IterableDataset):
             # Split an endless, per-pass reshuffled shard list by rank: every rank always has shards, however
             # few there are; the rank's workers then share its samples block by block (module docstring).
             shards = [
-                partial(_repeated_shards, self.urls, make_seed(seed, epoch)),
-                partial(_split_by_node, rank=self.rank, world_size=self.world_size),
+                partial(repeated_shards, self.urls, make_seed(seed, epoch)),
+                partial(split_by_node, rank=self.rank, world_size=self.world_size),
             ]
         split = "none" if self.cfg.resampled or num_workers == 1 else self._worker_split()
         head = [0]
         if split == "range":
             start = self.batch_size * sum(worker_share(self.num_batches, v, num_workers) for v in range(worker))
-            shards.append(partial(_skip_shards_before, sizes=self.shard_sizes, start=start, head=head))
+            shards.append(partial(skip_shards_before, sizes=self.shard_sizes, start=start, head=head))
         elif split == "shards":
-            shards.append(partial(_split_by_role, role=worker, num_workers=num_workers))
+            shards.append(partial(split_by_role, role=worker, num_workers=num_workers))
         stages: List[Any] = [
             *shards,
             partial(_fail_if_unproductive, stats=stats, limit=4 * len(self.urls) + 32),
@@ -491,9 +295,9 @@ class TrainStream(IterableDataset):
             partial(_count_raw, stats=stats),
         ]
         if split == "range":
-            stages.append(partial(_drop_head, head=head))
+            stages.append(partial(drop_head, head=head))
         elif split == "blocks":
-            stages.append(partial(_select_role_blocks, role=worker, num_workers=num_workers, block=self.batch_size))
+            stages.append(partial(select_role_blocks, role=worker, num_workers=num_workers, block=self.batch_size))
         if self.cfg.shuffle_buffer > 1:
             buf = self.cfg.shuffle_buffer
             stages.append(wds.shuffle(buf, initial=min(buf, 100), seed=make_seed(seed, epoch, self.rank, worker)))

@@ -14,25 +14,22 @@ cache's ``meta.json`` (:func:`check_feature_cache`): features from other weights
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
-import sys
 import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from simzss.concepts import ConceptBank
-from simzss.config import ConfigError, TrainConfig, load_config, to_dict, to_yaml
+from simzss.config import ConfigError, TrainConfig, to_dict, to_yaml
 from simzss.data.features import CacheError, build_cached_loader, check_cache_compatible, read_cache_meta, weights_fingerprint
 from simzss.data.stream import build_train_loader
 from simzss.data.tokenize import load_tokenizer
@@ -41,10 +38,9 @@ from simzss.engine.optim import build_optimizer, build_scheduler
 from simzss.engine.signals import GracefulStop
 from simzss.engine.tracking import REPORT_TO, MetricLogger, new_run_id
 from simzss.eval import evaluate_segmentation
-from simzss.logs import progress, setup_logging
+from simzss.logs import progress
 from simzss.models.pretrained import write_text_config
 from simzss.models.simzss import SimZSS
-from simzss.helpformat import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +207,7 @@ def run_evaluation(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> Dict
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The first line of an exception's message (library errors can span many lines)."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     return (text.strip().splitlines() or [type(e).__name__])[0]
@@ -367,12 +363,12 @@ class Trainer:
         try:
             self.tokenizer = build_tokenizer(cfg)
         except (OSError, ValueError, TypeError) as e:
-            raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r}: {_first_line(e)} (give the folder written by "
+            raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r}: {first_line(e)} (give the folder written by "
                               "`simzss tokenizer` or a Hugging Face hub name)") from None
         try:
             model = build_model(cfg, self.tokenizer)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot build the model: {_first_line(e)}") from None
+            raise ConfigError(f"cannot build the model: {first_line(e)}") from None
         if hasattr(model, "equal_batch_sizes"):
             model.equal_batch_sizes = True  # both streams yield full batches: no per-step size exchange
         if cfg.model.text.compile and hasattr(model, "text"):
@@ -382,7 +378,7 @@ class Trainer:
         try:
             self.loader = build_loader(cfg, self.tokenizer, rank=acc.process_index, world_size=acc.num_processes)
         except (OSError, ValueError) as e:  # missing shards or bank, no sizes, batch larger than the data...
-            raise ConfigError(f"training data: {_first_line(e)}") from None
+            raise ConfigError(f"training data: {first_line(e)}") from None
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch < 1:
             raise ConfigError(
@@ -472,7 +468,7 @@ class Trainer:
             _load_weights(self.unwrapped, ckpt_io.load_model_weights(path / "model.safetensors"), path)
             self.optimizer.load_state_dict(ckpt_io.load_state(path, "optimizer"))
         except (ValueError, KeyError, RuntimeError) as e:
-            raise ConfigError(f"resume: {path} does not fit this model/optimizer config ({_first_line(e)})") from None
+            raise ConfigError(f"resume: {path} does not fit this model/optimizer config ({first_line(e)})") from None
         sched = ckpt_io.load_state(path, "scheduler")
         # The schedule's shape (warmup, total steps) comes from the current config, its position from the checkpoint.
         sched["lr_lambdas"] = [None] * len(sched.get("lr_lambdas", [None]))
@@ -714,63 +710,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     return Trainer(cfg).fit()
 
 
-# --- CLI -----------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        formatter_class=HelpFormatter,
-        prog="simzss train",
-        description="Train SimZSS (or LiT with model.concept_weight=0). Works as a plain process or under "
-        "`accelerate launch` (multi-GPU / multi-node).",
-        epilog="example: simzss train --config configs/demo.yaml max_steps=50 optim.lr=1e-3",
-    )
-    p.add_argument("--config", help="YAML file in the TrainConfig schema (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. batch_size=256 model.text.layers=6")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--resume", metavar="latest|PATH",
-                   help="continue from the newest checkpoint of this run (latest) or from a checkpoint / run folder; "
-                   "same as the override resume=..., and takes precedence over it")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``simzss train`` / ``python train.py``; exit 0 (done or preempted), 1 (non-finite stop), 2 (bad config)."""
-    args = _parser().parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        if args.resume is not None:
-            if not args.resume.strip():
-                raise ConfigError("--resume needs 'latest' or a checkpoint path")
-            # Set on the dataclass, not as a dotlist override: a path is taken verbatim (no YAML parsing).
-            cfg = dataclasses.replace(cfg, resume=args.resume)
-        validate_config(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"simzss train: config error: {_first_line(e)}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
-    try:
-        result = train(cfg)
-    except ConfigError as e:
-        print(f"simzss train: config error: {_first_line(e)}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"simzss train: stopped: {e}", file=sys.stderr)
-        return 1
-    if result["stopped"]:
-        print(f"simzss train: stopped by {result['stopped']} at step {result['step']}, checkpoint "
-              f"{result['checkpoint']}; resume with --resume latest", file=sys.stderr)
-    return 0
-
-
 __all__ = [
     "NonFiniteLossError",
     "Trainer",
     "train",
-    "main",
     "validate_config",
     "check_eval_datasets",
     "needs_find_unused",

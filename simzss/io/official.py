@@ -125,12 +125,16 @@ def read_official_checkpoint(path: str | Path) -> Dict[str, Tensor]:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            if not _needs_code(e):
+                raise OfficialCheckpointError(f"{p}: not a readable torch checkpoint ({_unsafe_global(e)})") from None
             raise OfficialCheckpointError(
                 f"{p}: refusing to load: the checkpoint needs pickled code to be unpickled ({_unsafe_global(e)}); "
                 "re-save its state dict (torch.save(model.state_dict(), ...)) where you trust the file"
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise OfficialCheckpointError(f"{p}: not a readable torch checkpoint ({_one_line(e)})") from None
+        except Exception as e:  # torch's unpickler raises anything (KeyError, TypeError, ...) on foreign bytes
+            raise OfficialCheckpointError(
+                f"{p}: not a readable torch checkpoint ({type(e).__name__}: {_one_line(e)})"
+            ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         others = sorted(k for k in obj if k != "state_dict")
         if others:
@@ -154,6 +158,11 @@ def _strip_module(key: str) -> str:
     while key.startswith("module."):
         key = key[len("module."):]
     return key
+
+
+def _needs_code(e: Exception) -> bool:
+    """Whether torch's weights-only refusal is about code to import (a GLOBAL), not about unreadable bytes."""
+    return "global" in str(e).lower()
 
 
 def _unsafe_global(e: Exception) -> str:

@@ -92,9 +92,11 @@ def read_denoiser_state(path: str | Path) -> dict[str, Tensor]:
         obj: Any = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "global" not in str(e).lower():  # garbage, not code
+            raise ValueError(f"{p}: not a readable torch weights file ({first})") from None
         raise ValueError(f"{p}: refusing to load, the file needs pickled code to be unpickled ({first})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{p}: not a readable torch weights file ({e})") from None
+    except Exception as e:  # torch's unpickler raises anything (KeyError, TypeError, ...) on foreign bytes
+        raise ValueError(f"{p}: not a readable torch weights file ({type(e).__name__}: {e})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("denoiser"), Mapping):
         obj = obj["denoiser"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):

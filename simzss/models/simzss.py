@@ -6,13 +6,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simzss.config import ModelConfig
+from simzss.data.batch import Batch
 from simzss.data.transforms import image_to_tensor
 from simzss.losses import (
     ConceptTargets,
@@ -27,8 +28,6 @@ from simzss.models.text import TextTower, is_right_padded
 from simzss.models.vision import FrozenVisionTower, build_vision_tower, vision_embed_dim
 from simzss.models.zeroshot import get_mean_std, segment_image, text_classifier
 
-if TYPE_CHECKING:  # only for annotations; the data module may not be importable with the model alone
-    from simzss.data.stream import Batch
 
 __all__ = ["SimZSS", "SimZSSOutput"]
 
@@ -165,7 +164,7 @@ class SimZSS(nn.Module):
         """The exponentiated logit scale, clamped at exp(logit_scale_max)."""
         return self.logit_scale.clamp(max=self.logit_scale_max).exp()
 
-    def _vision_features(self, batch: "Batch") -> tuple[Tensor, Tensor]:
+    def _vision_features(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """(cls [B,D], patches [B,h,w,D]) in fp32: cached features when the batch has them."""
         cached_cls, cached_patches = getattr(batch, "vision_cls", None), getattr(batch, "vision_patches", None)
         if cached_cls is not None and cached_patches is not None:
@@ -178,12 +177,12 @@ class SimZSS(nn.Module):
         return cls.float(), patches.float()
 
     @staticmethod
-    def _concept_mask(batch: "Batch") -> Tensor:
+    def _concept_mask(batch: Batch) -> Tensor:
         """Concept spans [B, K, L] restricted to real tokens: pad positions are never pooled (their
         outputs are not defined when the causal tower runs without a mask)."""
         return batch.concept_mask.bool() & batch.attention_mask.bool().unsqueeze(1)
 
-    def _plan(self, batch: "Batch", concepts: bool) -> _StepPlan:
+    def _plan(self, batch: Batch, concepts: bool) -> _StepPlan:
         """Everything the step needs on the host, read with one device->host copy before any heavy work.
 
         Reading it here, while little is queued on the device, replaces the syncs the concept branch
@@ -234,7 +233,7 @@ class SimZSS(nn.Module):
         summed = torch.einsum("bkl,bld->bkd", mask, projected)  # [B, K, D]
         return summed.reshape(b * k, projected.shape[-1]).index_select(0, slots)
 
-    def forward(self, batch: "Batch") -> SimZSSOutput:
+    def forward(self, batch: Batch) -> SimZSSOutput:
         """Losses for one (per-rank) batch; negatives and prototypes come from the global batch."""
         use_concepts = self.concept_weight > 0
         plan = self._plan(batch, use_concepts)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from fault_helpers import tiny_cfg, tiny_overrides, use_memory_data
 from simzss.engine import checkpoint as ckpt_io
+from simzss.cli import train as train_cli
 from simzss.engine import trainer as trainer_mod
 
 torch.set_num_threads(1)
@@ -126,7 +127,7 @@ def test_explicit_damaged_resume_is_one_line_error(three_checkpoints: Dict[str, 
     run = _copy_run(Path(three_checkpoints["split"]["run_dir"]), tmp_path)
     newest = run / "checkpoints" / "step-000000006"
     _garble("scheduler.json")(newest)
-    rc = trainer_mod.main(tiny_overrides(tmp_path, "run_name=other", "max_steps=8", "--resume", str(newest)))
+    rc = train_cli.main(tiny_overrides(tmp_path, "run_name=other", "max_steps=8", "--resume", str(newest)))
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and "scheduler.json" in err and "Traceback" not in err

@@ -54,7 +54,7 @@ def test_two_prepare_runs_into_one_folder(tmp_path: Path) -> None:
 
 def test_train_names_shards_without_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import tiny_tokenizer
-    from simzss.engine import trainer as trainer_mod
+    from simzss.cli import train as train_cli
 
     shards = write_uneven_shards(tmp_path / "data", [3, 4, 5])
     shards_mod.write_sizes(tmp_path / "data", {"shard-0.tar": 3})
@@ -63,7 +63,7 @@ def test_train_names_shards_without_sizes(tmp_path: Path, capsys: pytest.Capture
     msg = str(info.value)
     assert "shard-1.tar" in msg and "shard-2.tar" in msg and "simzss prepare" in msg and "data.num_samples" in msg
     tiny_tokenizer(tmp_path / "tok")
-    rc = trainer_mod.main(tiny_overrides(tmp_path, f"data.shards=[{tmp_path / 'data'}]", f"model.tokenizer={tmp_path / 'tok'}",
+    rc = train_cli.main(tiny_overrides(tmp_path, f"data.shards=[{tmp_path / 'data'}]", f"model.tokenizer={tmp_path / 'tok'}",
                                          "data.workers=0"))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "shard-1.tar" in err and "Traceback" not in err

@@ -62,14 +62,14 @@ def test_resumed_epoch_still_covers_each_sample_once(uneven) -> None:
 
 
 def test_range_split_skips_whole_shards_unread() -> None:
-    from simzss.data.stream import _drop_head, _skip_shards_before
+    from simzss.data.sampling import drop_head, skip_shards_before
 
     shards = [{"url": u} for u in ("a", "b", "c", "a", "b", "c")]
     sizes = {"a": 3, "b": 200, "c": 10}
     head = [0]
-    kept = list(_skip_shards_before(iter(shards), sizes, start=205, head=head))
+    kept = list(skip_shards_before(iter(shards), sizes, start=205, head=head))
     assert [s["url"] for s in kept] == ["c", "a", "b", "c"] and head == [2]  # a and b never opened
     samples = iter(range(100))
-    assert list(_drop_head(samples, head))[:3] == [2, 3, 4]
+    assert list(drop_head(samples, head))[:3] == [2, 3, 4]
     head = [0]
-    assert [s["url"] for s in _skip_shards_before(iter(shards), sizes, start=0, head=head)][0] == "a" and head == [0]
+    assert [s["url"] for s in skip_shards_before(iter(shards), sizes, start=0, head=head)][0] == "a" and head == [0]

@@ -32,13 +32,13 @@ def test_pipe_in_config_passes_but_not_from_list_files(tmp_path: Path) -> None:
 
 def test_train_refuses_pipe_in_dataset_list_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import tiny_tokenizer
-    from simzss.engine import trainer as trainer_mod
+    from simzss.cli import train as train_cli
 
     dataset = tmp_path / "downloaded"
     write_uneven_shards(dataset, [8])
     (dataset / "shards.txt").write_text(f"pipe:touch {tmp_path / 'pwned'}; cat shard-0.tar\n", encoding="utf-8")
     tiny_tokenizer(tmp_path / "tok")
-    rc = trainer_mod.main(tiny_overrides(tmp_path, f"data.shards=[{dataset}]", f"model.tokenizer={tmp_path / 'tok'}",
+    rc = train_cli.main(tiny_overrides(tmp_path, f"data.shards=[{dataset}]", f"model.tokenizer={tmp_path / 'tok'}",
                                          "data.workers=0", "data.num_samples=8"))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "shards.txt" in err and "pipe:" in err, err

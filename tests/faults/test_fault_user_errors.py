@@ -11,7 +11,7 @@ import torch
 
 from fault_helpers import tiny_overrides, write_uneven_shards
 from simzss.config import TrainConfig, load_config
-from simzss.engine import trainer as trainer_mod
+from simzss.cli import train as train_cli
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_train_user_error_is_one_line(case: str, base: Dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     extra, named = CASES[case]
-    rc = trainer_mod.main(_args(base, *extra))
+    rc = train_cli.main(_args(base, *extra))
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -64,11 +64,11 @@ def test_train_user_error_is_one_line(case: str, base: Dict[str, Path], capsys: 
 
 
 def test_vision_weights_holding_a_pickle(base: Dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    rc = trainer_mod.main(_args(base, f"model.vision.weights={base['pickle']}"))
+    rc = train_cli.main(_args(base, f"model.vision.weights={base['pickle']}"))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert str(base["pickle"]) in err and "pickle" in err and "safetensors" in err
-    rc = trainer_mod.main(_args(base, f"model.vision.weights={base['root'] / 'namespace.pth'}"))
+    rc = train_cli.main(_args(base, f"model.vision.weights={base['root'] / 'namespace.pth'}"))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "namespace.pth" in err, err
 
