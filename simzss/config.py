@@ -167,8 +167,16 @@ def load_config(
     except ConfigKeyError as e:
         raise ConfigError(f"unknown config key: {e.full_key!s} ({e.msg.splitlines()[0]})") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(str(e).splitlines()[0] + (f" (key: {e.full_key})" if getattr(e, "full_key", None) else "")) from None
+        key = getattr(e, "full_key", None)
+        hint = _HINTS.get(str(key), "") if key else ""
+        raise ConfigError(str(e).splitlines()[0] + (f" (key: {key})" if key else "") + hint) from None
     return OmegaConf.to_object(base)  # type: ignore[return-value]
+
+
+# Fields users give the wrong kind of value most often, and what to do instead.
+_HINTS: Dict[str, str] = {
+    "model.vision.pretrained": "; it is true/false: for a local weights file or folder use model.vision.weights=PATH",
+}
 
 
 def _split_list_items(inner: str) -> List[str]:

@@ -220,11 +220,11 @@ def test_hub_vision_is_referenced_by_name(tiny, tmp_path, monkeypatch) -> None:
         torch.testing.assert_close(loaded.encode_texts(TINY_CAPTIONS), model.encode_texts(TINY_CAPTIONS), rtol=0, atol=1e-6)
 
 
-def _fake_checkpoint(model, run: Path, *, with_vision: bool) -> Path:
+def _fake_checkpoint(model, run: Path, *, with_vision: bool, step: int = 10) -> Path:
     """A checkpoint folder laid out like the trainer writes it (random-init vision under ``vision.`` when kept)."""
     from simzss.engine.checkpoint import checkpoint_name, save_model_weights
 
-    ckpt = run / "checkpoints" / checkpoint_name(10)
+    ckpt = run / "checkpoints" / checkpoint_name(step)
     ckpt.mkdir(parents=True)
     state = dict(model.trainable_state_dict())
     if with_vision:
@@ -232,8 +232,24 @@ def _fake_checkpoint(model, run: Path, *, with_vision: bool) -> Path:
     save_model_weights(state, ckpt / "model.safetensors")
     train_cfg = TrainConfig(model=model.config, run_name="tiny")
     (ckpt / "config.yaml").write_text(to_yaml(train_cfg))
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 10}))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
     return ckpt
+
+
+def test_export_of_latest_skips_a_damaged_newest_checkpoint(tiny, tmp_path, caplog) -> None:
+    """`RUN/checkpoints/latest` (or the run folder) is the newest checkpoint that loads, as for resume: a
+    truncated newest model.safetensors is skipped with a warning naming it; named explicitly, it is an error."""
+    model, _, _ = tiny
+    run = tmp_path / "run"
+    _fake_checkpoint(model, run, with_vision=True, step=10)
+    newest = _fake_checkpoint(model, run, with_vision=True, step=20)
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        assert ex.main([str(run / "checkpoints" / "latest"), str(tmp_path / "export")]) == 0
+    assert newest.name in caplog.text and "skipping damaged checkpoint" in caplog.text
+    _same_embeddings(model, sio.load_pretrained(tmp_path / "export"))
+    assert ex.main([str(newest), str(tmp_path / "export2")]) != 0  # named explicitly: refused, not replaced
 
 
 def test_export_command_from_checkpoint(tiny, tmp_path, capsys) -> None:

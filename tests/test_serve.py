@@ -173,3 +173,23 @@ def test_page_in_headless_chromium(tmp_path, clip_config, picture_path) -> None:
         assert name in areas
     shot = np.asarray(Image.open(tmp_path / "page.png").convert("RGB"))
     assert shot.shape[1] >= 1280 and shot.std() > 10
+
+
+def test_uploads_go_through_the_pixel_cap(tmp_path: Path) -> None:
+    """Uploads are decoded like every other input: a PNG over the cap is refused with a message for the page,
+    an ordinary picture comes back as RGB."""
+    from simzss.cli.serve import open_upload
+
+    Image.new("L", (64, 48), 128).save(tmp_path / "small.png")
+    assert open_upload(str(tmp_path / "small.png")).mode == "RGB"
+    big = tmp_path / "big.png"
+    Image.new("RGB", (3000, 2000)).save(big)
+    from simzss.cli import serve
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serve, "DEFAULT_MAX_IMAGE_PIXELS", 1_000_000)
+        with pytest.raises(ValueError, match="above the decode limit"):
+            open_upload(str(big))
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read the uploaded image"):
+        open_upload(str(tmp_path / "junk.png"))

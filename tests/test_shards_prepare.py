@@ -435,3 +435,14 @@ def test_killed_prepare_resumes_without_partial_or_duplicate_shards(tmp_path: Pa
     assert sorted(p.name for p in out.iterdir()) == sorted(names + ["sizes.json"])  # no temp files left
     for s, name in enumerate(names):
         _check_output(out, name, [f"{s:04d}{i:04d}" for i in range(per_shard)])
+
+
+def test_prepare_on_a_file_that_is_not_a_tar_leaves_no_sizes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The output folder gets a sizes.json only once it holds a shard: a failed first run leaves none behind."""
+    bad = tmp_path / "notatar.tar"
+    bad.write_text("this is not a tar archive\n")
+    rc = prepare.main([str(bad), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc != 0
+    assert not (tmp_path / "out" / "sizes.json").exists()
+    printed = capsys.readouterr()
+    assert "notatar.tar" in printed.out + printed.err  # the failed shard is reported

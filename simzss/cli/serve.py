@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from simzss.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, open_image
 from simzss.helpformat import HelpFormatter
 from simzss.inference import MAX_LABELS, parse_labels, render_overlay, segment_pil
 from simzss.io.load import load_model
-from simzss.resources import available_templates
 from simzss.logs import setup_logging
+from simzss.resources import available_templates
 
 log = logging.getLogger("simzss.serve")
 
@@ -71,13 +72,27 @@ def segment_for_page(model: Any, image: Optional[Image.Image], labels_text: str,
     return overlay, rows
 
 
+def open_upload(path: str) -> Image.Image:
+    """An uploaded picture, decoded under the same pixel cap as every other input (JPEGs at reduced scale when
+    over it; other formats over it refused with a message for the page)."""
+    try:
+        with open_image(path, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, name="the uploaded image") as img:
+            img.load()
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except ImageTooLargeError as e:
+        raise ValueError(str(e)) from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read the uploaded image ({e})") from None
+
+
 def build_app(model: Any, model_name: str, *, slide: SlideSettings = SlideSettings(),
               default_labels: str = "cat, dog, grass, sky") -> Any:
     """The Gradio Blocks page for ``model`` (any zero-shot model: SimZSS export or baseline)."""
     import gradio as gr
 
-    def run(image: Optional[Image.Image], labels_text: str, templates: str, bg: float, alpha: float):
+    def run(upload: Optional[str], labels_text: str, templates: str, bg: float, alpha: float):
         try:
+            image = open_upload(upload) if upload else None
             return segment_for_page(model, image, labels_text, templates, float(bg), float(alpha), slide)
         except (ValueError, KeyError) as e:  # KeyError: unknown template set
             raise gr.Error(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
@@ -87,7 +102,8 @@ def build_app(model: Any, model_name: str, *, slide: SlideSettings = SlideSettin
                     "separated by commas, press **Segment**.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="image", sources=["upload", "clipboard"], elem_id="image-in")
+                image = gr.Image(type="filepath", label="image", sources=["upload", "clipboard"],
+                                 elem_id="image-in")
                 labels = gr.Textbox(value=default_labels, label="class names (comma-separated)", elem_id="labels")
                 templates = gr.Dropdown(choices=available_templates(), value="single", label="prompt templates",
                                         elem_id="templates")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -22,6 +23,7 @@ from typing import List, Optional
 from simzss.data.convert.coco import KARPATHY_SPLITS, read_coco_captions
 from simzss.data.convert.table import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, read_table
 from simzss.data.convert.writer import PrepareOptions, write_dataset
+from simzss.data.pool import PoolInterrupted
 from simzss.helpformat import HelpFormatter
 from simzss.logs import setup_logging
 
@@ -88,6 +90,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary = write_dataset(records, args.out, source=source, samples_per_shard=args.samples_per_shard,
                                 processes=args.processes, overwrite=args.overwrite, show_progress=not args.no_progress,
                                 prepare=prepare, skipped=skipped)
+    except PoolInterrupted as e:
+        print(f"simzss shards: {e}; finished shards are kept, rerun the same command to continue", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"simzss shards: error: {e}", file=sys.stderr)
         return 2

@@ -16,14 +16,12 @@ the pool and leave no temporary files.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -35,6 +33,7 @@ from typing import Any, Iterator, Sequence
 
 
 from simzss.concepts import ConceptBank, ConceptExtractor
+from simzss.data.pool import PoolInterrupted, exit_with_parent, sigterm_raises, stop_pool, worker_environment
 from simzss.data.shards import (
     IMAGE_EXTENSIONS,
     MAX_CAPTION_CHARS,
@@ -59,7 +58,7 @@ SKIP_REASONS = ("duplicate_key", "missing_caption", "non_utf8_caption", "empty_c
 KEPT_EXTENSIONS = ("txt", "json", *IMAGE_EXTENSIONS)
 
 
-class PrepareInterrupted(RuntimeError):
+class PrepareInterrupted(PoolInterrupted):
     """SIGTERM reached ``prepare_shards``; the pool was stopped, finished shards are kept."""
 
 
@@ -87,25 +86,12 @@ class ShardResult:
 _STATE: dict[str, Any] = {}
 
 
-def _exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
-    """Start a daemon thread that ends this worker as soon as its parent is gone (e.g. SIGKILLed): the
-    worker is then re-parented, so ``os.getppid()`` changes. Without it pool workers run on forever."""
-
-    def watch() -> None:
-        while True:
-            time.sleep(interval)
-            if os.getppid() != parent_pid:
-                os._exit(1)  # its temp shard file is removed by the next run (dead pid in the name)
-
-    threading.Thread(target=watch, name="simzss-parent-watchdog", daemon=True).start()
-
-
 def _init_worker(spacy_model: str, batch_size: int, bank: "ConceptBank", fast_spacy: bool = True,
                  lowercase: bool = False) -> None:
     """Load the spaCy pipeline once per process (a warm-up call forces it) and keep the bank."""
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid is not None:
-        _exit_with_parent(parent.pid)
+        exit_with_parent(parent.pid)
     if parent is not None and not logging.getLogger().handlers:
         setup_logging(logging.WARNING)
     extractor = ConceptExtractor(spacy_model, batch_size=batch_size, numpy_gemm=fast_spacy, lowercase=lowercase)
@@ -230,23 +216,6 @@ def process_shard(src: str, dst: str, extractor: "ConceptExtractor", bank: "Conc
 # driver
 
 
-#: Set for worker processes unless already set: they parallelise by process, so each gets one BLAS thread
-#: (numpy's OpenBLAS would otherwise start one thread per core in every worker and oversubscribe the CPUs).
-WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@contextlib.contextmanager
-def worker_environment() -> Iterator[None]:
-    """Temporarily add :data:`WORKER_ENV` to ``os.environ`` (only variables not set already)."""
-    added = [k for k in WORKER_ENV if k not in os.environ]
-    os.environ.update({k: WORKER_ENV[k] for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
-
-
 def _plan(inputs: Sequence[str], out: Path) -> list[tuple[str, Path]]:
     urls = expand_urls(list(inputs))
     names: dict[str, str] = {}
@@ -326,7 +295,7 @@ def prepare_shards(
 
     t_work = time.perf_counter()
     with progress_bar(total=len(todo), unit="shard", desc="prepare", enabled=progress and bool(todo)) as bar, \
-            _sigterm_raises():
+            sigterm_raises(PrepareInterrupted):
         if todo and processes == 1:
             _init_worker(spacy_model, batch_size, bank, fast_spacy, lowercase)
             for src, dst in todo:
@@ -354,7 +323,7 @@ def prepare_shards(
                             ) from e
                         finished(res, bar)
             except BaseException:
-                _stop_pool(pool)
+                stop_pool(pool)
                 clean_stale_temps(out)  # the stopped workers' unfinished shards
                 raise
             pool.shutdown(wait=True)
@@ -364,39 +333,6 @@ def prepare_shards(
     summary["lowercase"] = lowercase
     summary["unreachable_bank_names"] = _report_unreachable(bank, spacy_model, fast_spacy)
     return summary
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`PrepareInterrupted` (main thread only), so that the pool is stopped and
-    temporary files are removed instead of the driver vanishing and leaving its workers behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise PrepareInterrupted("interrupted by SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _stop_pool(pool: ProcessPoolExecutor, timeout: float = 10.0) -> None:
-    """Stop every worker now (terminate, then kill after ``timeout``) and shut the pool down."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    pool.shutdown(wait=False, cancel_futures=True)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join(1.0)
 
 
 def _report_unreachable(bank: "ConceptBank", spacy_model: str, fast_spacy: bool) -> list[str]:

@@ -508,7 +508,8 @@ def update_sizes(
         if keep is not None:
             sizes = {k: v for k, v in sizes.items() if keep(k)}
         sizes.update({k: int(v) for k, v in (updates or {}).items()})
-        write_sizes(d, sizes)
+        if sizes or (d / SIZES_FILE).exists():  # a folder gets a sizes.json once it holds a shard
+            write_sizes(d, sizes)
     return sizes
 
 

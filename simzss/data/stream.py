@@ -2,8 +2,8 @@
 
 Layout of one rank's stream (everything below the DataLoader runs inside each worker):
 
-    shard list (repeated forever, reshuffled every pass with seed/epoch/pass; or resampled with replacement)
-    -> split by node (explicit rank / world_size) -> split by worker
+    shard list (repeated forever, reshuffled every pass with seed/epoch/pass, the same order on every rank;
+    or resampled with replacement) -> this rank's and worker's share (below)
     -> tar reading (errors logged + counted) -> sample shuffle buffer
     -> explicit decode (images / UTF-8 text / JSON only, nothing else is ever decoded or unpickled)
     -> batching -> concepts (from ``KEY.concepts.json`` or spaCy on the fly) + tokenisation -> Batch
@@ -12,23 +12,23 @@ Equal epochs on every rank: each worker's stream is infinite, and worker ``w`` o
 ``num_batches // W + (w < num_batches % W)`` batches, so every rank's DataLoader yields exactly
 ``num_batches = num_samples // (batch_size * world_size)`` batches whatever the shard sizes (no DDP hang).
 
-Every sample once per epoch: ranks split the (endless, per-pass shuffled) shard list, every ``world_size``-th
-shard; the ``W`` workers of a rank then split the rank's *sample* sequence, not its shards (with uneven shards,
-e.g. 3 + 200 samples, a shard split makes workers re-read the start of the big one):
+Every sample once per epoch: ranks and workers split the *sample* sequence, not the shards (with uneven shards,
+e.g. 3 + 200 samples, a shard split makes some readers re-read the start of the big one):
 
-- shard sizes known (``sizes.json`` of local shards, the normal case): worker role ``w`` takes the contiguous
-  range of samples ``[B * (s_0 + ... + s_{w-1}), ...)`` of the rank's sequence, where ``s_v`` is role ``v``'s
-  batch share and ``B`` the batch size. It skips whole shards before its range unread (sizes say how long they
-  are) and reads at most one shard's head in vain, so every shard is read about once per epoch.
-- sizes unknown, local shards: role ``w`` keeps the blocks ``w, w + W, ...`` of ``B`` consecutive samples.
-  Every worker reads (not decodes) all of the rank's shards; they advance together, so after the first read
-  the bytes come from the page cache.
-- sizes unknown, ``pipe:``/URL shards: the workers split the shards (each fetched once); with uneven shards
-  an epoch then covers the samples only approximately once.
+- shard sizes known (``sizes.json`` of local shards, the normal case): worker role ``w`` of rank ``r`` takes the
+  contiguous range of samples ``[B * (r * num_batches + s_0 + ... + s_{w-1}), ...)`` of the epoch's sequence,
+  where ``s_v`` is role ``v``'s batch share and ``B`` the batch size. It skips whole shards before its range
+  unread (sizes say how long they are) and reads at most one shard's head in vain, so every shard is read about
+  once per epoch, by all ranks together.
+- sizes unknown: ranks take every ``world_size``-th shard of the list; then, for local shards, role ``w`` keeps
+  the blocks ``w, w + W, ...`` of ``B`` consecutive samples of the rank's shards (every worker reads, not decodes,
+  them all; they advance together, so after the first read the bytes come from the page cache); for
+  ``pipe:``/URL shards the workers split the rank's shards (each fetched once). With uneven shards an epoch then
+  covers the samples only approximately once.
 
-With one rank and no skipped samples an epoch thus covers each sample exactly once (in the first two cases),
-except the last ``num_samples % batch_size`` (the dropped partial batch); skipped samples are replaced by the
-ones that follow. With several ranks and uneven shards the ranks' shares are approximate.
+With known sizes and no skipped samples an epoch thus covers each sample exactly once over all ranks and workers,
+except the last ``num_samples % (batch_size * world_size)`` (the dropped partial global batch); skipped samples are
+replaced by the ones that follow.
 
 Resume: the loader tracks how many batches each worker has delivered in the current epoch. The
 DataLoader takes batches from workers strictly round-robin (skipping finished workers), so that count
@@ -275,16 +275,21 @@ class TrainStream(IterableDataset):
                 )
             ]
         else:
-            # Split an endless, per-pass reshuffled shard list by rank: every rank always has shards, however
-            # few there are; the rank's workers then share its samples block by block (module docstring).
-            shards = [
-                partial(repeated_shards, self.urls, make_seed(seed, epoch)),
-                partial(split_by_node, rank=self.rank, world_size=self.world_size),
-            ]
-        split = "none" if self.cfg.resampled or num_workers == 1 else self._worker_split()
+            # An endless, per-pass reshuffled shard list (the same order on every rank). With known shard sizes
+            # every (rank, worker role) reads its own contiguous range of that sample sequence, so an epoch covers
+            # each sample once whatever the shard sizes; without them the list is split by rank, shard by shard
+            # (every rank always has shards, however few there are), and the rank's workers share its samples
+            # block by block (module docstring).
+            shards = [partial(repeated_shards, self.urls, make_seed(seed, epoch))]
+            if self.shard_sizes is None:
+                shards.append(partial(split_by_node, rank=self.rank, world_size=self.world_size))
+        ranged = not self.cfg.resampled and self.shard_sizes is not None
+        split = "none" if self.cfg.resampled or (num_workers == 1 and not ranged) else self._worker_split()
         head = [0]
         if split == "range":
-            start = self.batch_size * sum(worker_share(self.num_batches, v, num_workers) for v in range(worker))
+            before = self.rank * self.num_batches + sum(worker_share(self.num_batches, v, num_workers)
+                                                        for v in range(worker))
+            start = self.batch_size * before
             shards.append(partial(skip_shards_before, sizes=self.shard_sizes, start=start, head=head))
         elif split == "shards":
             shards.append(partial(split_by_role, role=worker, num_workers=num_workers))

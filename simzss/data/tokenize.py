@@ -62,6 +62,11 @@ def load_tokenizer(name_or_path: Union[str, Path]) -> PreTrainedTokenizerFast:
         return build_openclip_tokenizer()
     if local and not Path(name).is_dir():
         raise ValueError(f"tokenizer path {name!r} is a file; give the folder written by save_pretrained")
+    if not local and (Path(name).is_absolute() or name.startswith(".")):
+        raise FileNotFoundError(
+            f"tokenizer folder {name!r} not found; give the folder written by `simzss tokenizer` or save_pretrained, "
+            f"a Hugging Face hub name, or {OPENCLIP_TOKENIZER!r} (CLIP's tokenizer, offline)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True, local_files_only=local)
     except (OSError, ValueError) as exc:

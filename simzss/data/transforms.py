@@ -164,7 +164,7 @@ def open_image(
     try:
         img = Image.open(fp)
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{where}: {e}") from None
+        raise ImageTooLargeError(f"{where}: {e}; downscale the image first (e.g. to under 40 Mpx)") from None
     w, h = img.size
     scale = 1
     jpeg = reduce and img.format == "JPEG"

@@ -8,7 +8,7 @@ Layout of ``RUN/checkpoints/step-000001000/``::
     scheduler.json
     trainer_state.json       step, epoch, run id, data-stream position, resolved config
     config.yaml              the resolved config, human-readable
-    rng-rank{R}.json / .safetensors   python / numpy / torch / cuda RNG of every rank
+    rank-{R}.json / .safetensors      python / numpy / torch / cuda RNG of every rank
 
 A checkpoint is written into a hidden temporary directory (files fsynced) and renamed into place, so a
 crash never leaves a half-written ``step-*`` directory behind; ``latest_checkpoint`` only sees complete ones.
@@ -211,16 +211,22 @@ def _check_state(directory: Path, name: str) -> None:
         _check_safetensors(tensors)
 
 
-def validate_checkpoint(path: str | Path) -> Path:
+def validate_checkpoint(path: str | Path, *, full: bool = True) -> Path:
     """Open every file of checkpoint ``path`` (JSON and YAML parsed, safetensors headers checked against the
     file lengths, ``rank-R`` state of every rank that wrote one); return ``path`` or raise
-    :class:`CheckpointError` naming the first damaged or missing file."""
+    :class:`CheckpointError` naming the first damaged or missing file. ``full=False`` checks only what loading
+    the model needs (``trainer_state.json``, ``model.safetensors``, the config when present): exports, eval."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
     state = _check_json(path / "trainer_state.json")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{path / 'trainer_state.json'}: no step number")
+    if not full:
+        _check_safetensors(path / "model.safetensors")
+        if (path / "config.yaml").is_file():
+            _check_yaml(path / "config.yaml")
+        return path
     for name in REQUIRED_FILES[1:]:
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing")
@@ -229,38 +235,45 @@ def validate_checkpoint(path: str | Path) -> Path:
     _check_state(path, "scheduler")
     for rank in range(int(state.get("world_size") or 1)):
         _check_state(path, f"rank-{rank}")
-    try:
-        yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{path / 'config.yaml'}: not readable YAML ({str(e).splitlines()[0][:200]})") from None
+    _check_yaml(path / "config.yaml")
     return path
 
 
-def latest_valid_checkpoint(ckpt_dir: str | Path) -> Optional[Path]:
+def _check_yaml(path: Path) -> None:
+    try:
+        yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: not readable YAML ({str(e).splitlines()[0][:200]})") from None
+
+
+def latest_valid_checkpoint(ckpt_dir: str | Path, *, full: bool = True) -> Optional[Path]:
     """The newest checkpoint in ``ckpt_dir`` that :func:`validate_checkpoint` accepts; each newer damaged one
     is named in a warning. None when there is none."""
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return validate_checkpoint(path)
+            return validate_checkpoint(path, full=full)
         except CheckpointError as e:
             log.warning("skipping damaged checkpoint %s: %s", path.name, e)
     return None
 
 
-def resolve_resume(resume: str, ckpt_dir: str | Path, *, validate: bool = False) -> Optional[Path]:
+def resolve_resume(resume: str, ckpt_dir: str | Path, *, validate: bool = False, full: bool = True) -> Optional[Path]:
     """``latest`` -> newest checkpoint in ``ckpt_dir`` (None when there is none yet, so a requeued job can start
     from scratch); a path -> that checkpoint, or the newest inside a run folder.
 
     With ``validate`` (the trainer's resume) every candidate must pass :func:`validate_checkpoint`: ``latest``
     skips damaged ones with a warning naming them, an explicit damaged checkpoint raises :class:`CheckpointError`
-    naming the file. Without it a checkpoint only needs its ``trainer_state.json`` (exports need fewer files).
+    naming the file (``full=False``: only the files a model needs, see :func:`validate_checkpoint`). Without it a
+    checkpoint only needs its ``trainer_state.json``.
     """
-    newest = latest_valid_checkpoint if validate else latest_checkpoint
+    def newest(folder: str | Path) -> Optional[Path]:
+        return latest_valid_checkpoint(folder, full=full) if validate else latest_checkpoint(folder)
+
     if resume == "latest":
         return newest(ckpt_dir)
     path = Path(resume)
     if (path / "trainer_state.json").exists() or (validate and CKPT_RE.match(path.name) and path.is_dir()):
-        return validate_checkpoint(path) if validate else path
+        return validate_checkpoint(path, full=full) if validate else path
     for candidate in (path / "checkpoints", path):
         if list_checkpoints(candidate):
             found = newest(candidate)

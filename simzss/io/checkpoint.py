@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from simzss.config import ConfigError, ModelConfig, TrainConfig, load_config
-from simzss.engine.checkpoint import resolve_resume
+from simzss.engine.checkpoint import CheckpointError, resolve_resume
 from simzss.models.pretrained import (
     TEXT_CONFIG_DIR, TOKENIZER_DIR, VISION_PREFIX, WEIGHTS_NAME, ExportError, config_to_build, load_safetensors, load_state,
     load_tokenizer_dir, text_config_from,
@@ -32,10 +32,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         p = p.parent  # an alias, not a folder: the newest complete checkpoint of the folder above
     if not p.exists():
         raise ExportError(f"{p}: no such checkpoint")
+    explicit = (p / "trainer_state.json").exists()  # a step folder named as such is taken as is
     try:
-        ckpt = resolve_resume(str(p), p)
+        # A run / checkpoints folder (or `latest`) means the newest checkpoint that validates completely, as for
+        # resume: a damaged newest one is skipped with a warning naming it.
+        ckpt = resolve_resume(str(p), p, validate=not explicit, full=False)
     except FileNotFoundError:
         ckpt = None
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     if ckpt is None:
         raise ExportError(f"{p}: not a complete checkpoint (no trainer_state.json), nor a folder with checkpoints")
     if not (ckpt / WEIGHTS_NAME).is_file():

@@ -73,3 +73,29 @@ def test_range_split_skips_whole_shards_unread() -> None:
     assert list(drop_head(samples, head))[:3] == [2, 3, 4]
     head = [0]
     assert [s["url"] for s in skip_shards_before(iter(shards), sizes, start=0, head=head)][0] == "a" and head == [0]
+
+
+@pytest.mark.parametrize("world_size,workers", [(2, 1), (2, 2), (3, 2)])
+def test_ranks_together_cover_each_sample_once(tmp_path, world_size: int, workers: int) -> None:
+    """Several ranks over uneven shards (3 + 200) with sizes.json: each rank reads its own contiguous range of the
+    epoch's sample sequence, so all ranks together see every sample once (less the dropped partial global batch),
+    and every rank yields the same number of batches."""
+    from conftest import tiny_tokenizer
+
+    shards = write_uneven_shards(tmp_path / "shards", [3, 200])
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    batch = 8
+    cfg = DataConfig(shards=shards, image_size=16, workers=workers, shuffle_buffer=0)
+    everything = {f"s0-{i:03d}" for i in range(3)} | {f"s1-{i:03d}" for i in range(200)}
+    for epoch in range(2):
+        seen: Counter = Counter()
+        for rank in range(world_size):
+            loader = build_train_loader(cfg, tokenizer, ConceptBank.from_names(["cat"]), batch_size=batch,
+                                        context_length=16, rank=rank, world_size=world_size)
+            assert len(loader) == 203 // (batch * world_size)
+            loader.set_epoch(epoch)
+            keys = [key for b in loader for key in b.keys]
+            assert len(keys) == len(loader) * batch
+            seen.update(keys)
+        assert max(seen.values()) == 1, [k for k, c in seen.items() if c > 1][:5]
+        assert set(seen) <= everything and len(seen) == (203 // (batch * world_size)) * batch * world_size

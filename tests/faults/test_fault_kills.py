@@ -54,6 +54,33 @@ def _start_prepare(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     return proc, out
 
 
+def _start_shards(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """`simzss shards table ... --processes 2 --prepare` over 960 rows of a few small JPEGs."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 24), (60 * i, 100, 200)).save(images / f"{i}.jpg")
+    rows = ["filepath\ttitle"] + [f"images/{i % 4}.jpg\ta photo of dog number {i} on the grass" for i in range(960)]
+    (tmp_path / "pairs.tsv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simzss", "shards", "table", str(tmp_path / "pairs.tsv"), "--out", str(out),
+         "--samples-per-shard", "40", "--processes", "2", "--prepare", "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(_children(proc.pid)) < 2:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "shards did not start its workers"
+        time.sleep(0.1)
+    return proc, out
+
+
+STARTERS = {"prepare": _start_prepare, "shards": _start_shards}
+
+
 def _wait_gone(pids: List[int], seconds: float) -> List[int]:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -65,8 +92,9 @@ def _wait_gone(pids: List[int], seconds: float) -> List[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
-def test_sigkill_of_prepare_takes_its_workers_along(tmp_path: Path) -> None:
-    proc, _ = _start_prepare(tmp_path)
+@pytest.mark.parametrize("command", sorted(STARTERS))
+def test_sigkill_of_a_pool_driver_takes_its_workers_along(tmp_path: Path, command: str) -> None:
+    proc, _ = STARTERS[command](tmp_path)
     time.sleep(1.0)
     workers = _children(proc.pid)
     proc.kill()
@@ -78,8 +106,9 @@ def test_sigkill_of_prepare_takes_its_workers_along(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
-def test_sigterm_stops_prepare_pool_cleanly(tmp_path: Path) -> None:
-    proc, out = _start_prepare(tmp_path)
+@pytest.mark.parametrize("command", sorted(STARTERS))
+def test_sigterm_stops_a_pool_cleanly(tmp_path: Path, command: str) -> None:
+    proc, out = STARTERS[command](tmp_path)
     time.sleep(1.0)  # workers loading spaCy (seconds) or already annotating
     workers = _children(proc.pid)
     proc.send_signal(signal.SIGTERM)
@@ -92,7 +121,7 @@ def test_sigterm_stops_prepare_pool_cleanly(tmp_path: Path) -> None:
     assert rc == 128 + signal.SIGTERM, err
     assert "rerun the same command" in err and "Traceback" not in err
     assert not _wait_gone(workers, 5)
-    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # no half-written shard left
+    assert not out.exists() or not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # no half-written shard
 
 
 def _export_then_die(out: str, tok_dir: str) -> None:

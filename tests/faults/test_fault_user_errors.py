@@ -76,3 +76,12 @@ def test_vision_weights_holding_a_pickle(base: Dict[str, Path], capsys: pytest.C
 def test_readme_brace_list_override_is_accepted() -> None:
     cfg = load_config(TrainConfig, None, ["data.shards=[/data/cc3m/{00000..00059}.tar, /data/x/{a,b}.tar]"])
     assert cfg.data.shards == ["/data/cc3m/{00000..00059}.tar", "/data/x/{a,b}.tar"]
+
+
+def test_a_path_for_vision_pretrained_points_to_vision_weights(capsys) -> None:
+    from simzss.cli import train as train_cli
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    assert train_cli.main(["--config", str(config), "model.vision.pretrained=/models/dinov2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.vision.weights=PATH" in err

@@ -26,7 +26,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from PIL import Image, UnidentifiedImageError
 
 from simzss.concepts import ConceptExtractor
-from simzss.data.prepare import CONCEPTS_EXT, CONCEPTS_VERSION, worker_environment
+from simzss.data.pool import PoolInterrupted, exit_with_parent, sigterm_raises, stop_pool, worker_environment
+from simzss.data.prepare import CONCEPTS_EXT, CONCEPTS_VERSION
 from simzss.data.shards import atomic_write_bytes, clean_stale_temps, iter_samples, read_sizes, write_shard, write_sizes
 from simzss.logs import progress, setup_logging
 
@@ -151,9 +152,16 @@ def read_image_member(path: str) -> Tuple[Optional[str], Optional[bytes], Option
 _STATE: Dict[str, Any] = {}
 
 
+class ShardsInterrupted(PoolInterrupted):
+    """SIGTERM reached ``write_dataset``; the pool was stopped, finished shards are kept."""
+
+
 def _init_worker(prepare: Optional[PrepareOptions]) -> None:
     """Load the spaCy pipeline once per process when concepts are annotated in the same pass."""
-    if multiprocessing.parent_process() is not None and not logging.getLogger().handlers:
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None:
+        exit_with_parent(parent.pid)
+    if parent is not None and not logging.getLogger().handlers:
         setup_logging(logging.WARNING)
     _STATE.clear()
     if prepare is not None:
@@ -308,21 +316,28 @@ def write_dataset(
         bar.update(1)
 
     try:
-        if todo and processes == 1:
-            _init_worker(prepare)
-            for dst, chunk in todo:
-                finished(_run_shard(dst, chunk))
-        elif todo:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(processes, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                     initargs=(prepare,)) as pool:
-                with worker_environment():  # workers start during submit() and copy the environment
-                    pending: Dict[Future, str] = {pool.submit(_run_shard, dst, chunk): dst for dst, chunk in todo}
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        pending.pop(fut)
-                        finished(fut.result())
+        with sigterm_raises(ShardsInterrupted):
+            if todo and processes == 1:
+                _init_worker(prepare)
+                for dst, chunk in todo:
+                    finished(_run_shard(dst, chunk))
+            elif todo:
+                ctx = multiprocessing.get_context("spawn")
+                pool = ProcessPoolExecutor(min(processes, len(todo)), mp_context=ctx, initializer=_init_worker,
+                                           initargs=(prepare,))
+                try:
+                    with worker_environment():  # workers start during submit() and copy the environment
+                        pending: Dict[Future, str] = {pool.submit(_run_shard, dst, chunk): dst for dst, chunk in todo}
+                    while pending:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            pending.pop(fut)
+                            finished(fut.result())
+                except BaseException:
+                    stop_pool(pool)
+                    clean_stale_temps(out)  # the stopped workers' unfinished shards
+                    raise
+                pool.shutdown(wait=True)
     finally:
         bar.close()
     write_sizes(out, sizes)
