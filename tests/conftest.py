@@ -1,13 +1,19 @@
-"""Shared test helpers: a tiny tokenizer and a tiny model config (random init, no download)."""
+"""Shared test helpers: a tiny tokenizer, a tiny model config (random init, no download) and an in-memory stand-in
+for the training loader."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Dict, Iterator, Sequence
+
+import torch
 
 from simzss.config import ModelConfig, TextConfig, VisionConfig
+from simzss.data.batch import Batch
 
 TINY_VISION = "vit_small_patch14_reg4_dinov2"
+VOCAB = 64  # token ids of MemoryStream batches
+CLASSES = 4  # concept classes of MemoryStream batches
 TINY_CAPTIONS = ("a photo of a cat on the grass", "a dog under a blue sky", "a red car on a road", "two birds in a tree")
 
 
@@ -25,3 +31,57 @@ def tiny_model_config(tokenizer_path: str, pretrained: bool = False) -> ModelCon
         text=TextConfig(layers=2, width=64, heads=2, context_length=32),
         tokenizer=tokenizer_path,
     )
+
+
+class MemoryStream:
+    """A deterministic stand-in for ``TrainLoader``: batch (epoch, i) is always the same tensors.
+
+    Follows the TrainLoader contract: ``set_epoch`` restarts only a different epoch, the state is
+    the epoch and the batches consumed.
+    """
+
+    def __init__(self, num_batches: int, batch_size: int, image_size: int = 28, seed: int = 0) -> None:
+        self.num_batches, self.batch_size, self.image_size, self.seed = num_batches, batch_size, image_size, seed
+        self.epoch, self.consumed = 0, 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "batches_consumed": self.consumed}
+
+    def load_state_dict(self, d: Dict[str, int]) -> None:
+        self.epoch, self.consumed = int(d["epoch"]), int(d["batches_consumed"])
+
+    def __iter__(self) -> Iterator[Any]:
+        while self.consumed < self.num_batches:
+            batch = self._make(self.epoch, self.consumed)
+            self.consumed += 1
+            yield batch
+
+    def _make(self, epoch: int, i: int) -> Batch:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch * 1009 + i)
+        b, length, k = self.batch_size, 8, 2
+        labels = torch.randint(0, CLASSES, (b, k), generator=g)
+        # Images carry their concepts (a class-dependent colour per half), so the concept loss can learn.
+        images = 0.3 * torch.randn(b, 3, self.image_size, self.image_size, generator=g)
+        colours = torch.linspace(-1.5, 1.5, CLASSES)
+        half = self.image_size // 2
+        images[:, 0, :half] += colours[labels[:, 0]].view(b, 1, 1)
+        images[:, 1, half:] += colours[labels[:, 1]].view(b, 1, 1)
+        ids = torch.randint(3, VOCAB, (b, length), generator=g)
+        ids[:, 1] = 3 + labels[:, 0]  # the concept words are the class tokens
+        ids[:, 3] = 3 + labels[:, 1]
+        ids[:, -1] = 2  # "eos"
+        concept_mask = torch.zeros(b, k, length, dtype=torch.bool)
+        concept_mask[:, 0, 1] = True
+        concept_mask[:, 1, 3] = True
+        return Batch(
+            images=images, input_ids=ids, attention_mask=torch.ones(b, length, dtype=torch.long),
+            concept_mask=concept_mask, concept_labels=labels, captions=[""] * b,
+            keys=[f"{epoch}-{i}-{j}" for j in range(b)], skipped={"corrupt_image": 1} if i == 0 else {},
+        )

@@ -6,16 +6,14 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, List, Sequence
 
-import torch
 from PIL import Image
 
+from conftest import VOCAB, MemoryStream
 from simzss.config import TrainConfig, load_config
 from simzss.data.shards import write_shard, write_sizes
 
-VOCAB = 64
-CLASSES = 4
 NO_CONCEPTS = json.dumps({"version": 1, "concepts": []}).encode()
 
 
@@ -52,53 +50,6 @@ class TinyTokenizer:
 
     def __len__(self) -> int:
         return VOCAB
-
-
-class MemoryStream:
-    """Deterministic stand-in for ``TrainLoader``: batch (epoch, i) is always the same tensors."""
-
-    def __init__(self, num_batches: int, batch_size: int, image_size: int = 28, seed: int = 0) -> None:
-        self.num_batches, self.batch_size, self.image_size, self.seed = num_batches, batch_size, image_size, seed
-        self.epoch, self.consumed = 0, 0
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
-
-    def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "batches_consumed": self.consumed}
-
-    def load_state_dict(self, d: Dict[str, int]) -> None:
-        self.epoch, self.consumed = int(d["epoch"]), int(d["batches_consumed"])
-
-    def __iter__(self) -> Iterator[Any]:
-        while self.consumed < self.num_batches:
-            batch = self._make(self.epoch, self.consumed)
-            self.consumed += 1
-            yield batch
-
-    def _make(self, epoch: int, i: int) -> Any:
-        from simzss.data.stream import Batch
-
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch * 1009 + i)
-        b, length, k = self.batch_size, 8, 2
-        labels = torch.randint(0, CLASSES, (b, k), generator=g)
-        images = 0.3 * torch.randn(b, 3, self.image_size, self.image_size, generator=g)
-        ids = torch.randint(3, VOCAB, (b, length), generator=g)
-        ids[:, 1] = 3 + labels[:, 0]
-        ids[:, 3] = 3 + labels[:, 1]
-        ids[:, -1] = 2
-        concept_mask = torch.zeros(b, k, length, dtype=torch.bool)
-        concept_mask[:, 0, 1] = True
-        concept_mask[:, 1, 3] = True
-        return Batch(
-            images=images, input_ids=ids, attention_mask=torch.ones(b, length, dtype=torch.long),
-            concept_mask=concept_mask, concept_labels=labels, captions=[""] * b,
-            keys=[f"{epoch}-{i}-{j}" for j in range(b)],
-        )
 
 
 def tiny_overrides(tmp_path: Path, *extra: str) -> List[str]:
