@@ -27,8 +27,10 @@ class VisionConfig:
     """Frozen DINOv2 vision tower (a timm model)."""
 
     name: str = "vit_base_patch14_reg4_dinov2.lvd142m"
-    pretrained: bool = True
-    weights: Optional[str] = None  # local weights file (.safetensors/.pth/.bin); implies no hub download
+    # true: the hub weights of `name` (or their cached copy); false: random init; a local file or folder: the
+    # same as setting `weights` to it
+    pretrained: Any = True
+    weights: Optional[str] = None  # local weights file (.safetensors/.pth/.bin) or folder; implies no hub download
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (e.g. depth)
     compile: bool = False
     denoiser: str = "none"  # none | dvt (DVT transformer block on the final-norm patch tokens; CLS untouched)
@@ -37,6 +39,18 @@ class VisionConfig:
     # release fed its frozen DINOv2 by mistake; set on imported release checkpoints, whose text towers were
     # aligned to features of CLIP-normalised images)
     normalization: str = "imagenet"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pretrained, str) and self.pretrained.strip().lower() in ("true", "false"):
+            self.pretrained = self.pretrained.strip().lower() == "true"
+        elif isinstance(self.pretrained, str):  # a local file or folder of weights
+            if self.weights not in (None, self.pretrained):
+                raise ConfigError(f"model.vision.pretrained={self.pretrained!r} and model.vision.weights="
+                                  f"{self.weights!r} name two weights files; keep one")
+            self.pretrained, self.weights = True, self.pretrained
+        elif not isinstance(self.pretrained, bool):
+            raise ConfigError(f"model.vision.pretrained must be true, false or a local weights file / folder, "
+                              f"got {self.pretrained!r}")
 
 
 @dataclass
@@ -168,15 +182,8 @@ def load_config(
         raise ConfigError(f"unknown config key: {e.full_key!s} ({e.msg.splitlines()[0]})") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        hint = _HINTS.get(str(key), "") if key else ""
-        raise ConfigError(str(e).splitlines()[0] + (f" (key: {key})" if key else "") + hint) from None
+        raise ConfigError(str(e).splitlines()[0] + (f" (key: {key})" if key else "")) from None
     return OmegaConf.to_object(base)  # type: ignore[return-value]
-
-
-# Fields users give the wrong kind of value most often, and what to do instead.
-_HINTS: Dict[str, str] = {
-    "model.vision.pretrained": "; it is true/false: for a local weights file or folder use model.vision.weights=PATH",
-}
 
 
 def _split_list_items(inner: str) -> List[str]:
