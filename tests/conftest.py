@@ -4,11 +4,11 @@ for the training loader."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, Sequence
+from typing import Any, Dict, Iterator, List, Sequence
 
 import torch
 
-from simzss.config import ModelConfig, TextConfig, VisionConfig
+from simzss.config import ModelConfig, TextConfig, TrainConfig, VisionConfig, load_config
 from simzss.data.batch import Batch
 
 TINY_VISION = "vit_small_patch14_reg4_dinov2"
@@ -85,3 +85,22 @@ class MemoryStream:
             concept_mask=concept_mask, concept_labels=labels, captions=[""] * b,
             keys=[f"{epoch}-{i}-{j}" for j in range(b)], skipped={"corrupt_image": 1} if i == 0 else {},
         )
+
+
+def tiny_overrides(tmp_path: Path, *extra: str) -> List[str]:
+    """Train overrides of a ~1 s/step-or-less random-init SimZSS (ViT-S/14 cut to 2 blocks at 28 px, text 2 x 64);
+    ``extra`` come last and win."""
+    return [
+        f"output_dir={tmp_path / 'runs'}", "run_name=t", "batch_size=8", "epochs=2", "log_every=1",
+        "checkpoint_every=0", "keep_checkpoints=2", "data.shards=[unused.tar]",
+        "model.vision.name=vit_small_patch14_reg4_dinov2", "model.vision.pretrained=false",
+        "model.vision.model_kwargs={depth: 2, img_size: 28}",
+        "model.text.layers=2", "model.text.width=64", "model.text.heads=2", "model.text.context_length=8",
+        "model.tokenizer=unused", "optim.lr=1e-3", "optim.scale_lr=false", "optim.warmup=0.2",
+        *extra,
+    ]
+
+
+def tiny_cfg(tmp_path: Path, *extra: str) -> TrainConfig:
+    """The config of :func:`tiny_overrides`; every field stays overridable."""
+    return load_config(TrainConfig, None, tiny_overrides(tmp_path, *extra))

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import VOCAB, MemoryStream
+from conftest import VOCAB, MemoryStream, tiny_cfg, tiny_overrides
 from simzss.cli import train as train_cli
 from simzss.config import TrainConfig, VisionConfig, load_config
 from simzss.engine import checkpoint as ckpt_io
@@ -38,23 +38,6 @@ class TinyTokenizer:
 
     def __len__(self) -> int:
         return VOCAB
-
-
-def tiny_overrides(tmp_path: Path) -> List[str]:
-    """The overrides of a ~1 s/step-or-less tiny model (see :func:`tiny_cfg`)."""
-    return [
-        f"output_dir={tmp_path / 'runs'}", "run_name=t", "batch_size=8", "epochs=2", "log_every=1",
-        "checkpoint_every=0", "keep_checkpoints=2", "data.shards=[unused.tar]",
-        "model.vision.name=vit_small_patch14_reg4_dinov2", "model.vision.pretrained=false",
-        "model.vision.model_kwargs={depth: 2, img_size: 28}",
-        "model.text.layers=2", "model.text.width=64", "model.text.heads=2", "model.text.context_length=8",
-        "model.tokenizer=unused", "optim.lr=1e-3", "optim.scale_lr=false", "optim.warmup=0.2",
-    ]
-
-
-def tiny_cfg(tmp_path: Path, *overrides: str) -> TrainConfig:
-    """A config for a ~1 s/step-or-less tiny model; every field stays overridable."""
-    return load_config(TrainConfig, None, tiny_overrides(tmp_path) + list(overrides))
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from typing import Any, List, Sequence
 from PIL import Image
 
 from conftest import VOCAB, MemoryStream
+from conftest import tiny_overrides as conftest_tiny_overrides
 from simzss.config import TrainConfig, load_config
 from simzss.data.shards import write_shard, write_sizes
 
@@ -53,16 +54,8 @@ class TinyTokenizer:
 
 
 def tiny_overrides(tmp_path: Path, *extra: str) -> List[str]:
-    """A tiny random-init SimZSS (ViT-S/14 cut to 2 blocks at 28 px, text 2 x 64)."""
-    return [
-        f"output_dir={tmp_path / 'runs'}", "run_name=t", "batch_size=8", "epochs=2", "log_every=1",
-        "checkpoint_every=0", "keep_checkpoints=5", "data.shards=[unused.tar]",
-        "model.vision.name=vit_small_patch14_reg4_dinov2", "model.vision.pretrained=false",
-        "model.vision.model_kwargs={depth: 2, img_size: 28}",
-        "model.text.layers=2", "model.text.width=64", "model.text.heads=2", "model.text.context_length=8",
-        "model.tokenizer=unused", "optim.lr=1e-3", "optim.scale_lr=false", "optim.warmup=0.2",
-        *extra,
-    ]
+    """:func:`conftest.tiny_overrides` keeping 5 checkpoints (the fault tests damage some of them)."""
+    return conftest_tiny_overrides(tmp_path, "keep_checkpoints=5", *extra)
 
 
 def tiny_cfg(tmp_path: Path, *extra: str) -> TrainConfig:
