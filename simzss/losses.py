@@ -16,10 +16,9 @@ The tensor returned on every rank has
 
 This is done with ``loss = grad_part + (value - grad_part).detach()``.
 
-Host syncs. The concept loss needs the concept count and the present classes on the host (shapes
-depend on them); ``concept_targets`` reads them with one device->host copy (plus the size exchange
-under ``torch.distributed``), and a caller that computes it early (``SimZSS`` does, before the towers
-run) leaves ``class_prototypes`` / ``concept_loss`` with no host sync at all.
+Host syncs. The concept loss works on the fixed grid of concept slots with masks (see the section
+above ``SlotClasses``): with the concept bank's size given it reads nothing back to the host on one
+process; without it, sizing the class table to the present classes reads one count.
 """
 
 from __future__ import annotations
@@ -36,12 +35,12 @@ __all__ = [
     "gather_with_grad",
     "contrastive_loss",
     "pool_visual_concepts",
-    "class_prototypes",
     "concept_loss",
-    "concept_accuracy",
-    "concept_targets",
     "ConceptLossStats",
-    "ConceptTargets",
+    "SlotClasses",
+    "slot_classes",
+    "slot_prototypes",
+    "slot_concept_loss",
 ]
 
 
@@ -110,7 +109,7 @@ def _all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
-def _global_mean(local_sum: Tensor, n_global: int, global_sum: Tensor | None = None) -> Tensor:
+def _global_mean(local_sum: Tensor, n_global: int | Tensor, global_sum: Tensor | None = None) -> Tensor:
     """Loss with the single-process value and DDP-correct gradients (see the module docstring).
 
     ``global_sum``: ``local_sum`` already summed over ranks (detached), when the caller reduced it
@@ -154,8 +153,9 @@ def contrastive_loss(
     if n_global == 0:
         raise ValueError("contrastive_loss got an empty batch on every rank")
     labels = torch.arange(n, device=img.device) + sum(sizes[:rank])
-    logits_per_image = logit_scale * img @ all_txt.T
-    logits_per_text = logit_scale * txt @ all_img.T
+    # the scale multiplies the logits, not the (frozen) image features: no gradient product for those
+    logits_per_image = (img @ all_txt.T) * logit_scale
+    logits_per_text = (txt @ all_img.T) * logit_scale
     local_sum = 0.5 * (
         F.cross_entropy(logits_per_image, labels, reduction="sum")
         + F.cross_entropy(logits_per_text, labels, reduction="sum")
@@ -180,79 +180,130 @@ def pool_visual_concepts(patch_tokens: Tensor, queries: Tensor, tau: float = 0.1
     return F.normalize(attn @ z, dim=-1)
 
 
-class ConceptTargets(NamedTuple):
-    """Where each concept of the global batch sits among the present classes (``concept_targets``)."""
+# ---------------------------------------------------------------------------------------------------------------
+# The concept loss on the fixed grid of concept *slots* (a batch's [B, K] concept columns, flattened): every slot
+# takes part, an empty one (label -1) with a zero weight, and the present classes are rows of a class table of a
+# size fixed by the shapes (the concept bank's size) instead of a ``torch.unique``. No shape depends on the data, so
+# nothing is read back to the host when the bank size is known. Absent classes get the dtype's lowest logit, whose
+# ``exp`` is exactly 0: the softmax, argmax (classes stay in ascending label order, so ties resolve alike) and
+# cross-entropy are those over the present classes only.
 
-    classes: Tensor  # [C] sorted class ids present in the global batch (on the target device)
-    global_index: Tensor  # [n_global] row in ``classes`` of every concept, ranks concatenated in order
-    local_index: Tensor  # [n] this rank's slice of ``global_index``
-    sizes: list[int]  # concepts per rank (``[n]`` on one process)
+
+class SlotClasses(NamedTuple):
+    """Class-table rows of every concept slot of the global batch (``slot_classes``)."""
+
+    index: Tensor  # [S_global] row of each slot in the class table (row 0 for empty slots; their weight is 0)
+    valid: Tensor  # [S_global] bool: the slot holds a concept
+    size: int  # rows of the class table
+    start: int  # this rank's first slot in the global order
+    sizes: list[int]  # slots per rank
 
     @property
-    def num_global(self) -> int:
-        """Concepts in the global batch."""
-        return sum(self.sizes)
+    def local(self) -> slice:
+        """This rank's slots in the global order."""
+        return slice(self.start, self.start + self.sizes[_dist_world()[0]])
 
 
-def concept_targets(labels: Tensor, device: torch.device | str | None = None) -> ConceptTargets:
-    """Gather ``labels`` [n] (class ids >= 0) from all ranks and index them among the present classes.
+def slot_classes(labels: Tensor, num_classes: int | None = None, *, equal_sizes: bool = False) -> SlotClasses:
+    """Index the concept slots ``labels`` [S] (class id, or -1 for an empty slot) of all ranks into a class table.
 
-    The only place of the concept loss that needs values on the host: one device->host copy (none
-    for CPU labels) plus, under ``torch.distributed``, the size exchange. Every rank checks the same
-    gathered labels, so bad labels raise on all ranks alike (no rank is left waiting in a
-    collective). Results are put on ``device`` (default: the labels' device).
+    ``num_classes`` (the concept bank's size): one table row per class id, a slot's row is its label (labels must
+    be < ``num_classes``; nothing is read back to the host). ``None``: one row per class present in the global
+    batch, a slot's row is its label's rank among them (what ``torch.unique(return_inverse=True)`` gives); sizing
+    that table reads the class count back to the host once. ``equal_sizes``: every rank holds the same number of
+    slots, which skips the exchange of sizes under ``torch.distributed``.
     """
     if labels.ndim != 1:
-        raise ValueError(f"concept labels must be [n], got {tuple(labels.shape)}")
-    device = torch.device(device) if device is not None else labels.device
+        raise ValueError(f"concept slot labels must be [S], got {tuple(labels.shape)}")
     rank, world = _dist_world()
-    if world == 1:
-        all_labels, sizes = labels.long().cpu(), [labels.shape[0]]
-    else:
-        gathered, sizes = _gather_varlen(labels.long().to(device), with_grad=False)
-        all_labels = gathered.cpu()
-    if all_labels.numel() and int(all_labels.min()) < 0:
-        raise ValueError("concept_loss labels must be >= 0 (drop padding concepts before calling)")
-    classes, inverse = torch.unique(all_labels, sorted=True, return_inverse=True)
-    # one host->device copy; non_blocking: from a host tensor nothing writes to, it needs no stream sync
-    both = torch.cat([classes, inverse.reshape(-1)]).to(device, non_blocking=True)
-    classes, inverse = both[: classes.numel()], both[classes.numel() :]
-    start = sum(sizes[:rank])
-    return ConceptTargets(classes, inverse, inverse[start : start + sizes[rank]], sizes)
+    labels = labels.long()
+    known_sizes = [labels.shape[0]] * world if equal_sizes else None
+    all_labels, sizes = _gather_varlen(labels, with_grad=False, sizes=known_sizes)
+    valid = all_labels >= 0
+    if num_classes is not None:
+        if all_labels.device.type == "cpu" and all_labels.numel() and int(all_labels.max()) >= num_classes:
+            # checked where it costs no device sync; on an accelerator an out-of-range id fails in index_add
+            raise ValueError(f"concept label {int(all_labels.max())} is not below num_classes={num_classes} "
+                             "(the concept bank's size)")
+        return SlotClasses(all_labels.clamp(min=0), valid, max(int(num_classes), 1), sum(sizes[:rank]), sizes)
+    # rank of each label among the present ones: sort (empty slots last), count the starts of runs of equal labels
+    keyed = torch.where(valid, all_labels, torch.full_like(all_labels, torch.iinfo(torch.long).max))
+    sorted_labels, order = torch.sort(keyed)
+    run_start = torch.ones_like(sorted_labels, dtype=torch.bool)
+    run_start[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    rank_of_sorted = torch.cumsum(run_start.long(), 0) - 1
+    index = torch.empty_like(order).scatter_(0, order, rank_of_sorted)
+    index = torch.where(valid, index, torch.zeros_like(index))
+    present = int((run_start & (sorted_labels != torch.iinfo(torch.long).max)).sum())  # the one host read
+    return SlotClasses(index, valid, max(present, 1), sum(sizes[:rank]), sizes)
 
 
-def class_prototypes(
-    text_concepts: Tensor,
-    labels: Tensor,
-    *,
-    targets: ConceptTargets | None = None,
-    normalize_members: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Class prototypes over the global batch for the classes present.
+def slot_prototypes(
+    text_concepts: Tensor, classes: SlotClasses, *, normalize_members: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Class prototypes over the global batch: ``(table [P, D], present [P] bool)``.
 
-    Gathers ``text_concepts`` [n, D] (with gradient) and ``labels`` [n] from all ranks and returns
-    ``(prototypes [C, D], classes [C], local_index [n])``: h_i = normalize(Σ_{j: q_j = i}
-    normalize(c_t,j)) for the C sorted present classes, and each local concept's row in it.
-    ``normalize_members=False`` sums the concepts as they are (the official release; a concept
-    pooled as a sum of k unit tokens then weighs up to k times more). ``targets``
-    (``concept_targets(labels)``, computed earlier) avoids any host sync here.
+    ``text_concepts`` [S, D] are this rank's slots (gathered from all ranks with gradient); empty slots add
+    nothing. Row i is h_i = normalize(Σ_{slots j of class i} normalize(c_t,j)); ``normalize_members=False`` sums
+    the concepts as they are (the official release: a concept pooled as a sum of k unit tokens weighs up to k
+    times more). Rows of absent classes are zero and ``present`` is False there.
     """
-    if targets is None:
-        targets = concept_targets(labels, text_concepts.device)
-    all_text, _ = _gather_varlen(text_concepts, with_grad=True, sizes=targets.sizes)
+    all_text, _ = _gather_varlen(text_concepts, with_grad=True, sizes=classes.sizes)
     members = F.normalize(all_text, dim=-1) if normalize_members else all_text
-    protos = all_text.new_zeros((targets.classes.numel(), all_text.shape[-1]))
-    protos = F.normalize(protos.index_add(0, targets.global_index, members), dim=-1)
-    return protos, targets.classes, targets.local_index
+    members = torch.where(classes.valid.unsqueeze(-1), members, members.new_zeros(()))
+    table = members.new_zeros((classes.size, all_text.shape[-1])).index_add(0, classes.index, members)
+    counts = torch.zeros(classes.size, dtype=torch.long, device=table.device).index_add(
+        0, classes.index, classes.valid.long())
+    return F.normalize(table, dim=-1), counts > 0
 
 
 class ConceptLossStats(NamedTuple):
-    """``concept_loss(..., return_stats=True)``: loss plus global-batch statistics (detached)."""
+    """The concept loss and statistics of the global batch (detached 0-d tensors: read them when logging)."""
 
     loss: Tensor
     accuracy: Tensor  # argmax == true label over all concepts of the global batch; nan when none
-    num_concepts: int  # global
-    num_classes: int  # classes present in the global batch
+    num_concepts: Tensor  # concepts in the global batch
+    num_classes: Tensor  # classes present in the global batch
+
+
+def slot_concept_loss(
+    visual_concepts: Tensor,
+    classes: SlotClasses,
+    prototypes: Tensor,
+    present: Tensor,
+    scale: Tensor | float = 1 / 0.07,
+    target: str = "label",
+) -> ConceptLossStats:
+    """SimZSS concept loss L_l over the global batch, from this rank's slots.
+
+    ``visual_concepts`` [S, D] (this rank's slots), ``prototypes`` / ``present`` from ``slot_prototypes``:
+    logits = scale · normalize(c_v) · hᵀ over the present classes; cross-entropy against the true class
+    (``target="label"``, the paper) or the logits' own argmax (``target="argmax"``, the official release),
+    averaged over the concepts of the global batch (see the module docstring for the distributed value and
+    gradients). No concept on any rank: a zero loss still connected to the graph, and a nan accuracy.
+    """
+    if target not in ("label", "argmax"):
+        raise ValueError(f"concept target must be 'label' or 'argmax', got {target!r}")
+    valid, index = classes.valid[classes.local], classes.index[classes.local]
+    if visual_concepts.ndim != 2 or visual_concepts.shape[0] != valid.shape[0]:
+        raise ValueError(f"concept loss expects [S, D] visual concepts for {valid.shape[0]} slots, "
+                         f"got {tuple(visual_concepts.shape)}")
+    logits = scale * F.normalize(visual_concepts, dim=-1) @ prototypes.T  # [S, P]
+    logits = logits.masked_fill(~present, torch.finfo(logits.dtype).min)
+    pred = logits.detach().argmax(dim=-1)
+    per_slot = F.cross_entropy(logits, pred if target == "argmax" else index, reduction="none")
+    # `prototypes.sum() * 0` keeps the gathered tensor in this rank's graph even without a local slot, so every
+    # rank takes part in the all_gather backward (a missing participant would deadlock).
+    local_sum = torch.where(valid, per_slot, per_slot.new_zeros(())).sum() + prototypes.sum() * 0
+    correct = (valid & (pred == index)).sum()
+    # loss value, accuracy count and concept count reduced over ranks in one collective
+    # at least float32 whatever the autocast dtype: counts in bf16 would round beyond 256
+    stats_dtype = torch.promote_types(local_sum.dtype, torch.float32)
+    loss_sum, correct, n_global = _all_reduce_sum(
+        torch.stack([local_sum.detach().to(stats_dtype), correct.to(stats_dtype), valid.sum().to(stats_dtype)])
+    ).unbind()
+    loss = _global_mean(local_sum, n_global.clamp(min=1), global_sum=loss_sum)
+    return ConceptLossStats(loss, correct / n_global, classes.valid.sum(), present.sum())
 
 
 def concept_loss(
@@ -262,60 +313,15 @@ def concept_loss(
     scale: Tensor | float = 1 / 0.07,
     target: str = "label",
     *,
-    return_stats: bool = False,
-    targets: ConceptTargets | None = None,
+    num_classes: int | None = None,
     normalize_members: bool = True,
-) -> Tensor | ConceptLossStats:
-    """SimZSS concept loss L_l over the global batch.
-
-    ``text_concepts`` [n, D] (projected, any norm), ``visual_concepts`` [n, D], ``labels`` [n] class
-    ids (>= 0). Prototypes are built from the text concepts of all ranks (``class_prototypes``);
-    logits = scale · normalize(visual) · prototypesᵀ over the present classes only; cross-entropy
-    against the true labels (``target="label"``) or against the logits' own argmax
-    (``target="argmax"``, the official release), averaged over the global number of concepts (see
-    the module docstring for the distributed value/gradient scheme). No concept on any rank gives a
-    zero loss that is still connected to the inputs' graph. ``return_stats=True`` returns a
-    ``ConceptLossStats`` with the accuracy and the global concept / class counts. ``targets``
-    (``concept_targets(labels)``, computed before the forward pass) leaves no host sync in here.
-    ``normalize_members``: see ``class_prototypes``.
-    """
-    if target not in ("label", "argmax"):
-        raise ValueError(f"concept target must be 'label' or 'argmax', got {target!r}")
-    n = labels.shape[0]
-    if text_concepts.ndim != 2 or text_concepts.shape != visual_concepts.shape or text_concepts.shape[0] != n:
-        raise ValueError(
-            f"concept_loss expects [n,D], [n,D], [n]; got {tuple(text_concepts.shape)}, "
-            f"{tuple(visual_concepts.shape)}, {tuple(labels.shape)}"
-        )
-    if targets is None:
-        targets = concept_targets(labels, text_concepts.device)
-    elif targets.local_index.shape[0] != n:
-        raise ValueError(f"concept targets are for {targets.local_index.shape[0]} concepts, got {n}")
-    zero = text_concepts.sum() * 0 + visual_concepts.sum() * 0
-    n_global = targets.num_global
-    if n_global == 0:
-        nan = torch.full((), float("nan"), device=zero.device)
-        return ConceptLossStats(zero, nan, 0, 0) if return_stats else zero
-
-    protos, classes, local_target = class_prototypes(
-        text_concepts, labels, targets=targets, normalize_members=normalize_members
-    )
-    logits = scale * F.normalize(visual_concepts, dim=-1) @ protos.T  # [n, C]
-    pred = logits.detach().argmax(dim=-1)
-    tgt = pred if target == "argmax" else local_target
-    # `protos.sum() * 0` keeps the gathered tensor in this rank's graph even with n == 0 locally, so
-    # every rank takes part in the all_gather backward (a missing participant would deadlock).
-    local_sum = F.cross_entropy(logits, tgt, reduction="sum") + zero + protos.sum() * 0
-    if not return_stats:
-        return _global_mean(local_sum, n_global)
-    # loss value and accuracy count reduced over ranks in one collective
-    correct = (pred == local_target).sum().to(local_sum.dtype)
-    loss_sum, correct = _all_reduce_sum(torch.stack([local_sum.detach(), correct])).unbind()
-    loss = _global_mean(local_sum, n_global, global_sum=loss_sum)
-    return ConceptLossStats(loss, correct / n_global, n_global, int(classes.numel()))
-
-
-def concept_accuracy(text_concepts: Tensor, visual_concepts: Tensor, labels: Tensor) -> Tensor:
-    """Fraction of concepts (global batch) whose visual concept is nearest its own class prototype."""
-    with torch.no_grad():
-        return concept_loss(text_concepts, visual_concepts, labels, return_stats=True).accuracy  # type: ignore[union-attr]
+) -> ConceptLossStats:
+    """The concept loss of ``text_concepts`` / ``visual_concepts`` [n, D] with class ``labels`` [n] (-1: no concept):
+    ``slot_classes`` + ``slot_prototypes`` + ``slot_concept_loss`` in one call."""
+    if (text_concepts.ndim != 2 or text_concepts.shape != visual_concepts.shape
+            or labels.shape != text_concepts.shape[:1]):
+        raise ValueError(f"concept_loss expects [n,D], [n,D], [n]; got {tuple(text_concepts.shape)}, "
+                         f"{tuple(visual_concepts.shape)}, {tuple(labels.shape)}")
+    classes = slot_classes(labels, num_classes)
+    prototypes, present = slot_prototypes(text_concepts, classes, normalize_members=normalize_members)
+    return slot_concept_loss(visual_concepts, classes, prototypes, present, scale, target)

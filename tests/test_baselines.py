@@ -140,10 +140,11 @@ def test_gem_pathway_matches_reference_over_the_last_blocks(gem_model) -> None:
     torch.testing.assert_close(cls, gem_model.clip.encode_image(images), rtol=1e-5, atol=1e-5)
 
 
-def test_maskclip_uses_last_block_values(tiny_config) -> None:
+def test_maskclip_nores_uses_last_block_values_only(tiny_config) -> None:
     torch.manual_seed(0)
-    model = load_baseline(f"maskclip:{tiny_config}/random")
-    assert isinstance(model.vision, MaskClipVision)
+    model = load_baseline(f"maskclip-nores:{tiny_config}/random")
+    assert isinstance(model.vision, MaskClipVision) and not model.vision.residual
+    assert model.variant.startswith("maskclip-nores (")
     visual = model.clip.visual
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     inter = visual.forward_intermediates(images, output_fmt="NLC", output_extra_tokens=True,
@@ -160,6 +161,141 @@ def test_maskclip_uses_last_block_values(tiny_config) -> None:
     # encode_image normalises; GEM and MaskCLIP see the same image differently
     _, p_norm = model.encode_image(images)
     torch.testing.assert_close(p_norm.norm(dim=-1), torch.ones(2, 4, 4))
+
+
+# ------------------------------------------------------- MaskCLIP against its authors' code, from its equations
+
+
+def ref_bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+    """``[n_out, n_in]`` cubic-convolution weights (Keys, a = -0.75), half-pixel centres (align_corners=False),
+    border samples repeated: what ``F.interpolate(mode="bicubic", align_corners=False)`` computes without
+    antialiasing, which mmseg's ``resize`` calls in MaskCLIP's ``VisionTransformer.resize_pos_embed``."""
+    def k(t: float) -> float:
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t**3 - (a + 3) * t**2 + 1
+        return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a if t < 2 else 0.0
+
+    m = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        src = (o + 0.5) * n_in / n_out - 0.5
+        i0 = math.floor(src)
+        for j in range(i0 - 1, i0 + 3):
+            m[o, min(max(j, 0), n_in - 1)] += k(src - j)
+    return m
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def ref_attention(blk, y: np.ndarray) -> np.ndarray:
+    q, k, v = ref_qkv(blk, y)
+    heads = blk.attn.num_heads
+    d = q.shape[1] // heads
+    out = np.zeros_like(q)
+    for h in range(heads):
+        c = slice(h * d, (h + 1) * d)
+        out[:, c] = _softmax_rows(q[:, c] @ k[:, c].T / math.sqrt(d)) @ v[:, c]
+    return out @ _np(blk.attn.out_proj.weight).T + _np(blk.attn.out_proj.bias)
+
+
+def ref_mlp(blk, y: np.ndarray) -> np.ndarray:
+    hid = _gelu(y @ _np(blk.mlp.c_fc.weight).T + _np(blk.mlp.c_fc.bias))
+    return hid @ _np(blk.mlp.c_proj.weight).T + _np(blk.mlp.c_proj.bias)
+
+
+def ref_maskclip(visual, image: np.ndarray, residual: bool = True) -> np.ndarray:
+    """MaskCLIP's dense features of one image ``[3, H, W]`` from the equations of the authors' code
+    (chongzhou96/MaskCLIP: mmseg/models/backbones/vit.py ``VisionTransformer.forward`` and
+    ``TransformerEncoderLayer.forward(return_qkv=True)``; mmseg/models/decode_heads/maskclip_head.py
+    ``MaskClipHead.forward``, whose ``proj`` is CLIP's visual projection): patch embedding, CLS, position
+    embeddings resized by plain bicubic, ln_pre, every block but the last as usual; in the last block
+    v = out_proj(W_v ln_1(x) + b_v), v = v + x, v = v + mlp(ln_2(v)); then ln_post (``final_norm``) and proj."""
+    p = visual.conv1.weight.shape[-1]
+    c, hh, ww = image.shape
+    gh, gw = hh // p, ww // p
+    patches = image.reshape(c, gh, p, gw, p).transpose(1, 3, 0, 2, 4).reshape(gh * gw, c * p * p)
+    x = patches @ _np(visual.conv1.weight).reshape(visual.conv1.weight.shape[0], -1).T
+    pos = _np(visual.positional_embedding)
+    g0 = int(round(math.sqrt(pos.shape[0] - 1)))
+    grid = pos[1:].reshape(g0, g0, -1)
+    grid = np.einsum("ai,ijd,bj->abd", ref_bicubic_matrix(g0, gh), grid, ref_bicubic_matrix(g0, gw))
+    x = np.concatenate([_np(visual.class_embedding)[None], x]) + np.concatenate([pos[:1], grid.reshape(gh * gw, -1)])
+    x = ref_layer_norm(x, visual.ln_pre)
+    blocks = visual.transformer.resblocks
+    for blk in blocks[:-1]:
+        x = x + ref_attention(blk, ref_layer_norm(x, blk.ln_1))
+        x = x + ref_mlp(blk, ref_layer_norm(x, blk.ln_2))
+    last = blocks[-1]
+    _, _, v = ref_qkv(last, ref_layer_norm(x, last.ln_1))
+    v = v @ _np(last.attn.out_proj.weight).T + _np(last.attn.out_proj.bias)
+    if residual:
+        v = v + x
+        v = v + ref_mlp(last, ref_layer_norm(v, last.ln_2))
+    return (ref_layer_norm(v, visual.ln_post) @ _np(visual.proj))[1:].reshape(gh, gw, -1)
+
+
+@pytest.fixture(scope="module")
+def randomised_maskclip(tiny_config):
+    """maskclip: on a random-init tiny open_clip ViT whose LayerNorm affines and attention biases are random too
+    (at their defaults, 1 / 0, normalisation and bias mistakes would not show)."""
+    torch.manual_seed(0)
+    model = load_baseline(f"maskclip:{tiny_config}/random")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for mod in model.clip.visual.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.copy_(1 + 0.5 * torch.randn(mod.weight.shape, generator=g))
+                mod.bias.copy_(0.5 * torch.randn(mod.bias.shape, generator=g))
+            if isinstance(mod, torch.nn.MultiheadAttention):
+                mod.in_proj_bias.copy_(0.5 * torch.randn(mod.in_proj_bias.shape, generator=g))
+                mod.out_proj.bias.copy_(0.5 * torch.randn(mod.out_proj.bias.shape, generator=g))
+        model.clip.visual.positional_embedding.mul_(20)  # a resize error must show
+    return model
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48), (64, 64), (56, 40)])  # native, non-square, 2x, both
+@pytest.mark.parametrize("residual", [True, False])
+def test_maskclip_matches_the_authors_code(randomised_maskclip, size, residual) -> None:
+    model = randomised_maskclip
+    vision = MaskClipVision(model.clip.visual, residual=residual)
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(7))
+    _, patches = vision(images)
+    for i in range(2):
+        want = ref_maskclip(model.clip.visual, _np(images[i]), residual)
+        got = _np(patches[i])
+        assert got.shape == want.shape
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        assert rel < 2e-5, rel  # float32 against float64
+    assert model.variant.startswith("maskclip (authors' code")
+
+
+def test_the_maskclip_reference_catches_both_reported_differences(randomised_maskclip, monkeypatch) -> None:
+    """The comparison above is sharp enough: the residual-free path, or timm's antialiased position-embedding
+    resize (cubic coefficient -0.5), are far outside its tolerance."""
+    visual = randomised_maskclip.clip.visual
+    image = torch.randn(1, 3, 64, 48, generator=torch.Generator().manual_seed(8))
+    want = ref_maskclip(visual, _np(image[0]), residual=True)
+
+    def rel(vision: MaskClipVision) -> float:
+        return float(np.abs(_np(vision(image)[1][0]) - want).max() / np.abs(want).max())
+
+    assert rel(MaskClipVision(visual, residual=True)) < 2e-5
+    assert rel(MaskClipVision(visual, residual=False)) > 0.05
+    monkeypatch.setattr(MaskClipVision, "pos_antialias", True)
+    assert rel(MaskClipVision(visual, residual=True)) > 1e-3
+
+
+def test_maskclip_position_embeddings_are_not_antialiased(randomised_maskclip) -> None:
+    """MaskCLIP's resize is plain bicubic; GEM's official code antialiases (timm): on a 2x downscale they differ."""
+    visual = randomised_maskclip.clip.visual
+    plain = resized_pos_embed(visual, (2, 3), antialias=False)
+    grid = _np(visual.positional_embedding[1:]).reshape(4, 4, -1)
+    want = np.einsum("ai,ijd,bj->abd", ref_bicubic_matrix(4, 2), grid, ref_bicubic_matrix(4, 3)).reshape(6, -1)
+    np.testing.assert_allclose(_np(plain[1:]), want, rtol=1e-5, atol=1e-4)
+    anti = resized_pos_embed(visual, (2, 3))
+    assert not torch.allclose(plain, anti, atol=1e-3)
 
 
 def test_position_embeddings_resized_bicubically(gem_model) -> None:
@@ -271,6 +407,7 @@ def test_eval_command_runs_gem_and_maskclip_on_the_toy_world(tiny_config, toy_va
         conf = np.array(res["confusion"])
         assert conf.shape == (len(classes), len(classes)) and conf.sum() > 0
         assert "samples" not in res  # pictures only, never in the JSON
+        assert res["model_variant"].startswith(r["model"].split(":")[0] + " (")  # eval.json names the variant
     report = (tmp_path / "report" / "report.md").read_text()
     assert "gem:" in report and "maskclip:" in report and report.count("samples.png") == 2
 
@@ -326,11 +463,11 @@ def test_segment_command_on_a_real_photo(tiny_config, tmp_path, kind: str) -> No
     import matplotlib.cbook
     from PIL import Image
 
-    from simzss import inference
+    from simzss.cli.segment import main as segment_main
 
     photo = Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     width, height = Image.open(photo).size
-    rc = inference.main([str(photo), "--model", f"{kind}:{tiny_config}/random", "--labels", "person,flag,uniform",
+    rc = segment_main([str(photo), "--model", f"{kind}:{tiny_config}/random", "--labels", "person,flag,uniform",
                          "--out", str(tmp_path / "overlay.png"), "--out-mask", str(tmp_path / "mask.png"),
                          "--device", "cpu"])
     assert rc == 0

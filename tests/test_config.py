@@ -67,3 +67,54 @@ def test_cli_exit_code_2_names_the_key(capsys: pytest.CaptureFixture[str]) -> No
 def test_cli_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--print-config", "batch_size=3"]) == 0
     assert "batch_size: 3" in capsys.readouterr().out
+
+
+def test_text_fields_take_enum_words_literally(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19, defect 2: `mixed_precision=no` is the word "no", not YAML's false, on the command line and in a
+    file; the same holds for every text field (report_to, run_name ...), while bool fields still read yes/no."""
+    cfg = load_config(TrainConfig, None, ["mixed_precision=no", "report_to=none", "run_name=1e3", "cpu=yes",
+                                          "resume=null", "model.tokenizer='on'"])
+    assert (cfg.mixed_precision, cfg.report_to, cfg.run_name) == ("no", "none", "1e3")
+    assert cfg.cpu is True and cfg.resume is None and cfg.model.tokenizer == "on"
+    validate_config(dataclasses_replace_shards(cfg))
+    f = tmp_path / "c.yaml"
+    f.write_text("mixed_precision: no\nrun_name: 007\ncpu: no\nresume: null\nmodel:\n  tokenizer: off\n"
+                 "  vision:\n    pretrained: false\n")
+    cfg = load_config(TrainConfig, f)
+    assert (cfg.mixed_precision, cfg.run_name, cfg.model.tokenizer) == ("no", "007", "off")
+    assert cfg.cpu is False and cfg.resume is None and cfg.model.vision.pretrained is False
+    # through the command, as the newcomer typed it
+    assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "mixed_precision=no", "--print-config"]) == 0
+    assert "mixed_precision: 'no'" in capsys.readouterr().out
+    # a word outside the enum is still refused by name
+    assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "mixed_precision=maybe", "--print-config"]) == 2
+    assert "mixed_precision must be one of" in capsys.readouterr().err
+
+
+def dataclasses_replace_shards(cfg: TrainConfig) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=["x.tar"]))
+
+
+def test_overrides_after_resume(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 18, item 8: `simzss train --config c.yaml --resume latest max_steps=62` takes the override."""
+    demo = str(ROOT / "configs" / "demo.yaml")
+    assert main(["--config", demo, "--resume", "latest", "max_steps=62", "optim.lr=0.01", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 62" in out and "resume: latest" in out and "lr: 0.01" in out
+    assert main(["max_steps=61", "--config", demo, "--print-config", "--resume", "runs/x"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 61" in out and "resume: runs/x" in out
+
+
+def test_train_device_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """--device cpu is the config's cpu: true; a CUDA device on a machine without one is a usage error."""
+    import torch
+
+    demo = str(ROOT / "configs" / "demo.yaml")
+    assert main(["--config", demo, "--device", "cpu", "--print-config"]) == 0
+    assert "cpu: true" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert main(["--config", demo, "--device", "cuda", "--print-config"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

@@ -36,7 +36,10 @@ def test_cityscapes_label_ids_to_train_ids(tmp_path: Path, capsys: pytest.Captur
         build_segmentation_dataset(f"cityscapes:{raw}")
 
     assert simzss(["convert-benchmark", "cityscapes", str(raw), "--out", str(raw), "--no-progress"]) == 0
-    assert json.loads(capsys.readouterr().out)["masks_written"] == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["masks_written"] == 1
+    # 34 is no Cityscapes labelId: ignored like the unevaluated ids, but counted, never silently
+    assert summary["unknown_label_pixels"] == 4 and summary["unknown_label_values"] == {"34": 4}
     ds = build_segmentation_dataset(f"cityscapes:{raw}")
     _, got = ds[0]
     assert got.tolist() == np.tile(np.array(list(pairs.values())), (4, 1)).tolist()
@@ -64,6 +67,7 @@ def test_coco_stuff_and_object_from_stuffthingmaps(tmp_path: Path, capsys: pytes
         181: (170, 0),  # wood (id 182), last stuff
         255: (255, 255),  # unlabeled
         11: (255, 255),  # an unused thing id never appears in real maps; it must not become a class
+        200: (255, 255),  # no COCO category at all
     }
     values = np.array(list(table), dtype=np.uint8)
     mask = np.tile(values, (3, 1))
@@ -75,7 +79,8 @@ def test_coco_stuff_and_object_from_stuffthingmaps(tmp_path: Path, capsys: pytes
         with pytest.raises(DatasetError, match=rf"simzss convert-benchmark {name}"):
             build_segmentation_dataset(f"{name}:{raw}")
         assert simzss(["convert-benchmark", name, str(raw), "--out", str(out), "--no-progress"]) == 0
-        capsys.readouterr()
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["unknown_label_values"] == {"11": 3, "200": 3}  # counted, stored as 255
         ds = build_segmentation_dataset(f"{name}:{out}")
         image, got = ds[0]
         assert got.tolist() == np.tile(np.array([v[col] for v in table.values()]), (3, 1)).tolist()

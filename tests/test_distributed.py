@@ -56,7 +56,8 @@ def _contrastive_case(sizes: list[int], rank: int, world: int, equal_sizes: bool
     return _collect(loss, {"heads": heads})
 
 
-def _concept_case(sizes: list[int], labels: list[int], target: str, rank: int, world: int) -> Result:
+def _concept_case(sizes: list[int], labels: list[int], target: str, rank: int, world: int,
+                  num_classes: int | None = None) -> Result:
     g = torch.Generator().manual_seed(0)
     n = sum(sizes)
     x_txt, x_vis = torch.randn(n, 6, generator=g), torch.randn(n, 8, generator=g)
@@ -64,10 +65,11 @@ def _concept_case(sizes: list[int], labels: list[int], target: str, rank: int, w
     heads = nn.ModuleDict({"txt": nn.Linear(6, 5), "vis": nn.Linear(8, 5)})
     heads.scale = nn.Parameter(torch.tensor(math.log(10.0)))  # type: ignore[attr-defined]
     rows = _rows(sizes, rank, world)
-    loss = concept_loss(
-        heads["txt"](x_txt[rows]), heads["vis"](x_vis[rows]), torch.tensor(labels)[rows], heads.scale.exp(), target
-    )
-    return _collect(loss, {"heads": heads})
+    stats = concept_loss(heads["txt"](x_txt[rows]), heads["vis"](x_vis[rows]), torch.tensor(labels)[rows],
+                         heads.scale.exp(), target, num_classes=num_classes)
+    result = _collect(stats.loss, {"heads": heads})
+    result.update(accuracy=stats.accuracy, num_concepts=stats.num_concepts, num_classes=stats.num_classes)
+    return result
 
 
 def _tiny_model(query: str, concept_scale: float | None) -> SimZSS:
@@ -81,7 +83,7 @@ def _tiny_model(query: str, concept_scale: float | None) -> SimZSS:
 
 
 def _model_case(query: str, concept_scale: float | None, concepts: list[list[tuple[int, int]]],
-                rank: int, world: int, equal_batch_sizes: bool = False) -> Result:
+                rank: int, world: int, equal_batch_sizes: bool = False, concept_classes: int | None = None) -> Result:
     """Full SimZSS forward; ``concepts[b]`` = [(label, token position), ...] of sample b (4 samples)."""
     g = torch.Generator().manual_seed(4)
     B, L = len(concepts), 10
@@ -103,11 +105,12 @@ def _model_case(query: str, concept_scale: float | None, concepts: list[list[tup
                             concept_mask=concept_mask, concept_labels=concept_labels)
     model = _tiny_model(query, concept_scale).train()
     model.equal_batch_sizes = equal_batch_sizes  # both ranks hold 2 samples
+    model.concept_classes = concept_classes  # a class table by bank id instead of the sorted slot labels
     out = model(batch)
     result = _collect(out.loss, {"model": model})
     result["concept_loss"] = out.concept_loss.detach()
-    result["num_concepts"] = torch.tensor(out.num_concepts)
-    result["num_classes"] = torch.tensor(out.num_classes)
+    result["num_concepts"] = torch.as_tensor(out.num_concepts)
+    result["num_classes"] = torch.as_tensor(out.num_classes)
     return result
 
 
@@ -123,9 +126,13 @@ def _all_cases(rank: int, world: int) -> dict[str, Result]:
         "concept_label": _concept_case([4, 3], [0, 2, 2, 5, 2, 5, 7], "label", rank, world),
         "concept_empty_rank": _concept_case([5, 0], [3, 1, 3, 0, 1], "label", rank, world),
         "concept_argmax": _concept_case([2, 4], [0, 2, 2, 5, 2, 5], "argmax", rank, world),
+        # empty slots (-1) on both ranks, classes shared across ranks, a class table by bank id
+        "concept_empty_slots": _concept_case([4, 3], [0, -1, 2, 5, -1, 5, 2], "label", rank, world),
+        "concept_empty_slots_bank": _concept_case([4, 3], [0, -1, 2, 5, -1, 5, 2], "argmax", rank, world, 6),
         "model_concept_query": _model_case("concept", None, CONCEPTS_A, rank, world),
         "model_prototype_query": _model_case("prototype", 1 / 0.07, CONCEPTS_B, rank, world),
         "model_equal_batches": _model_case("concept", 1 / 0.07, CONCEPTS_B, rank, world, equal_batch_sizes=True),
+        "model_bank_table": _model_case("prototype", None, CONCEPTS_A, rank, world, concept_classes=8),
     }
 
 

@@ -14,7 +14,10 @@ from PIL import Image
 
 from simzss.eval.metrics import confusion_matrix, segmentation_scores
 from simzss.eval.segmentation import evaluate_segmentation
-from simzss.models.zeroshot import resized_shape, segment_image, slide_cosine, slide_windows, text_classifier
+from simzss.models.zeroshot import (
+    get_mean_std, normalize_image, resized_shape, segment_image, slide_cosine, slide_windows,
+    text_classifier,
+)
 
 torch.set_num_threads(1)
 
@@ -223,9 +226,9 @@ def test_miou_matches_independent_numpy_computation() -> None:
         gt[rng.random(gt.shape) < 0.2] = 255
         gt[gt == 5] = 255  # class 5 never in the ground truth ...
         pred = rng.integers(0, n - 1, size=gt.shape)  # ... nor predicted -> NaN, left out of the mean
-        c, invalid = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), n)
-        assert invalid == 0
-        conf += c
+        c = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), n)
+        assert c.shape == (n + 1, n) and c[n].sum() == 0  # no out-of-range labels here
+        conf += c[:n]
         np_conf += _np_confusion(pred, gt, n)
     np.testing.assert_array_equal(conf.numpy(), np_conf)
     scores = segmentation_scores(conf, [f"c{i}" for i in range(n)])
@@ -239,14 +242,57 @@ def test_miou_matches_independent_numpy_computation() -> None:
         assert scores["per_class"][f"c{i}"] == pytest.approx(iou[i] * 100)
 
 
-def test_confusion_matrix_excludes_ignore_and_counts_invalid_labels() -> None:
+def test_confusion_matrix_excludes_ignore_and_keeps_invalid_labels_in_a_last_row() -> None:
     gt = torch.tensor([[0, 1, 255, 7]])
     pred = torch.tensor([[0, 0, 1, 1]])
-    conf, invalid = confusion_matrix(pred, gt, 2)
-    assert conf.tolist() == [[1, 0], [1, 0]]  # the 255 and the out-of-range 7 are not counted
-    assert invalid == 1
+    conf = confusion_matrix(pred, gt, 2)
+    assert conf.tolist() == [[1, 0], [1, 0], [0, 1]]  # 255 dropped; the out-of-range 7 predicted as 1: last row
     with pytest.raises(ValueError, match="shape"):
         confusion_matrix(pred, gt[:, :2], 2)
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(torch.tensor([[0, 2]]), torch.tensor([[0, 1]]), 2)
+
+
+def mmseg_iou_metric(preds, labels, num_classes: int, ignore_index: int = 255):
+    """Reference written from mmsegmentation's ``IoUMetric`` (mmseg/evaluation/metrics/iou_metric.py,
+    ``intersect_and_union`` + ``total_area_to_metrics``): per image, drop ``ignore_index`` pixels, histogram
+    (``torch.histc`` over [0, C-1]) the intersection, the predictions and the labels; sum over images;
+    IoU = intersect / union, aAcc = intersect / label area, mIoU = nanmean."""
+    inter, area_p, area_l = (torch.zeros(num_classes, dtype=torch.float64) for _ in range(3))
+    for pred, label in zip(preds, labels):
+        keep = label != ignore_index
+        p, lab = pred[keep].double(), label[keep].double()
+        inter += torch.histc(p[p == lab], bins=num_classes, min=0, max=num_classes - 1).double()
+        area_p += torch.histc(p, bins=num_classes, min=0, max=num_classes - 1).double()
+        area_l += torch.histc(lab, bins=num_classes, min=0, max=num_classes - 1).double()
+    iou = (inter / (area_p + area_l - inter)).numpy()
+    return {"mIoU": float(np.nanmean(iou)) * 100, "aAcc": float(inter.sum() / area_l.sum()) * 100, "IoU": iou * 100}
+
+
+def test_out_of_range_labels_count_as_false_positives_like_mmseg() -> None:
+    """A label map with values that are neither a class id nor 255 (e.g. a mask from another label space): mmseg
+    keeps those pixels, so their predictions are false positives; dropping them (the old rule) gives another mIoU."""
+    rng = np.random.default_rng(3)
+    n = 4
+    preds, labels = [], []
+    for _ in range(3):
+        gt = rng.integers(0, n, size=(20, 30)).astype(np.uint8)
+        pred = gt.copy()
+        flip = rng.random(gt.shape) < 0.25
+        pred[flip] = rng.integers(0, n, size=int(flip.sum()))
+        gt[rng.random(gt.shape) < 0.1] = 255
+        gt[:6, :10] = 9  # out of range: 9 is no class id of a 4-class dataset
+        preds.append(torch.from_numpy(pred.astype(np.int64)))
+        labels.append(torch.from_numpy(gt))
+    conf = sum(confusion_matrix(p, g, n) for p, g in zip(preds, labels))
+    ours = segmentation_scores(conf, [f"c{i}" for i in range(n)])
+    ref = mmseg_iou_metric(preds, [g.long() for g in labels], n)
+    assert int(conf[n].sum()) == 3 * 60
+    assert ours["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-9)
+    assert ours["pixel_acc"] == pytest.approx(ref["aAcc"], abs=1e-9)
+    np.testing.assert_allclose([ours["per_class"][f"c{i}"] for i in range(n)], ref["IoU"], atol=1e-9)
+    dropped = segmentation_scores(conf[:n], [f"c{i}" for i in range(n)])  # the old rule: such pixels dropped
+    assert dropped["mIoU"] - ours["mIoU"] > 1.0  # the two conventions differ on this map
 
 
 # -------------------------------------------------------------------------------------- end to end
@@ -285,6 +331,30 @@ def test_evaluate_segmentation_folder_with_background_threshold(tmp_path: Path) 
     res2 = evaluate_segmentation(model, f"folder:{tmp_path / 'ds'}", short_side=None, crop=16, stride=8,
                                  background="class", templates=["{}"])
     assert res2["background"] == "class" and res2["mIoU"] == pytest.approx(100.0)
+
+
+def test_evaluate_segmentation_counts_out_of_range_mask_values_like_mmseg(tmp_path: Path, caplog) -> None:
+    """A folder mask holding 7 in a 3-class dataset: the loader passes it through, the evaluation counts it and
+    scores it as mmseg's IoUMetric does (the red predictions there are false positives of red)."""
+    rgb = np.zeros((16, 32, 3), np.uint8)
+    rgb[..., 0] = 255
+    rgb[:, 16:, 0] = 0
+    rgb[:, 16:, 2] = 255  # left red, right blue
+    mask = np.zeros((16, 32), np.uint8)
+    mask[:, 16:] = 2
+    mask[:4, :8] = 7  # no class id: predicted red there
+    _write_folder(tmp_path / "ds", ["red", "green", "blue"], [("a", rgb, mask)])
+    res = evaluate_segmentation(ColourModel(), f"folder:{tmp_path / 'ds'}", short_side=None, crop=16, stride=8,
+                                templates=["{}"], return_confusion=True)
+    assert res["invalid_pixels"] == 32 and "counted as false positives" in caplog.text
+    assert res["confusion_invalid"] == [32, 0, 0]  # the JSON alone reproduces the mIoU
+    from_json = segmentation_scores(torch.tensor(res["confusion"] + [res["confusion_invalid"]]), ["red", "green", "blue"])
+    assert from_json["mIoU"] == res["mIoU"]
+    pred = np.zeros((16, 32), np.int64)
+    pred[:, 16:] = 2
+    ref = mmseg_iou_metric([torch.from_numpy(pred)], [torch.from_numpy(mask).long()], 3)
+    assert res["mIoU"] == pytest.approx(ref["mIoU"]) and res["per_class"]["red"] == pytest.approx(ref["IoU"][0])
+    assert res["per_class"]["red"] == pytest.approx(100 * 224 / 256)  # 224 red pixels right, 32 false positives
 
 
 def test_evaluate_segmentation_skips_a_corrupt_image(tmp_path: Path, caplog) -> None:
@@ -332,3 +402,105 @@ def test_evaluate_segmentation_real_tiny_simzss(tiny_simzss, tmp_path: Path) -> 
     img = torch.randn(1, 3, 50, 61)
     pred, scores = tiny_simzss.segment(img, ["sky", "tree"], short_side=56, crop=56, stride=28)
     assert pred.shape == (50, 61) and scores.shape == (2, 50, 61)
+
+
+# ------------------------------------------------------------- the fast path gives the direct path's outputs
+
+
+def _direct_labels(model, image, classifier, *, short_side, crop, stride, background, bg_threshold) -> torch.Tensor:
+    """The label map of the pre-speed-up sliding-window path, written out here step by step from the protocol
+    (mmseg 0.x ``slide_inference``), independently of :mod:`simzss.models.zeroshot`: keep-ratio resize, one
+    window at a time (padded bottom/right to the patch multiple), cosine to the classes, bilinear upsampling to
+    the padded window, crop, sum into a canvas, divide by the per-pixel window count, resize back, softmax of
+    logit_scale x cosine, optional background channel, argmax."""
+    h, w = image.shape[-2:]
+    scale = min(short_side / min(h, w), 2048 / max(h, w)) if short_side else 1.0
+    nh, nw = (max(int(h * scale + 0.5), 1), max(int(w * scale + 0.5), 1)) if short_side else (h, w)
+    x = image if (nh, nw) == (h, w) else F.interpolate(image, size=(nh, nw), mode="bilinear", align_corners=False)
+    p = model.vision.patch_size
+    cls = classifier.float()
+    canvas = torch.zeros(cls.shape[0], nh, nw)
+    count = torch.zeros(nh, nw)
+    for i in range(max(nh - crop + stride - 1, 0) // stride + 1):
+        for j in range(max(nw - crop + stride - 1, 0) // stride + 1):
+            y2, x2 = min(i * stride + crop, nh), min(j * stride + crop, nw)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            win = x[:, :, y1:y2, x1:x2]
+            wh, ww = y2 - y1, x2 - x1
+            ph, pw = -(-wh // p) * p, -(-ww // p) * p
+            win = F.pad(win, (0, pw - ww, 0, ph - wh))
+            _, patches = model.encode_image(win)
+            cos = (patches[0].float() @ cls.T).permute(2, 0, 1)  # [C, gh, gw]
+            up = F.interpolate(cos[None], size=(ph, pw), mode="bilinear", align_corners=False)[0, :, :wh, :ww]
+            canvas[:, y1:y2, x1:x2] += up
+            count[y1:y2, x1:x2] += 1
+    cos = canvas / count
+    if (nh, nw) != (h, w):
+        cos = F.interpolate(cos[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    probs = torch.softmax(cos * model.logit_scale.detach().float().clamp(max=model.logit_scale_max).exp(), dim=0)
+    if background == "threshold":
+        probs = torch.cat([torch.full((1, h, w), bg_threshold), probs])
+    return probs.argmax(0)
+
+
+@pytest.mark.parametrize("shape,short_side,crop,stride", [
+    ((50, 61), 56, 28, 14),   # resized, overlapping windows on both axes
+    ((40, 23), None, 28, 14),  # one axis shorter than the crop: a padded window
+    ((64, 64), 84, 42, 20),   # crop not a multiple of the patch size: padded windows
+])
+def test_separable_form_equals_the_canvas_form(tiny_simzss, shape, short_side, crop, stride) -> None:
+    from simzss.models.zeroshot import assemble_windows, plan_windows, window_crops, window_logits
+
+    torch.manual_seed(1)
+    image = torch.randn(1, 3, *shape)
+    cls = F.normalize(torch.randn(5, tiny_simzss.embed_dim), dim=-1)
+    h, w = resized_shape(*shape, short_side)
+    x = image if (h, w) == shape else F.interpolate(image, size=(h, w), mode="bilinear", align_corners=False)
+    plan = plan_windows(h, w, crop, stride, 14)
+    assert plan.windows == slide_windows(h, w, crop, stride)
+    (logits,) = window_logits(tiny_simzss, [window_crops(x, plan)], cls, window_batch=3)
+    direct = slide_cosine(tiny_simzss, x, cls, crop=crop, stride=stride)
+    torch.testing.assert_close(assemble_windows(logits, plan, (h, w)), direct, rtol=1e-5, atol=1e-5)
+    back = F.interpolate(direct[None], size=shape, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(assemble_windows(logits, plan, shape, 3.0), 3.0 * back, rtol=1e-5, atol=3e-5)
+
+
+def test_batched_evaluation_keeps_the_direct_paths_labels_and_miou(tiny_simzss, tmp_path: Path) -> None:
+    """Images of several sizes segmented together (windows of different images in one forward, overlapping
+    windows, resize both ways) give the same label maps as the direct path, and evaluate_segmentation the mIoU
+    computed from those maps."""
+    from simzss.data.synthetic import generate_toy_world
+    from simzss.eval.datasets import build_segmentation_dataset
+    from simzss.models.zeroshot import segment_images
+
+    info = generate_toy_world(tmp_path / "toy", num_train=0, num_val=4, image_size=64)
+    ds = build_segmentation_dataset(f"folder:{info['val_dir']}")
+    mean, std = get_mean_std(tiny_simzss)
+    images = []
+    for i in range(len(ds)):
+        img, _ = ds[i]
+        arr = torch.from_numpy(np.asarray(img.resize((64 + 9 * i, 60 - 5 * i)), dtype=np.uint8).copy())
+        images.append(normalize_image(arr.permute(2, 0, 1), mean, std))
+    cls = text_classifier(tiny_simzss, ds.classnames[1:], "single")
+    kw = dict(short_side=70, crop=56, stride=28)
+    for background, thr in (("none", None), ("threshold", 0.08)):
+        want = [_direct_labels(tiny_simzss, im, cls, background=background, bg_threshold=thr, **kw) for im in images]
+        got = segment_images(tiny_simzss, images, cls, window_batch=3, background=background, bg_threshold=thr, **kw)
+        for g, wnt in zip(got, want):
+            assert torch.equal(g, wnt)
+        if background == "threshold":  # both branches of the threshold rule are exercised
+            assert 0 < sum(int((wnt == 0).sum()) for wnt in want) < sum(wnt.numel() for wnt in want)
+    # whole-dataset evaluation: the mIoU of the direct path's maps, whatever the image batch
+    full = text_classifier(tiny_simzss, ds.classnames, "single")
+    conf = torch.zeros(len(ds.classnames), len(ds.classnames), dtype=torch.long)
+    for i in range(len(ds)):
+        img, mask = ds[i]
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        pred = _direct_labels(tiny_simzss, normalize_image(arr, mean, std), full, background="none",
+                              bg_threshold=None, **kw)
+        conf += torch.from_numpy(_np_confusion(pred.numpy(), mask, len(ds.classnames)))
+    want = segmentation_scores(conf, ds.classnames)
+    for image_batch in (1, 3):
+        res = evaluate_segmentation(tiny_simzss, ds, templates="single", window_batch=2, image_batch=image_batch, **kw)
+        assert res["mIoU"] == want["mIoU"] and res["per_class"] == want["per_class"]
+        assert res["model_variant"] == "SimZSS"

@@ -280,11 +280,14 @@ def test_cli_segmentation_json_and_run_report(exported_tiny: Path, tmp_path: Pat
     cfg = TrainConfig(report_to="tensorboard", run_name="run")
     (run / "config.yaml").write_text(to_yaml(cfg))
     out = tmp_path / "res.json"
-    rc = main(["eval", str(exported_tiny), "--task", "segmentation", "--datasets", f"folder:{info['val_dir']}",
-               f"voc:{tmp_path / 'missing'}", "--short-side", "56", "--crop", "56", "--stride", "28",
-               "--workers", "0", "--cpu", "--no-progress", "--out", str(out), "--report-to-run", str(run),
-               "--step", "7"])
-    assert rc == 1  # the missing VOC folder is reported, the folder dataset still evaluated
+    argv = ["eval", str(exported_tiny), "--task", "segmentation", "--datasets", f"folder:{info['val_dir']}",
+            f"voc:{tmp_path / 'missing'}", "--short-side", "56", "--crop", "56", "--stride", "28",
+            "--workers", "0", "--cpu", "--no-progress", "--out", str(out), "--report-to-run", str(run), "--step", "7"]
+    assert main(argv) == 2 and not out.exists()  # a path that does not exist: refused before anything runs
+    capsys.readouterr()
+    (tmp_path / "missing").mkdir()  # now it exists but is no VOC layout: reported, the folder dataset still evaluated
+    rc = main(argv)
+    assert rc == 1
     table = capsys.readouterr().out
     assert "mIoU" in table and f"folder:{info['val_dir']}" in table
     payload = json.loads(out.read_text())
@@ -363,6 +366,7 @@ def test_cli_oserror_from_one_dataset_does_not_stop_the_others(monkeypatch, tmp_
 
     monkeypatch.setattr(runner, "load_model", lambda path, device: torch.nn.Identity())
     monkeypatch.setattr(runner, "run_task", fake_run_task)
+    monkeypatch.setattr(runner, "_dataset_problem", lambda task, specs: None)  # stand-in specs, never opened
     out = tmp_path / "r.json"
     rc = runner.main(["m", "--datasets", "bad:x", "io:y", "folder:z", "--cpu", "--out", str(out)])
     assert rc == 1

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_CAPTIONS, TINY_VISION, tiny_model_config, tiny_tokenizer
 import simzss.io as sio
+from simzss.cli import export as export_cli
 from simzss.io import export as ex
 from simzss.models.pretrained import load_tokenizer_dir
 from simzss.config import TextConfig, TrainConfig, to_yaml
@@ -64,7 +65,7 @@ def test_round_trip_same_embeddings_and_segmentation(tiny, exported) -> None:
     from simzss.inference import segment_pil
 
     model, _, _ = tiny
-    meta = ex.read_export_config(exported)
+    meta = sio.read_export_config(exported)
     assert meta["format_version"] == ex.FORMAT_VERSION
     assert meta["vision_weights_included"] is True  # random-init tower: auto-included
     assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer"]
@@ -140,7 +141,7 @@ def test_crash_during_overwrite_keeps_the_old_export(tiny, tmp_path, monkeypatch
         ex.save_pretrained(model, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    ex.read_export_config(out)
+    sio.read_export_config(out)
 
 
 def test_partial_export_is_not_loadable(exported, tmp_path) -> None:
@@ -178,7 +179,7 @@ def test_overwrite_refusal(tiny, tmp_path) -> None:
         ex.save_pretrained(model, out)
     assert (out / "config.json").stat().st_mtime_ns == stamp
     ex.save_pretrained(model, out, overwrite=True)
-    ex.read_export_config(out)
+    sio.read_export_config(out)
     # --overwrite never deletes a folder that is not an export
     other = tmp_path / "photos"
     other.mkdir()
@@ -202,7 +203,7 @@ def test_hub_vision_is_referenced_by_name(tiny, tmp_path, monkeypatch) -> None:
     model, _, _ = tiny
     cfg = dataclasses.replace(model.config, vision=dataclasses.replace(model.config.vision, pretrained=True))
     out = ex.write_export(tmp_path / "out", config=cfg, tokenizer=model.tokenizer, trainable_state=model.trainable_state_dict())
-    meta = ex.read_export_config(out)
+    meta = sio.read_export_config(out)
     assert meta["vision_weights_included"] is False
     assert not [k for k in load_file(str(out / "model.safetensors")) if k.startswith("vision.")]
 
@@ -246,10 +247,10 @@ def test_export_of_latest_skips_a_damaged_newest_checkpoint(tiny, tmp_path, capl
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with caplog.at_level("WARNING"):
-        assert ex.main([str(run / "checkpoints" / "latest"), str(tmp_path / "export")]) == 0
+        assert export_cli.main([str(run / "checkpoints" / "latest"), str(tmp_path / "export")]) == 0
     assert newest.name in caplog.text and "skipping damaged checkpoint" in caplog.text
     _same_embeddings(model, sio.load_pretrained(tmp_path / "export"))
-    assert ex.main([str(newest), str(tmp_path / "export2")]) != 0  # named explicitly: refused, not replaced
+    assert export_cli.main([str(newest), str(tmp_path / "export2")]) != 0  # named explicitly: refused, not replaced
 
 
 def test_export_command_from_checkpoint(tiny, tmp_path, capsys) -> None:
@@ -259,28 +260,28 @@ def test_export_command_from_checkpoint(tiny, tmp_path, capsys) -> None:
     results = {"folder:/toy/val": {"mIoU": 41.5, "pixel_acc": 80.25, "per_class": {"cat": 1.0}}}
     (run / "eval.json").write_text(json.dumps({"step": 10, "results": results}))  # the trainer's eval.json
     out = tmp_path / "export"
-    assert ex.main([str(run), str(out)]) == 0  # a run folder resolves to its newest checkpoint
+    assert export_cli.main([str(run), str(out)]) == 0  # a run folder resolves to its newest checkpoint
     assert "included" in capsys.readouterr().out
     card = (out / "README.md").read_text()
     assert "At training step 10" in card and "| folder:/toy/val | mIoU | 41.5 |" in card and "run_name: tiny" in card
     _same_embeddings(model, sio.load_pretrained(out))
-    assert ex.main([str(run), str(out)]) == 1  # exists
+    assert export_cli.main([str(run), str(out)]) == 2  # exists: a usage error
     assert "--overwrite" in capsys.readouterr().err
 
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"mIoU": 12.0}))
-    assert ex.main([str(run / "checkpoints"), str(out), "--overwrite", "--eval-results", str(results)]) == 0
+    assert export_cli.main([str(run / "checkpoints"), str(out), "--overwrite", "--eval-results", str(results)]) == 0
     assert "| - | mIoU | 12 |" in (out / "README.md").read_text()
 
 
 def test_checkpoint_without_random_init_vision_is_a_clear_error(tiny, tmp_path, capsys) -> None:
     model, _, _ = tiny
     ckpt = _fake_checkpoint(model, tmp_path / "run", with_vision=False)
-    assert ex.main([str(ckpt), str(tmp_path / "export")]) == 1
+    assert export_cli.main([str(ckpt), str(tmp_path / "export")]) == 1
     err = capsys.readouterr().err
     assert "random-init" in err and "Traceback" not in err
     assert not (tmp_path / "export").exists()
-    assert ex.main([str(tmp_path / "nowhere"), str(tmp_path / "export")]) == 1
+    assert export_cli.main([str(tmp_path / "nowhere"), str(tmp_path / "export")]) == 2  # usage error
     assert "no such checkpoint" in capsys.readouterr().err
 
 
@@ -304,7 +305,7 @@ def test_push_to_hub_arguments_and_failure(tiny, tmp_path, monkeypatch, capsys) 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
     out = tmp_path / "export"
-    assert ex.main([str(ckpt), str(out), "--push-to-hub", "me/tiny"]) == 0
+    assert export_cli.main([str(ckpt), str(out), "--push-to-hub", "me/tiny"]) == 0
     assert calls["create"][0] == "me/tiny" and calls["create"][1]["exist_ok"] is True
     assert calls["upload"]["repo_id"] == "me/tiny"
     assert Path(calls["upload"]["folder_path"]) == out.absolute()
@@ -315,10 +316,10 @@ def test_push_to_hub_arguments_and_failure(tiny, tmp_path, monkeypatch, capsys) 
         raise ConnectionError("Failed to resolve 'huggingface.co'")
 
     monkeypatch.setattr(huggingface_hub, "upload_folder", offline)
-    assert ex.main([str(ckpt), str(out), "--overwrite", "--push-to-hub", "me/tiny"]) == 1
+    assert export_cli.main([str(ckpt), str(out), "--overwrite", "--push-to-hub", "me/tiny"]) == 1
     err = capsys.readouterr().err
     assert "push to the Hugging Face Hub (me/tiny) failed: ConnectionError" in err and "Traceback" not in err
-    ex.read_export_config(out)  # the local export is still there and complete
+    sio.read_export_config(out)  # the local export is still there and complete
 
 
 def _unsafe_loads(tree: ast.AST) -> list[tuple[int, str]]:
@@ -402,7 +403,7 @@ def test_pretrained_text_tower_export_loads_offline(tiny, tmp_path, monkeypatch,
             p.add_(0.01 * torch.randn_like(p))
     out = ex.save_pretrained(model, tmp_path / "export")
     assert (out / "text_config" / "config.json").is_file()
-    assert "text_config/config.json" in ex.read_export_config(out)["files"]
+    assert "text_config/config.json" in sio.read_export_config(out)["files"]
     ckpt = tmp_path / "run" / "checkpoints" / "step-1"  # a checkpoint that saved the text config too
     ckpt.mkdir(parents=True)
     save_model_weights({**model.trainable_state_dict(), **{f"vision.{k}": v for k, v in model.vision.state_dict().items()}},
@@ -433,3 +434,15 @@ def test_pretrained_text_tower_export_loads_offline(tiny, tmp_path, monkeypatch,
     saved.write_text(json.dumps({"model_type": "no_such_model"}).ljust(size))
     with pytest.raises(ex.ExportError, match="cannot load the text model config"):
         sio.load_pretrained(out)
+
+
+@pytest.mark.parametrize("module", ["simzss.cli.export", "simzss.cli.import_official"])
+def test_command_modules_import_no_torch_before_parsing(module: str) -> None:
+    """`simzss export --help` / `import-official --help` stay fast: the parser modules load no torch or transformers."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, {module} as m; m.build_parser(); "
+            "print(sorted(n for n in ('torch', 'transformers', 'timm', 'safetensors') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import tiny_model_config, tiny_tokenizer
 from simzss import inference as inf
+from simzss.cli.segment import main as segment_main
 from simzss.config import TrainConfig, to_yaml
 from simzss.data.transforms import image_to_tensor
 from simzss.models.zeroshot import get_mean_std
@@ -52,7 +53,7 @@ def picture(tmp_path) -> Path:
 
 def test_segment_command_writes_overlay_and_mask(model_dir, picture, tmp_path, capsys) -> None:
     out, mask = tmp_path / "o" / "overlay.png", tmp_path / "mask.png"
-    rc = inf.main([str(picture), "--model", str(model_dir), "--labels", " cat, grass ,sky ", "--out", str(out), "--out-mask", str(mask), *SLIDE])
+    rc = segment_main([str(picture), "--model", str(model_dir), "--labels", " cat, grass ,sky ", "--out", str(out), "--out-mask", str(mask), *SLIDE])
     assert rc == 0, capsys.readouterr().err
     assert "cat" in capsys.readouterr().out
     overlay = Image.open(out)
@@ -108,8 +109,8 @@ def test_segment_from_a_training_checkpoint(model_dir, picture, tmp_path) -> Non
     shutil.copytree(model_dir / meta["tokenizer_dir"], ckpt / "tokenizer")
 
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    assert inf.main([str(picture), "--model", str(tmp_path / "run"), "--labels", "cat,grass,sky", "--out-mask", str(a), "--out", str(tmp_path / "o.jpg"), *SLIDE]) == 0
-    assert inf.main([str(picture), "--model", str(model_dir), "--labels", "cat,grass,sky", "--out-mask", str(b), "--out", str(tmp_path / "o2.png"), *SLIDE]) == 0
+    assert segment_main([str(picture), "--model", str(tmp_path / "run"), "--labels", "cat,grass,sky", "--out-mask", str(a), "--out", str(tmp_path / "o.jpg"), *SLIDE]) == 0
+    assert segment_main([str(picture), "--model", str(model_dir), "--labels", "cat,grass,sky", "--out-mask", str(b), "--out", str(tmp_path / "o2.png"), *SLIDE]) == 0
     assert (np.asarray(Image.open(a)) == np.asarray(Image.open(b))).all()
     assert Image.open(tmp_path / "o.jpg").format == "JPEG"
 
@@ -127,12 +128,30 @@ def test_segment_from_a_training_checkpoint(model_dir, picture, tmp_path) -> Non
     ],
 )
 def test_segment_command_clear_errors(model_dir, picture, tmp_path, capsys, argv_fn, message) -> None:
+    """Usage errors (a bad option, a missing or unreadable input named by the user): one line, exit code 2."""
     (tmp_path / "bad.png").write_text("not a picture")
     out = tmp_path / "out.png"
-    assert inf.main([*argv_fn(model_dir, picture, tmp_path), "--out", str(out), *SLIDE]) == 1
+    assert segment_main([*argv_fn(model_dir, picture, tmp_path), "--out", str(out), *SLIDE]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_segment_command_failed_write_is_exit_1(model_dir, picture, tmp_path, capsys, monkeypatch) -> None:
+    """A run that fails while writing (a full disk) is exit code 1 with one line; an unwritable --out is caught
+    before the model is loaded, also exit code 1."""
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o.png"))
+
+    monkeypatch.setattr(inf, "save_picture", full_disk)
+    assert segment_main([str(picture), "--model", str(model_dir), "--labels", "cat", "--out", str(tmp_path / "o.png"), *SLIDE]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
+    (tmp_path / "file").write_text("x")
+    assert segment_main([str(picture), "--model", str(model_dir), "--labels", "cat", "--out", str(tmp_path / "file" / "o.png"), *SLIDE]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err  # exit 1 as in eval, train, export (convention)
 
 
 def test_render_overlay_checks_and_legend_layout() -> None:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from simzss.losses import (
-    class_prototypes,
-    concept_accuracy,
     concept_loss,
-    concept_targets,
     contrastive_loss,
     gather_with_grad,
     pool_visual_concepts,
+    slot_classes,
+    slot_concept_loss,
+    slot_prototypes,
 )
 
 
@@ -29,9 +31,11 @@ def _np_ce(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return -logp[np.arange(len(targets)), targets]
 
 
-def _np_concept_loss(text: np.ndarray, visual: np.ndarray, labels: np.ndarray, scale: float, target: str) -> float:
+def _np_concept_loss(text: np.ndarray, visual: np.ndarray, labels: np.ndarray, scale: float, target: str,
+                     normalize_members: bool = True) -> float:
+    """The concept loss on the concepts given (no empty slot), vectorised in NumPy."""
     classes = sorted(set(labels.tolist()))
-    t = _np_normalize(text)
+    t = _np_normalize(text) if normalize_members else text
     protos = _np_normalize(np.stack([t[labels == c].sum(0) for c in classes]))
     logits = scale * _np_normalize(visual) @ protos.T
     idx = np.array([classes.index(c) for c in labels])
@@ -102,13 +106,82 @@ def test_pool_visual_concepts_rejects_bad_shapes() -> None:
         pool_visual_concepts(torch.randn(2, 5, 4), torch.randn(3, 1, 4))
 
 
+def _loop_concept_loss(text: torch.Tensor, visual: torch.Tensor, labels: list[int], scale: float, target: str,
+                       normalize_members: bool) -> tuple[torch.Tensor, float]:
+    """(loss, accuracy) written from the method, one concept at a time, in plain Python over the slots: the
+    prototype of class c is the normalised sum of the (normalised) text concepts labelled c; each concept's
+    logits are scale x cos(visual concept, prototype) over the classes present; cross-entropy against its
+    label or the argmax, averaged over the concepts; slots labelled -1 hold no concept."""
+    concepts = [i for i, c in enumerate(labels) if c >= 0]
+    if not concepts:
+        return (text.sum() + visual.sum()) * 0, float("nan")
+    present = sorted({labels[i] for i in concepts})
+    protos = []
+    for c in present:
+        total = torch.zeros_like(text[0])
+        for i in concepts:
+            if labels[i] == c:
+                total = total + (text[i] / text[i].norm() if normalize_members else text[i])
+        protos.append(total / total.norm())
+    losses, correct = [], 0
+    for i in concepts:
+        v = visual[i] / visual[i].norm()
+        logits = torch.stack([scale * torch.dot(v, h) for h in protos])
+        best = max(range(len(present)), key=lambda j: (float(logits[j].detach()), -j))  # first maximum
+        true = present.index(labels[i])
+        correct += best == true
+        goal = best if target == "argmax" else true
+        losses.append(torch.logsumexp(logits, 0) - logits[goal])
+    return torch.stack(losses).mean(), correct / len(concepts)
+
+
+def _slot_case(seed: int, slots: int, classes: int, empty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (slots,), generator=g)
+    labels[torch.rand(slots, generator=g) < empty] = -1  # empty slots
+    norms = torch.rand(slots, 1, generator=g, dtype=torch.float64) * 3  # members of any norm (release pooling)
+    text = torch.randn(slots, 6, generator=g, dtype=torch.float64) * norms
+    return text, torch.randn(slots, 6, generator=g, dtype=torch.float64), labels
+
+
+@pytest.mark.parametrize("target", ["label", "argmax"])
+@pytest.mark.parametrize("num_classes", [None, 9])
+@pytest.mark.parametrize("normalize_members", [True, False])
+@pytest.mark.parametrize("seed,slots,classes,empty", [(0, 12, 9, 0.3), (1, 7, 9, 0.0), (2, 10, 9, 1.0), (3, 0, 9, 0.0),
+                                                      (4, 30, 9, 0.5), (5, 8, 1, 0.25)])
+def test_concept_loss_equals_the_per_concept_loop(target, num_classes, normalize_members, seed, slots, classes, empty):
+    """Value, gradients, accuracy and counts against the loop reference; empty slots, one class, all slots empty,
+    no slot at all; with a class table sized by the bank or by the present classes."""
+    text, visual, labels = _slot_case(seed, slots, classes, empty)
+    text.requires_grad_(True)
+    visual.requires_grad_(True)
+    got = concept_loss(text, visual, labels, 7.5, target, num_classes=num_classes, normalize_members=normalize_members)
+    ref, ref_accuracy = _loop_concept_loss(text, visual, labels.tolist(), 7.5, target, normalize_members)
+    torch.testing.assert_close(got.loss, ref, rtol=1e-10, atol=1e-10)
+    assert got.loss.requires_grad
+    if math.isnan(ref_accuracy):
+        assert torch.isnan(got.accuracy)
+    else:
+        assert float(got.accuracy) == pytest.approx(ref_accuracy)
+    assert int(got.num_concepts) == int((labels >= 0).sum())
+    assert int(got.num_classes) == len(set(labels[labels >= 0].tolist()))
+    for a, e in zip(torch.autograd.grad(got.loss, (text, visual)), torch.autograd.grad(ref, (text, visual))):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+        assert torch.isfinite(a).all()
+    keep = labels >= 0
+    if keep.any():  # and the vectorised NumPy formula
+        expected = _np_concept_loss(text[keep].detach().numpy(), visual[keep].detach().numpy(), labels[keep].numpy(),
+                                    7.5, target, normalize_members)
+        assert got.loss.item() == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.mark.parametrize("target", ["label", "argmax"])
 def test_concept_loss_matches_hand_computation(target: str) -> None:
     rng = np.random.default_rng(2)
     text, visual = rng.normal(size=(7, 5)), rng.normal(size=(7, 5))
     labels = np.array([3, 0, 3, 9, 0, 3, 4])
     expected = _np_concept_loss(text, visual, labels, 1 / 0.07, target)
-    got = concept_loss(torch.tensor(text), torch.tensor(visual), torch.tensor(labels), 1 / 0.07, target)
+    got = concept_loss(torch.tensor(text), torch.tensor(visual), torch.tensor(labels), 1 / 0.07, target).loss
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -117,8 +190,8 @@ def test_concept_loss_argmax_target_differs_from_label_target() -> None:
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     visual = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.1, 1.0]])
     labels = torch.tensor([0, 1, 1])
-    with_label = concept_loss(text, visual, labels, 10.0, "label")
-    with_argmax = concept_loss(text, visual, labels, 10.0, "argmax")
+    with_label = concept_loss(text, visual, labels, 10.0, "label").loss
+    with_argmax = concept_loss(text, visual, labels, 10.0, "argmax").loss
     # by hand: logits row = 10 * [cos(v, e0), cos(v, e1)]
     rows = 10 * F.normalize(visual, dim=-1)
     ce = lambda t: F.cross_entropy(rows, torch.tensor(t)).item()  # noqa: E731
@@ -131,12 +204,13 @@ def test_concept_loss_is_invariant_to_concept_order_and_class_ids() -> None:
     torch.manual_seed(0)
     text, visual = torch.randn(9, 6), torch.randn(9, 6)
     labels = torch.tensor([1, 4, 4, 2, 1, 7, 2, 4, 7])
-    base = concept_loss(text, visual, labels)
+    base = concept_loss(text, visual, labels).loss
     perm = torch.randperm(9)
-    torch.testing.assert_close(concept_loss(text[perm], visual[perm], labels[perm]), base)
+    torch.testing.assert_close(concept_loss(text[perm], visual[perm], labels[perm]).loss, base)
     # absent classes are masked: renaming the classes (leaving gaps of unused ids) changes nothing
     renamed = torch.tensor([{1: 0, 2: 50, 4: 3, 7: 999}[int(v)] for v in labels])
-    torch.testing.assert_close(concept_loss(text, visual, renamed), base)
+    torch.testing.assert_close(concept_loss(text, visual, renamed).loss, base)
+    torch.testing.assert_close(concept_loss(text, visual, renamed, num_classes=1000).loss, base)
 
 
 def test_concept_loss_absent_classes_do_not_enter_the_softmax() -> None:
@@ -150,83 +224,93 @@ def test_concept_loss_absent_classes_do_not_enter_the_softmax() -> None:
     absent = torch.ones(k, dtype=torch.bool)
     absent[labels] = False
     expected = F.cross_entropy(logits.masked_fill(absent, float("-inf")), labels)
-    torch.testing.assert_close(concept_loss(text, visual, labels, 10.0), expected)
+    for num_classes in (None, k):
+        torch.testing.assert_close(concept_loss(text, visual, labels, 10.0, num_classes=num_classes).loss, expected)
 
 
 def test_concept_loss_with_no_concepts_is_zero_and_backpropagates() -> None:
-    text = torch.randn(0, 4, requires_grad=True)
-    visual = torch.randn(0, 4, requires_grad=True)
-    loss = concept_loss(text, visual, torch.zeros(0, dtype=torch.long))
-    assert loss.item() == 0.0 and loss.requires_grad
-    loss.backward()
-    assert text.grad is not None and text.grad.shape == (0, 4)
-    stats = concept_loss(text, visual, torch.zeros(0, dtype=torch.long), return_stats=True)
-    assert stats.num_concepts == 0 and stats.num_classes == 0 and torch.isnan(stats.accuracy)
+    for labels in (torch.zeros(0, dtype=torch.long), torch.full((3,), -1)):
+        text = torch.randn(len(labels), 4, requires_grad=True)
+        visual = torch.randn(len(labels), 4, requires_grad=True)
+        stats = concept_loss(text, visual, labels)
+        assert stats.loss.item() == 0.0 and stats.loss.requires_grad
+        stats.loss.backward()
+        assert text.grad is not None and text.grad.shape == (len(labels), 4) and not text.grad.any()
+        assert int(stats.num_concepts) == 0 and int(stats.num_classes) == 0 and torch.isnan(stats.accuracy)
 
 
 def test_concept_loss_stats_and_accuracy() -> None:
-    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
-    visual = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.9, 0.0]])  # 2nd points to class 0 but is class 1
-    labels = torch.tensor([2, 5, 2])
-    stats = concept_loss(text, visual, labels, return_stats=True)
-    assert stats.num_concepts == 3 and stats.num_classes == 2
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [5.0, 5.0]])
+    visual = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.9, 0.0], [0.0, 1.0]])  # 2nd points to class 0 but is class 1
+    labels = torch.tensor([2, 5, 2, -1])  # the last slot is empty
+    stats = concept_loss(text, visual, labels)
+    assert int(stats.num_concepts) == 3 and int(stats.num_classes) == 2
     assert stats.accuracy.item() == pytest.approx(2 / 3)
-    assert concept_accuracy(text, visual, labels).item() == pytest.approx(2 / 3)
-    torch.testing.assert_close(stats.loss, concept_loss(text, visual, labels))
+    torch.testing.assert_close(stats.loss, concept_loss(text[:3], visual[:3], labels[:3]).loss)
 
 
 def test_concept_loss_gradients_flow_to_both_sides() -> None:
     text = torch.randn(4, 3, requires_grad=True)
     visual = torch.randn(4, 3, requires_grad=True)
-    concept_loss(text, visual, torch.tensor([0, 1, 0, 2])).backward()
+    concept_loss(text, visual, torch.tensor([0, 1, 0, 2])).loss.backward()
     assert text.grad.abs().sum() > 0 and visual.grad.abs().sum() > 0  # type: ignore[union-attr]
 
 
 def test_concept_loss_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match=">= 0"):
-        concept_loss(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, -1]))
     with pytest.raises(ValueError, match="expects"):
         concept_loss(torch.randn(2, 3), torch.randn(3, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="expects"):
+        concept_loss(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([[0, 1]]))
     with pytest.raises(ValueError, match="target"):
         concept_loss(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]), target="soft")
+    with pytest.raises(ValueError, match=r"\[S\]"):
+        slot_classes(torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="label 5 is not below num_classes=5"):
+        slot_classes(torch.tensor([0, 5, -1]), 5)
 
 
-def test_class_prototypes_by_hand() -> None:
-    text = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, 1.0], [1.0, 1.0]])
-    protos, classes, index = class_prototypes(text, torch.tensor([7, 2, 7, 2]))
-    assert classes.tolist() == [2, 7] and index.tolist() == [1, 0, 1, 0]
+def test_slot_prototypes_by_hand() -> None:
+    text = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, 1.0], [1.0, 1.0], [9.0, 9.0]])
+    labels = torch.tensor([7, 2, 7, 2, -1])  # the empty slot adds nothing
     s = 2**-0.5
-    expected = F.normalize(torch.tensor([[s, 1 + s], [1.0, 1.0]]), dim=-1)
-    torch.testing.assert_close(protos, expected)
+    for num_classes, rows in ((None, [0, 1]), (10, [2, 7])):
+        protos, present = slot_prototypes(text, slot_classes(labels, num_classes))
+        assert present.nonzero().flatten().tolist() == rows
+        torch.testing.assert_close(protos[rows], F.normalize(torch.tensor([[s, 1 + s], [1.0, 1.0]]), dim=-1))
+        assert not protos[~present].any()
 
 
-def test_concept_targets_index_the_present_classes() -> None:
-    targets = concept_targets(torch.tensor([7, 2, 7, 9, 2], dtype=torch.int32))
-    assert targets.classes.tolist() == [2, 7, 9] and targets.local_index.tolist() == [1, 0, 1, 2, 0]
-    assert targets.global_index.tolist() == targets.local_index.tolist() and targets.sizes == [5]
-    assert targets.num_global == 5 and targets.classes.dtype == torch.long
-    empty = concept_targets(torch.zeros(0, dtype=torch.long))
-    assert empty.num_global == 0 and empty.classes.numel() == 0 and empty.local_index.numel() == 0
-    with pytest.raises(ValueError, match=">= 0"):
-        concept_targets(torch.tensor([3, -1]))
-    with pytest.raises(ValueError, match=r"\[n\]"):
-        concept_targets(torch.zeros(2, 2, dtype=torch.long))
+def test_slot_classes_rank_the_present_labels_like_unique() -> None:
+    labels = torch.tensor([7, -1, 2, 7, 9, -1, 2], dtype=torch.int32)
+    dense = slot_classes(labels)
+    _, inverse = torch.unique(labels[labels >= 0], return_inverse=True)
+    assert dense.size == 3 and torch.equal(dense.index[labels >= 0], inverse)  # sized to the present classes
+    assert torch.equal(dense.valid, labels >= 0) and dense.index.dtype == torch.long
+    assert int(dense.index.max()) < dense.size  # empty slots point at a real row too (with zero weight)
+    table = slot_classes(labels, 10)
+    assert table.size == 10 and torch.equal(table.index[labels >= 0], labels[labels >= 0].long())
+    assert slot_classes(torch.full((4,), -1)).size == 1 and slot_classes(torch.zeros(0, dtype=torch.long)).size == 1
 
 
-@pytest.mark.parametrize("target", ["label", "argmax"])
-def test_concept_loss_with_precomputed_targets_is_the_same(target: str) -> None:
-    """Targets computed up front (what SimZSS does before its towers run) change nothing."""
+def test_slot_concept_loss_checks_the_slot_count() -> None:
+    classes = slot_classes(torch.tensor([0, 1, -1]))
+    protos, present = slot_prototypes(torch.randn(3, 4), classes)
+    with pytest.raises(ValueError, match="for 3 slots"):
+        slot_concept_loss(torch.randn(2, 4), classes, protos, present)
+
+
+def test_concept_loss_under_bf16_autocast_keeps_exact_counts() -> None:
+    """bf16 logits (CPU autocast): the loss stays close to fp32, and counts beyond bf16's exact integers (256)
+    are exact."""
     torch.manual_seed(0)
-    text, visual = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
-    labels = torch.tensor([4, 1, 4, 0, 1, 1])
-    plain = concept_loss(text, visual, labels, 12.0, target, return_stats=True)
-    early = concept_loss(text, visual, labels, 12.0, target, return_stats=True, targets=concept_targets(labels))
-    torch.testing.assert_close(early.loss, plain.loss)
-    torch.testing.assert_close(early.accuracy, plain.accuracy)
-    assert (early.num_concepts, early.num_classes) == (plain.num_concepts, plain.num_classes) == (6, 3)
-    g_plain = torch.autograd.grad(plain.loss, (text, visual))
-    g_early = torch.autograd.grad(early.loss, (text, visual))
-    for a, b in zip(g_plain, g_early):
-        torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="targets are for 3 concepts"):
-        concept_loss(text, visual, labels, targets=concept_targets(labels[:3]))
+    n = 1200
+    text, visual = torch.randn(n, 16), torch.randn(n, 16)
+    labels = torch.randint(0, 30, (n,))
+    labels[::6] = -1
+    labels[1] = -1  # 999 concepts: not a bf16 number
+    reference = concept_loss(text, visual, labels, 10.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = concept_loss(text, visual, labels, 10.0)
+    assert int(got.num_concepts) == int((labels >= 0).sum()) == int(reference.num_concepts)
+    torch.testing.assert_close(got.loss.float(), reference.loss, rtol=2e-2, atol=2e-2)
+    assert abs(float(got.accuracy) - float(reference.accuracy)) < 0.05

@@ -307,7 +307,8 @@ def test_simzss_lit_skips_the_concept_branch(tokenizer, monkeypatch: pytest.Monk
         raise AssertionError("the concept branch must not run when concept_weight == 0")
 
     monkeypatch.setattr(mod, "pool_visual_concepts", boom)
-    monkeypatch.setattr(mod, "concept_loss", boom)
+    monkeypatch.setattr(mod, "slot_concept_loss", boom)
+    monkeypatch.setattr(mod, "slot_classes", boom)
     model = SimZSS.from_config(_tiny_config(concept_weight=0.0), tokenizer)
     out = model(_batch(tokenizer))
     torch.testing.assert_close(out.loss, out.global_loss)
@@ -384,37 +385,59 @@ def test_simzss_segment_delegates_to_eval(tokenizer) -> None:
     assert F.one_hot(pred, 3).permute(2, 0, 1).bool().eq(probs == probs.max(0).values).all()
 
 
-def _reference_forward(model: SimZSS, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, concept loss) by the straightforward algorithm: masked text tower, boolean-mask concept
-    selection, losses computing their own targets. SimZSS.forward must give the same values."""
-    from simzss.losses import class_prototypes, concept_loss, contrastive_loss, pool_visual_concepts
+def _loop_forward(model: SimZSS, batch) -> tuple[torch.Tensor, torch.Tensor, float, int, int]:
+    """(loss, concept loss, concept accuracy, concepts, classes) written from the method one concept at a time in
+    plain Python, sharing no code with the concept branch: c_t pools the span's real tokens (g(mean), or the sum of
+    normalize(g(token)) for "sum_normalized"); prototype h_c = normalize(Σ of the class's (normalised) c_t);
+    query = h_c or c_t; c_v = normalize(Σ_patches s · z) with s = softmax(cos(z, query) / tau); logits = scale ·
+    cos(c_v, h) over the present classes; cross-entropy against the label (or the argmax), averaged."""
+    from simzss.losses import contrastive_loss  # checked against NumPy in tests/test_losses.py
 
-    cls, patches = model.vision(batch.images)  # type: ignore[misc]
+    if batch.vision_cls is not None:
+        cls, patches = batch.vision_cls.float(), batch.vision_patches.float()
+    else:
+        cls, patches = model.vision(batch.images, dtype=torch.float32)  # type: ignore[misc]
     tokens, pooled = model.text(batch.input_ids, batch.attention_mask, right_padded=False)
     scale = model.scale()
     global_loss = contrastive_loss(cls, model.text.proj(pooled), scale)
-    spans = batch.concept_mask & batch.attention_mask.bool().unsqueeze(1)
-    mask = spans.float()
-    counts = mask.sum(-1)
-    valid = (batch.concept_labels >= 0) & (counts > 0)
-    labels = batch.concept_labels[valid]
-    concepts = model.text.proj(torch.einsum("bkl,bld->bkd", mask, tokens) / counts.clamp(min=1).unsqueeze(-1))
-    text_concepts = concepts[valid]
-    if model.query == "concept":
-        queries = concepts
-    else:
-        protos, _, index = class_prototypes(text_concepts, labels)
-        queries = torch.zeros_like(concepts).masked_scatter(valid.unsqueeze(-1), protos[index])
-    b, h, w, d = patches.shape
-    visual = pool_visual_concepts(patches.reshape(b, h * w, d), queries, model.tau)[valid]
-    lc = concept_loss(text_concepts, visual, labels, scale if model.concept_scale is None else model.concept_scale,
-                      model.concept_target)
-    return global_loss + model.concept_weight * lc, lc
+    unit = lambda x: x / x.norm().clamp(min=1e-12)  # noqa: E731
+    concepts = []  # (sample, class, c_t)
+    for b in range(batch.concept_labels.shape[0]):
+        for k in range(batch.concept_labels.shape[1]):
+            label = int(batch.concept_labels[b, k])
+            span = [i for i in range(tokens.shape[1]) if batch.concept_mask[b, k, i] and batch.attention_mask[b, i]]
+            if label < 0 or not span:
+                continue
+            if model.concept_pooling == "mean":
+                c_t = model.text.proj(sum(tokens[b, i] for i in span) / len(span))
+            else:
+                c_t = sum(unit(model.text.proj(tokens[b, i])) for i in span)
+            concepts.append((b, label, c_t))
+    if not concepts:
+        return global_loss, torch.zeros(()), float("nan"), 0, 0
+    classes = sorted({c for _, c, _ in concepts})
+    protos = {c: unit(sum(unit(t) if model.prototype_member_norm else t for _, l, t in concepts if l == c))
+              for c in classes}
+    concept_scale = scale if model.concept_scale is None else model.concept_scale
+    losses, correct = [], 0
+    for b, label, c_t in concepts:
+        query = unit(protos[label] if model.query == "prototype" else c_t)
+        z = [unit(p) for p in patches[b].reshape(-1, patches.shape[-1])]
+        s = torch.softmax(torch.stack([torch.dot(zi, query) for zi in z]) / model.tau, 0)
+        c_v = unit(sum(si * zi for si, zi in zip(s, z)))
+        logits = torch.stack([concept_scale * torch.dot(c_v, protos[c]) for c in classes])
+        best = max(range(len(classes)), key=lambda j: (float(logits[j].detach()), -j))  # the first maximum
+        correct += classes[best] == label
+        goal = best if model.concept_target == "argmax" else classes.index(label)
+        losses.append(torch.logsumexp(logits, 0) - logits[goal])
+    concept = torch.stack(losses).mean()
+    return global_loss + model.concept_weight * concept, concept, correct / len(concepts), len(concepts), len(classes)
 
 
 @pytest.mark.parametrize("query,scale", [("concept", 1 / 0.07), ("prototype", None)])
 def test_simzss_forward_matches_reference_algorithm(tokenizer, query: str, scale: float | None) -> None:
-    """The sync-free forward (one host read up front, index_select, no mask for right padding) changes nothing.
+    """The forward on images (frozen tower under inference mode, fixed-shape concept branch) gives the per-concept
+    loop's loss and gradients, and only the text side gets gradients: the frozen tower is never in autograd.
 
     The reference pools concepts as the paper does (mean over the span, normalised prototype members, true-label
     targets); the release's knobs are checked against the release's own loss in tests/test_recipe.py."""
@@ -428,25 +451,30 @@ def test_simzss_forward_matches_reference_algorithm(tokenizer, query: str, scale
     params = [p for p in model.parameters() if p.requires_grad]
     out = model(batch)
     grads = torch.autograd.grad(out.loss, params)
-    ref_loss, ref_concept = _reference_forward(model, batch)
+    ref_loss, ref_concept = _loop_forward(model, batch)[:2]
     ref_grads = torch.autograd.grad(ref_loss, params)
     torch.testing.assert_close(out.loss, ref_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.concept_loss, ref_concept, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    assert not any(p.requires_grad for p in model.vision.parameters())  # type: ignore[union-attr]
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"text", "logit_scale"}
+    assert all(g.abs().sum() > 0 for n, g in zip([n for n, p in model.named_parameters() if p.requires_grad], grads)
+               if n.startswith("text.proj") or n == "logit_scale")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs are only observable on CUDA")
 def test_simzss_forward_syncs_with_the_host_once_on_cuda(tokenizer) -> None:
-    """The whole SimZSS forward reads the device once (the step plan); LiT with a scratch tower once too."""
+    """The SimZSS forward never reads the device with right padding promised, once (the padding check) without."""
     import warnings
 
     torch.manual_seed(0)
     model = SimZSS.from_config(_tiny_config(), tokenizer).cuda().train()
+    model.concept_classes = 8  # the bank of _batch: a class table by id, no class count read back
     batch = _batch(tokenizer, n=6).to("cuda")
     model(batch)  # warm-up: lazy inits may sync once
-    for weight in (0.05, 0.0):
-        model.concept_weight = weight
+    for weight, promised in ((0.05, True), (0.0, True), (0.05, False)):
+        model.concept_weight, model.right_padded_inputs = weight, promised
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -456,4 +484,153 @@ def test_simzss_forward_syncs_with_the_host_once_on_cuda(tokenizer) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
-        assert len(syncs) <= 1, [str(w.message) for w in syncs]
+        assert len(syncs) <= (0 if promised else 1), [str(w.message) for w in syncs]
+
+
+def _random_batch(seed: int, b: int = 6, k: int = 4, length: int = 12, classes: int = 5, grid: int = 3,
+                  no_concepts: bool = False):
+    """Random cached-feature batch: right padding, 1-3 token concept spans (some reaching into padding), -1 slots,
+    repeated classes; ``no_concepts``: every slot empty."""
+    from simzss.data.batch import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, length + 1, (b,), generator=g)
+    ids = torch.randint(1, 40, (b, length), generator=g)
+    attn = (torch.arange(length) < lengths.unsqueeze(1)).long()
+    ids[attn == 0] = 0
+    cmask = torch.zeros(b, k, length, dtype=torch.bool)
+    labels = torch.randint(0, classes, (b, k), generator=g)
+    labels[torch.rand(b, k, generator=g) < 0.35] = -1
+    if no_concepts:
+        labels[:] = -1
+    for i in range(b):
+        for j in range(k):
+            start = int(torch.randint(0, int(lengths[i]), (1,), generator=g))
+            cmask[i, j, start : start + int(torch.randint(1, 4, (1,), generator=g))] = True
+    return Batch(images=None, input_ids=ids, attention_mask=attn, concept_mask=cmask, concept_labels=labels,
+                 captions=[""] * b, keys=[str(i) for i in range(b)], vision_cls=torch.randn(b, 32, generator=g),
+                 vision_patches=torch.randn(b, grid, grid, 32, generator=g))
+
+
+@pytest.mark.parametrize("seed,no_concepts", [(0, False), (1, False), (2, False), (3, True)])
+@pytest.mark.parametrize("pooling,member_norm", [("mean", True), ("sum_normalized", False)])
+@pytest.mark.parametrize("target", ["label", "argmax"])
+@pytest.mark.parametrize("query", ["prototype", "concept"])
+@pytest.mark.parametrize("concept_classes", [None, 5])
+def test_slot_concept_branch_equals_the_per_concept_loop(tokenizer, seed, no_concepts, pooling, member_norm, target,
+                                                           query, concept_classes) -> None:
+    """The fixed-shape concept branch (masked slots, class table) gives the numbers of the per-concept loop, in
+    every pooling, member norm, target and query mode; empty slots, spans into padding, repeated classes, no
+    concept at all; with the class table sized by the bank or by the present classes."""
+    torch.manual_seed(seed)
+    cfg = _tiny_config(query=query, concept_weight=0.5, concept_pooling=pooling, prototype_member_norm=member_norm,
+                       concept_target=target, concept_scale=None if seed % 2 else 1 / 0.07)
+    cfg.text.context_length = 12
+    model = SimZSS.from_config(cfg, tokenizer, build_vision=False).train()
+    model.concept_classes = concept_classes
+    model.right_padded_inputs = True
+    batch = _random_batch(seed, no_concepts=no_concepts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(batch)
+    ref = _loop_forward(model, batch)
+    torch.testing.assert_close(out.loss, ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.concept_loss, ref[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.concept_accuracy, torch.as_tensor(ref[2]).float(), equal_nan=True)
+    assert (int(out.num_concepts), int(out.num_classes)) == (ref[3], ref[4])
+    assert no_concepts == (ref[3] == 0)
+    for got, want in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(ref[0], params)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_slot_concept_branch_without_concept_columns(tokenizer) -> None:
+    """A batch whose captions hold no concept at all (K = 0) trains on the global loss alone."""
+    model = SimZSS.from_config(_tiny_config(concept_weight=0.5), tokenizer, build_vision=False).train()
+    batch = _random_batch(0)
+    batch.concept_mask, batch.concept_labels = batch.concept_mask[:, :0], batch.concept_labels[:, :0]
+    out = model(batch)
+    assert float(out.concept_loss.detach()) == 0 and int(out.num_concepts) == 0 and torch.isnan(out.concept_accuracy)
+    torch.testing.assert_close(out.loss, out.global_loss)
+    out.loss.backward()
+
+
+# ------------------------------------------------------------------------------------------ speed settings
+def _sdpa_spy(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Record every call of torch's fused attention (timm and transformers look it up at call time)."""
+    calls: list = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        calls.append({"mask": attn_mask is not None, "causal": is_causal, "shape": tuple(q.shape)})
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_both_towers_use_fused_sdpa_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every attention layer goes through F.scaled_dot_product_attention, without a mask where the flash kernel
+    needs none: the ViT always, the causal text tower with right padding (is_causal instead of a mask)."""
+    calls = _sdpa_spy(monkeypatch)
+    tower = _tiny_tower()
+    assert all(block.attn.fused_attn for block in tower.model.blocks)
+    tower(torch.randn(2, 3, 28, 28))
+    assert len(calls) == len(tower.model.blocks) and not any(c["mask"] for c in calls)
+    calls.clear()
+    text = _text()
+    assert text.transformer.config._attn_implementation == "sdpa"
+    layers = text.transformer.config.num_hidden_layers
+    ids, mask = torch.randint(1, 50, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    text(ids, mask, right_padded=True)
+    assert len(calls) == layers and all(c["causal"] and not c["mask"] for c in calls)
+    calls.clear()
+    text(ids, mask.flip(1), right_padded=False)  # left padding: the mask is applied, still by SDPA
+    assert len(calls) == layers and all(c["mask"] for c in calls)
+
+
+def test_frozen_tower_runs_in_inference_mode_and_hands_out_ordinary_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    tower = _tiny_tower()
+    seen = []
+    real = tower.model.forward_features
+
+    def record(x):
+        seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return real(x)
+
+    monkeypatch.setattr(tower.model, "forward_features", record)
+    cls, patches = tower(torch.randn(2, 3, 28, 28))
+    assert seen == [(True, False)]
+    assert not cls.is_inference() and not patches.is_inference() and not patches.requires_grad
+    q = torch.randn(2, 1, patches.shape[-1], requires_grad=True)  # usable in autograd (saved for backward)
+    (q @ patches.reshape(2, -1, patches.shape[-1]).transpose(1, 2)).sum().backward()
+    assert q.grad is not None
+    c64, _ = tower(torch.randn(2, 3, 28, 28), dtype=torch.float64)
+    assert c64.dtype == torch.float64
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_step_on_images_with_the_frozen_tower_in_inference_mode(tokenizer, bf16: bool) -> None:
+    """A full step on images (forward, backward, optimizer) with and without CPU bf16 autocast: the patch tokens
+    the concept softmax is taken over come out of inference mode usable by autograd, the text side learns, the
+    frozen tower gets no gradient; the bf16 loss stays near the fp32 one; encode_image still serves evaluation."""
+    torch.manual_seed(0)
+    model = SimZSS.from_config(_tiny_config(concept_weight=0.5), tokenizer).train()
+    batch = _batch(tokenizer, n=6)
+    with torch.no_grad():
+        reference = model(batch).loss
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    before = model.text.proj.weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(batch)
+    assert int(out.num_concepts) > 0
+    out.loss.backward()
+    assert all(p.grad is None for p in model.vision.parameters())  # type: ignore[union-attr]
+    assert model.text.proj.weight.grad is not None and model.text.proj.weight.grad.abs().sum() > 0
+    optimizer.step()
+    assert not torch.equal(model.text.proj.weight, before)
+    torch.testing.assert_close(out.loss.detach().float(), reference, rtol=3e-2 if bf16 else 1e-6,
+                               atol=3e-2 if bf16 else 1e-6)
+    with torch.inference_mode():
+        cls, patches = model.eval().encode_image(batch.images)
+    assert cls.dtype == patches.dtype == torch.float32 and patches.shape[:1] == (6,)
+    torch.testing.assert_close(patches.norm(dim=-1), torch.ones(patches.shape[:-1]))

@@ -164,3 +164,214 @@ def test_vision_weights_from_a_local_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         FrozenVisionTower("vit_small_patch14_reg4_dinov2", pretrained=False, weights=str(tmp_path / "runs"),
                           model_kwargs=kwargs) if (tmp_path / "runs").mkdir() is None else None
+
+
+def test_progress_lines_to_a_file_every_interval_with_a_fake_clock(caplog: pytest.LogCaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19, defect 6: 279 steps of 1.2 s with a postfix every 10 steps (the trainer's pattern) give one line
+    per 30 s (not 139 lines), never the same step twice, and the last step at the end."""
+    import tqdm.std
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock["t"])
+    caplog.set_level(logging.INFO, logger="simzss.progress")
+    bar = logs.progress(total=279, desc="demo", unit="step")  # stderr is not a terminal here
+    stamps = [clock["t"]]
+    for step in range(1, 280):
+        clock["t"] += 1.2
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{1 / step:.3f}")
+        if len([r for r in caplog.records if r.name == "simzss.progress"]) > len(stamps):
+            stamps.append(clock["t"])
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "simzss.progress"]
+    counts = [int(line.split(": ", 1)[1].split("/", 1)[0]) for line in lines]
+    assert counts == sorted(set(counts)), f"a step logged twice or out of order: {counts}"
+    assert counts[0] == 0 and counts[-1] == 279
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert all(g >= 30.0 - 1e-9 for g in gaps), gaps  # every line but the closing one is 30 s after the last
+    assert len(lines) == 1 + int(279 * 1.2 // 30) + 1  # the start, one per 30 s, the end: 13, not 139
+
+
+def test_no_progress_turns_every_bar_off(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command's --no-progress (setup_logging(progress=False)) silences bars drawn by any layer."""
+    monkeypatch.setattr(logs, "_progress_enabled", True)
+    caplog.set_level(logging.INFO, logger="simzss.progress")
+    logs.setup_logging(progress=False)
+    for _ in logs.progress(range(5), desc="quiet", interval=0):
+        pass
+    assert not [r for r in caplog.records if r.name == "simzss.progress"]
+    logs.setup_logging()  # None: unchanged
+    assert logs._progress_enabled is False
+    logs.setup_logging(progress=True)
+    for _ in logs.progress(range(5), desc="loud", interval=0):
+        pass
+    assert [r for r in caplog.records if r.name == "simzss.progress"]
+
+
+def _fake_eval(monkeypatch: pytest.MonkeyPatch) -> Dict[str, int]:
+    """`simzss eval` with the model and the evaluation replaced by stand-ins (counts the evaluations)."""
+    from simzss.cli import eval as runner
+
+    calls = {"run": 0}
+
+    def fake_run_task(model, task, spec, args, accelerator):
+        calls["run"] += 1
+        return {"dataset": spec, "mIoU": 50.0, "pixel_acc": 90.0, "num_images": 2, "skipped": {}}
+
+    monkeypatch.setattr(runner, "load_model", lambda path, device: torch.nn.Identity())
+    monkeypatch.setattr(runner, "run_task", fake_run_task)
+    return calls
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_eval_out_follows_the_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask: int) -> None:
+    """Issue 18, item 5: `eval --out r.json` was 0600 (mkstemp); it now gets 0666 & ~umask."""
+    import os
+
+    from simzss.cli.eval import main as eval_main
+
+    _fake_eval(monkeypatch)
+    old = os.umask(umask)
+    try:
+        assert eval_main(["m", "--datasets", f"folder:{tmp_path}", "--device", "cpu", "--out", str(tmp_path / "r.json")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_eval_checks_its_output_before_computing_and_survives_a_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 18, item 6: an unwritable --out is refused before any evaluation (one line, exit 1); a disk that
+    fills up while the results are written is one line and exit 1, with no temp file left behind."""
+    import errno
+    import os
+
+    from simzss.cli.eval import main as eval_main
+
+    calls = _fake_eval(monkeypatch)
+    (tmp_path / "a-file").write_text("x")
+    for out in ("/proc/simzss/r.json", str(tmp_path / "a-file" / "r.json")):
+        assert eval_main(["m", "--datasets", f"folder:{tmp_path}", "--device", "cpu", "--out", out]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("simzss eval: cannot write") and err.count("\n") == 1, err
+    assert calls["run"] == 0  # nothing was computed
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "res" / "r.json"
+    assert eval_main(["m", "--datasets", f"folder:{tmp_path}", "--device", "cpu", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert calls["run"] == 1 and not out.exists() and not list(out.parent.iterdir())
+
+
+@pytest.mark.parametrize("error", ["oserror", "safetensors"])
+def test_train_full_disk_is_one_line_and_exit_1(error: str, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Issue 18, item 6: a disk that fills up during training (an OSError from Python's writers, or safetensors'
+    own SafetensorError) ends in one line and exit 1, not a traceback."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from simzss.cli.train import main as train_main
+
+    def full(cfg):
+        if error == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "x"))
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(trainer_mod, "train", full)
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    rc = train_main(["--config", str(config), f"output_dir={tmp_path / 'runs'}", "data.shards=[x.tar]"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("simzss train: run failed") and err.count("\n") == 1, err
+
+
+def test_demo_overlay_shows_the_image_the_readme_describes(tmp_path: Path) -> None:
+    """Issue 19: the README describes a held-out picture with snow, a brick wall, a plank floor and an apple; the
+    demo draws its overlay from that picture (chosen by its mask), and the README names it."""
+    from simzss.cli import main as simzss_main
+    from simzss.cli.demo import OVERLAY_CLASSES, overlay_image
+
+    # held-out image i depends only on the seed and i, so 4 images are the demo's first 4 of 100
+    assert simzss_main(["demo-data", str(tmp_path), "--num-train", "2", "--num-val", "4", "--shard-size", "2"]) == 0
+    image, classes = overlay_image(tmp_path / "val")
+    assert set(OVERLAY_CLASSES) <= set(classes)
+    mask = np.asarray(Image.open(tmp_path / "val" / "masks" / f"{image.stem}.png"))
+    names = (tmp_path / "val" / "classes.txt").read_text().split()
+    assert {names[i] for i in np.unique(mask) if i < len(names)} == set(classes)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"images/{image.name}" in readme and "snow, a brick\nwall, a plank floor and an apple" in readme
+
+
+@pytest.mark.parametrize("task, spec, message", [
+    ("segmentation", "folder:{tmp}/missing", "does not exist"),
+    ("segmentation", "vocc:{tmp}", "no segmentation dataset is called 'vocc'"),
+    ("segmentation", "{tmp}", "must look like NAME:PATH"),
+    ("classification", "folder:{tmp}", "no classification dataset is called 'folder'"),
+    ("retrieval", "karpathy:{tmp}", "karpathy takes the dataset's json file"),
+    ("retrieval", "karpathy:{tmp}/dataset_coco.json", "does not exist"),
+])
+def test_eval_refuses_a_bad_dataset_spec_before_loading_a_model(
+        task: str, spec: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19, defect 8: a dataset named by the user that does not exist (or an unknown dataset name) is a usage
+    error, exit 2 in one line, as a missing input is in every command; it is found before the model is loaded
+    (which takes minutes for a real one), not after it as a failed dataset with exit 1."""
+    from simzss.cli.eval import main as eval_main
+
+    calls = _fake_eval(monkeypatch)
+    loaded = []
+    from simzss.cli import eval as runner
+
+    monkeypatch.setattr(runner, "load_model", lambda path, device: loaded.append(path))
+    rc = eval_main(["m", "--task", task, "--datasets", spec.replace("{tmp}", str(tmp_path)), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("simzss eval: --datasets") and message in err, err
+    assert not loaded and calls["run"] == 0
+
+
+def test_demo_prints_the_lines_the_readme_quotes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's quick start says what `simzss demo` prints (`SimZSS mIoU: ...` and `LiT mIoU: ...`); the
+    summary lines are those words verbatim, so a newcomer can find them (the stages are stood in for here)."""
+    import re
+
+    from simzss.cli import demo
+
+    summary = {"miou_simzss": 18.44, "miou_lit": 0.81, "export": str(tmp_path / "export"),
+               "overlay": str(tmp_path / "overlay.png"), "overlay_image": str(tmp_path / "000003.jpg"),
+               "overlay_classes": ["snow", "wall", "floor", "apple"], "curves": str(tmp_path / "curves.png")}
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: summary)
+    assert demo.main(["--workdir", str(tmp_path / "w"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    quoted = re.search(r"`SimZSS mIoU: ([\d.]+)` and `LiT mIoU: ([\d.]+)`", readme)
+    assert quoted, "the README's quick start no longer quotes the demo's two mIoU lines"
+    assert "SimZSS mIoU: 18.4" in out and "LiT mIoU: 0.8" in out
+    assert "overlay.png (held-out image 000003.jpg: snow, wall, floor, apple)" in out
+
+
+def test_demo_config_without_the_demo_fails_at_once_on_the_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`simzss train --config configs/demo.yaml` in a folder where `simzss demo` never ran: the demo's tokenizer is
+    written `./demo/tokenizer`, a path that can only be local, so the run stops at once in one line naming it. As
+    `demo/tokenizer` it was also a valid hub name (org/name): without network that cost a minute of retries and
+    45 warning lines before the same error."""
+    from simzss.cli.train import main as train_main
+    from simzss.config import TrainConfig, load_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert load_config(TrainConfig, config).model.tokenizer == "./demo/tokenizer"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert train_main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("simzss train: config error: model.tokenizer='./demo/tokenizer': "
+                                           "tokenizer folder './demo/tokenizer' not found"), err
+    assert "huggingface" not in err and "Retrying" not in err and "Traceback" not in err

@@ -22,6 +22,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, Mlp
 from torch import nn
 
+from simzss.cli import import_official as official_cli
 from simzss.io import official
 from simzss.models.simzss import SimZSS
 
@@ -183,7 +184,7 @@ def imported(release: Release, tmp_path_factory) -> Path:
     """The release checkpoint as the README loads it (``module.`` keys), imported with the command."""
     work = tmp_path_factory.mktemp("official")
     ckpt = _save({f"module.{k}": v for k, v in release.state_dict().items()}, work / "simzss_coco.pt")
-    rc = official.main([str(ckpt), "--out", str(work / "export")])
+    rc = official_cli.main([str(ckpt), "--out", str(work / "export")])
     assert rc == 0
     return work / "export"
 
@@ -234,7 +235,7 @@ def test_real_text_config_12x512(tmp_path: Path) -> None:
     """The released text tower's size (12 layers x 512, 8 heads), also with QuickGELU (--quick-gelu)."""
     rel = Release(text_width=512, text_layers=12, text_heads=8, quick_gelu=True, seed=3)
     ckpt = _save({"state_dict": rel.state_dict(), "epoch": 10}, tmp_path / "epoch_10.pt")
-    assert official.main([str(ckpt), "--out", str(tmp_path / "export"), "--quick-gelu"]) == 0
+    assert official_cli.main([str(ckpt), "--out", str(tmp_path / "export"), "--quick-gelu"]) == 0
     model = SimZSS.from_pretrained(tmp_path / "export", build_vision=False)
     assert (model.config.text.layers, model.config.text.width, model.config.text.heads) == (12, 512, 8)
     torch.testing.assert_close(model.encode_texts(CAPTIONS), rel.encode_texts(CAPTIONS), atol=1e-4, rtol=0)
@@ -285,7 +286,7 @@ class NotWeights:  # a pickled object: loading it needs code
 
 def test_refuses_pickled_code(release: Release, tmp_path: Path, capsys) -> None:
     ckpt = _save({"state_dict": release.state_dict(), "extra": NotWeights()}, tmp_path / "evil.pt")
-    rc = official.main([str(ckpt), "--out", str(tmp_path / "out")])
+    rc = official_cli.main([str(ckpt), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and len(err.splitlines()) == 1
     assert "evil.pt" in err and "refusing" in err and "NotWeights" in err
@@ -296,7 +297,7 @@ def test_refuses_pickled_code(release: Release, tmp_path: Path, capsys) -> None:
 def test_foreign_files_are_one_line_errors(tmp_path: Path, capsys, content: bytes) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(content)
-    rc = official.main([str(bad), "--out", str(tmp_path / "out")])
+    rc = official_cli.main([str(bad), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "bad.pt" in err and "Traceback" not in err
     from simzss.models.denoiser import read_denoiser_state
@@ -310,7 +311,7 @@ def test_unknown_and_missing_keys_named(release: Release, tmp_path: Path, capsys
     state["visual.decoder.weight"] = torch.zeros(3)
     del state["text.transformer.resblocks.1.mlp.c_fc.bias"]
     del state["visual.vit.model.blocks.0.ls2.gamma"]
-    rc = official.main([str(_save(state, tmp_path / "bad.pt")), "--out", str(tmp_path / "out")])
+    rc = official_cli.main([str(_save(state, tmp_path / "bad.pt")), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and len(err.splitlines()) == 1
     for key in ("visual.decoder.weight", "text.transformer.resblocks.1.mlp.c_fc.bias", "visual.vit.model.blocks.0.ls2.gamma"):
@@ -324,7 +325,7 @@ def test_unknown_and_missing_keys_named(release: Release, tmp_path: Path, capsys
     # a wrong shape is named with both shapes
     state = release.state_dict()
     state["text.text_projection"] = torch.zeros(128, 512)
-    rc = official.main([str(_save(state, tmp_path / "shape.pt")), "--out", str(tmp_path / "out2")])
+    rc = official_cli.main([str(_save(state, tmp_path / "shape.pt")), "--out", str(tmp_path / "out2")])
     assert rc != 0 and "text.text_projection (128, 512) (expected (128, 768))" in capsys.readouterr().err
 
 
@@ -341,7 +342,7 @@ def test_wrappers_and_prefixes_give_the_same_weights(release: Release, tmp_path:
         assert all(torch.equal(conv.state[k], plain.state[k]) for k in plain.state)
     assert sorted(plain.unused) == ["beta_ema", "classification_weights_ema", "logit_scale_local"]
     # the checkpoint's blocks/shape set the architecture; --vision-kwargs overrides, and a wrong one is named
-    bad = official.main([str(tmp_path / "a.pt"), "--out", str(tmp_path / "o"), "--vision-kwargs", '{"depth": 2}'])
+    bad = official_cli.main([str(tmp_path / "a.pt"), "--out", str(tmp_path / "o"), "--vision-kwargs", '{"depth": 2}'])
     assert bad != 0
 
 
@@ -468,3 +469,8 @@ def test_feature_cache_records_and_checks_the_denoiser(dvt_file, tmp_path: Path)
     # a cache written before denoisers existed reads as "none"
     old = {**meta, "vision": {k: v for k, v in meta["vision"].items() if not k.startswith("denoiser")}}
     check_cache_compatible(old, ModelConfig(vision=dataclasses.replace(cfg, denoiser="none", denoiser_weights=None)), 56)
+
+
+def test_command_default_vision_is_the_release_tower() -> None:
+    """The command keeps its own copy (its parser must not import timm); it must name the same tower."""
+    assert official_cli.RELEASE_VISION == official.RELEASE_VISION

@@ -67,14 +67,17 @@ class _Parsed(Exception):
 
 def parse_only(command: str, argv: List[str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
     """Run the command's argument parsing (its real parser) and stop right after it."""
-    original = argparse.ArgumentParser.parse_args
+    originals = {name: getattr(argparse.ArgumentParser, name) for name in ("parse_args", "parse_intermixed_args")}
 
-    def parse_and_stop(self: argparse.ArgumentParser, args=None, namespace=None):  # type: ignore[no-untyped-def]
-        raise _Parsed(original(self, args, namespace))
+    def stopper(name: str):  # type: ignore[no-untyped-def]
+        def parse_and_stop(self: argparse.ArgumentParser, args=None, namespace=None):  # type: ignore[no-untyped-def]
+            raise _Parsed(originals[name](self, args, namespace))
+        return parse_and_stop
 
     module, func, _ = COMMANDS[command]
     with monkeypatch.context() as m:
-        m.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+        for name in originals:  # train parses intermixed (overrides after options)
+            m.setattr(argparse.ArgumentParser, name, stopper(name))
         with pytest.raises(_Parsed) as parsed:
             getattr(importlib.import_module(module), func)(argv)
     return parsed.value.namespace
@@ -143,6 +146,22 @@ def test_runnable_blocks_run_as_written(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
         # redirected output: progress lines, not carriage-return frames
         assert "\r" not in proc.stderr
-    results = json.loads((tmp_path / "demo" / "eval.json").read_text())
-    assert "folder:demo/data/val" in results["results"]
-    assert (tmp_path / "demo" / "overlay.png").stat().st_size > 0
+    results = json.loads((tmp_path / "quickstart" / "eval.json").read_text())
+    assert "folder:quickstart/data/val" in results["results"]
+    assert (tmp_path / "quickstart" / "overlay.png").stat().st_size > 0
+    # the CPU block writes only to its own folder: it never clobbers the output of `simzss demo` (demo/)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "quickstart"]
+    # run again as the README says it behaves: its first command refuses in one line naming --overwrite (exit 2)
+    first = commands(runnable[0])[0]
+    assert first.startswith("simzss demo-data quickstart/")
+    again = subprocess.run(["bash", "-c", first], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and again.stderr.count("\n") == 1, again.stderr
+    assert "delete `quickstart/` first" in README.read_text(encoding="utf-8")
+
+
+def test_every_block_says_what_you_should_see() -> None:
+    """Each bash block is followed, within a few lines, by a "What you should see" line."""
+    text = README.read_text(encoding="utf-8")
+    for m in re.finditer(r"```bash\n(.*?)```", text, re.S):
+        after = text[m.end():m.end() + 400]
+        assert "What you should see" in after, f"no 'What you should see' after the block:\n{m.group(1)[:200]}"

@@ -190,7 +190,7 @@ def test_sum_normalized_pooling_is_a_sum_of_unit_vectors():
     tokens, _ = model.text(batch.input_ids, batch.attention_mask)
     mask = batch.concept_mask & batch.attention_mask.bool().unsqueeze(1)
     slots = torch.tensor([0, 1])  # caption 0: the three-token concept, then the one-token concept
-    pooled = model._text_concepts(tokens, mask, slots)
+    pooled = model._text_concepts(tokens, mask)[slots]  # [B*K, D]: slot k of caption b at row b*K + k
     unit = F.normalize(model.text.proj(tokens[0]), dim=-1)
     torch.testing.assert_close(pooled[0], unit[1] + unit[2] + unit[3])
     torch.testing.assert_close(pooled[1].norm(), torch.tensor(1.0))

@@ -14,7 +14,8 @@ from simzss.cli.plot import main as plot_main
 from simzss.cli.report import main as report_main
 from simzss.reports.curves import plot_training_curves, read_metrics
 from simzss.reports.segmentation_report import (
-    ModelRun, comparison_table, confused_pairs, dataset_palette, load_results, voc_colormap, write_report,
+    ModelRun, comparison_table, confused_pairs, dataset_palette, load_results, variant_warnings, voc_colormap,
+    write_report,
 )
 
 NAMES = ["background", "cat", "dog", "grass"]
@@ -109,8 +110,8 @@ def test_write_report_pictures_and_table(tmp_path) -> None:
     for png in pngs:
         _assert_picture(png)
     # comparison table: a row per model, best per dataset in bold, the mean over datasets
-    assert "| `exports/simzss` | **60.0** | 30.0 | 45.0 |" in md
-    assert "| `gem:ViT-B-16/openai` | 45.5 | **35.2** | 40.4 |" in md  # 35.25 -> 35.2 (round half to even)
+    assert "| `exports/simzss` | not recorded | **60.0** | 30.0 | 45.0 |" in md
+    assert "| `gem:ViT-B-16/openai` | not recorded | 45.5 | **35.2** | 40.4 |" in md  # 35.25 -> 35.2 (half to even)
     assert "| cat | dog | 38.5% | 20 |" in md  # the top confused pair, share of the cat pixels
     # the sample grid shows ground truth and prediction in the VOC palette (cat = VOC class 1, dog = class 2)
     grid = _open_png(next(p for p in pngs if p.name == "samples.png"))
@@ -125,6 +126,7 @@ def test_per_class_chart_sorted_best_first(tmp_path) -> None:
     path = plot_per_class_iou({"a": 10.0, "b": 80.0, "c": 40.0, "d": None}, 43.3, tmp_path / "iou.png")
     a = _assert_picture(path)
     dark = (a.sum(axis=2) < 600) & (np.abs(a.astype(int) - a.mean(axis=2, keepdims=True)).sum(axis=2) > 30)
+    dark &= ~((a[..., 0] > 150) & (a[..., 1] < 110))  # not the crimson mIoU line and its label
     rows = [r for r in range(a.shape[0]) if dark[r].sum() > 15]  # rows crossing a coloured bar
     bars = np.split(rows, np.where(np.diff(rows) > 1)[0] + 1)
     lengths = [int(dark[b[len(b) // 2]].sum()) for b in bars if len(b) > 3]
@@ -141,24 +143,103 @@ def test_report_command_from_eval_json(tmp_path, capsys) -> None:
     assert report_main([str(tmp_path / "a.json"), str(tmp_path / "run" / "eval.json"), "--out", str(out),
                         "--labels", "A", "B"]) == 0
     md = (out / "report.md").read_text()
-    assert "| `A` | **50.0** | 50.0 |" in md and "| `B` | 40.0 | 40.0 |" in md
+    assert "| `A` | not recorded | **50.0** | 50.0 |" in md and "| `B` | not recorded | 40.0 | 40.0 |" in md
     assert len(list(out.rglob("iou.png"))) == 2 and not list(out.rglob("confusion.png"))
     assert [r.label for r in load_results(tmp_path / "run" / "eval.json")] == ["run step 300"]
-    # bad input: one line, exit 1
+    # bad input named by the user: one line, exit 2 (the CLI convention for usage errors)
     (tmp_path / "bad.json").write_text("{not json")
-    assert report_main([str(tmp_path / "bad.json"), "--out", str(out)]) == 1
+    assert report_main([str(tmp_path / "bad.json"), "--out", str(out)]) == 2
     assert "cannot read results JSON" in capsys.readouterr().err
     (tmp_path / "cls.json").write_text(json.dumps({"task": "classification", "results": {}}))
-    assert report_main([str(tmp_path / "cls.json"), "--out", str(out)]) == 1
+    assert report_main([str(tmp_path / "cls.json"), "--out", str(out)]) == 2
     assert "segmentation results only" in capsys.readouterr().err
-    assert report_main([str(tmp_path / "a.json"), "--labels", "x", "y", "--out", str(out)]) == 1
+    assert report_main([str(tmp_path / "a.json"), "--labels", "x", "y", "--out", str(out)]) == 2
     assert "2 names for 1 models" in capsys.readouterr().err
 
 
 def test_comparison_table_with_missing_dataset() -> None:
     runs = [ModelRun("a", {"voc:/d": _result(50.0), "ade20k:/d": _result(20.0)}), ModelRun("b", {"voc:/d": _result(60.0)})]
     table = comparison_table(runs)
-    assert "| `a` | 50.0 | **20.0** | 35.0 |" in table and "| `b` | **60.0** | — | — |" in table
+    assert "| `a` | not recorded | 50.0 | **20.0** | 35.0 |" in table and "| `b` | not recorded | **60.0** | — | — |" in table
+
+
+def test_report_names_the_variant_and_flags_mixed_ones(tmp_path) -> None:
+    """A comparison can never mix MaskCLIP variants silently: the table names each run's variant, results written
+    before variants were recorded are flagged (an old `maskclip:` file was the residual-free variant), and one
+    spec kind in two variants is called out."""
+    new = "maskclip (authors' code: value path + last block's residual and MLP; bicubic pos-embed, no antialias)"
+    nores = "maskclip-nores (value path only, no residual or MLP; bicubic pos-embed, no antialias)"
+    runs = [
+        ModelRun("maskclip:ViT-B-16/openai", {"voc:/d": {**_result(40.0), "model_variant": new}}),
+        ModelRun("maskclip-nores:ViT-B-16/openai", {"voc:/d": {**_result(30.0), "model_variant": nores}}),
+        ModelRun("maskclip:ViT-B-16/openai", {"voc:/d": _result(20.0)}),  # an old eval.json, no variant
+    ]
+    assert runs[0].variant == new and runs[1].variant == nores
+    assert runs[2].variant.startswith("maskclip-nores (before 2026-12-04")
+    table = comparison_table(runs)
+    assert f"| `maskclip:ViT-B-16/openai` | {new} | **40.0** | 40.0 |" in table
+    assert f"| `maskclip-nores:ViT-B-16/openai` | {nores} | 30.0 | 30.0 |" in table
+    md = write_report(tmp_path / "rep", runs).read_text()
+    assert "Variants to check before comparing:" in md
+    assert "do not record the model variant" in md and "`maskclip:` appears in 2 variants" in md
+    assert md.count("Variant: ") == 3
+    # recorded variants, one per kind: nothing to flag
+    assert variant_warnings(runs[:2]) == []
+
+
+def _drawn(monkeypatch, draw):
+    """Run ``draw`` and return its figure as it is saved (the PNG is still written), drawn for measuring."""
+    import simzss.reports.segmentation_report as rep
+
+    figs = []
+    real = rep.save_figure
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        figs.append((fig, fig.canvas.get_renderer()))
+        return real(fig, path)
+
+    monkeypatch.setattr(rep, "save_figure", keep)
+    path = draw()
+    return path, figs[0]
+
+
+def test_iou_value_labels_never_touch_the_miou_line(tmp_path, monkeypatch) -> None:
+    from simzss.reports.segmentation_report import plot_per_class_iou
+
+    per_class = {f"class {i}": v for i, v in enumerate([91.0, 48.0, 47.5, 46.0, 44.0, 12.0, 3.0, 0.0])}
+    path, (fig, renderer) = _drawn(monkeypatch, lambda: plot_per_class_iou(per_class, 46.4, tmp_path / "iou.png"))
+    _assert_picture(path)
+    ax = fig.axes[0]
+    line = next(ln for ln in ax.get_lines() if ln.get_linestyle() == "--")
+    x_line = ax.transData.transform((46.4, 0))[0]
+    values = [t for t in ax.texts if t.get_text().replace(".", "").isdigit()]
+    assert sorted(t.get_text() for t in values) == sorted(f"{v:.1f}" for v in per_class.values())
+    bars = [b.get_window_extent(renderer) for b in ax.patches]
+    for t in values:
+        box = t.get_window_extent(renderer)
+        assert not box.x0 - 2 <= x_line <= box.x1 + 2, t.get_text()  # clear of the dashed line
+        assert all(box.x0 >= b.x1 for b in bars)  # and of every bar
+    label = next(t for t in ax.texts if t.get_text() == "mIoU 46.4")
+    assert label.get_window_extent(renderer).y0 >= ax.get_window_extent(renderer).y1 - 1  # above the plot
+    assert line.get_xdata()[0] == 46.4
+
+
+def test_confused_pairs_sorted_and_drawn_by_pixels(tmp_path, monkeypatch) -> None:
+    from simzss.reports.segmentation_report import plot_confusion_summary
+
+    # the pair with the most pixels has the smallest share of its class: bars must follow the pixels
+    pairs = [{"gt": "sky", "pred": "sea", "pixels": 5000, "share": 0.05},
+             {"gt": "cat", "pred": "dog", "pixels": 900, "share": 0.60},
+             {"gt": "cup", "pred": "table", "pixels": 40, "share": 0.90}]
+    path, (fig, renderer) = _drawn(monkeypatch, lambda: plot_confusion_summary(pairs[::-1], tmp_path / "c.png"))
+    _assert_picture(path, 300, 120)
+    ax = fig.axes[0]
+    widths = [b.get_width() for b in ax.patches]
+    assert widths == [5000, 900, 40]  # drawn as pixels, most first (top to bottom)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["sky → sea", "cat → dog", "cup → table"]
+    assert "pixels" in ax.get_xlabel() and "ground truth" in ax.get_ylabel()
+    assert any(t.get_text() == "5,000 px (5.0% of sky)" for t in ax.texts)
 
 
 # ----------------------------------------------------------------------------------------------- curves
@@ -196,9 +277,9 @@ def test_plot_command_overlays_runs(tmp_path, capsys) -> None:
     img = _assert_picture(out, 1200, 500)
     # both runs are drawn, each in its own colour (matplotlib's first two cycle colours)
     assert _has_color(img, (31, 119, 180), 200) and _has_color(img, (255, 127, 14), 200)
-    assert plot_main([str(tmp_path / "nope"), "--out", str(out)]) == 1
+    assert plot_main([str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
-    assert plot_main([str(a), "--labels", "x", "y", "--out", str(out)]) == 1
+    assert plot_main([str(a), "--labels", "x", "y", "--out", str(out)]) == 2
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metrics.jsonl").write_text("")

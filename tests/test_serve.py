@@ -95,6 +95,10 @@ def test_serve_command_bad_input(capsys) -> None:
     assert "exports/nothing-here" in capsys.readouterr().err
     assert serve_main(["gem:ViT-B-16/openai", "--port", "0"]) == 2
     assert "--port" in capsys.readouterr().err
+    assert serve_main(["exports/nothing-here", "--max-pixels", "-1"]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse: an unknown device is a usage error too
+        serve_main(["exports/nothing-here", "--device", "tpu"])
+    assert e.value.code == 2
 
 
 # ------------------------------------------------------------------------------------------ headless browser
@@ -176,20 +180,18 @@ def test_page_in_headless_chromium(tmp_path, clip_config, picture_path) -> None:
 
 
 def test_uploads_go_through_the_pixel_cap(tmp_path: Path) -> None:
-    """Uploads are decoded like every other input: a PNG over the cap is refused with a message for the page,
-    an ordinary picture comes back as RGB."""
-    from simzss.cli.serve import open_upload
+    """Uploads are decoded like every other input: a PNG over the cap (serve's --max-pixels, as segment's) is
+    refused with a message for the page, an ordinary picture comes back as RGB."""
+    from simzss.cli.serve import build_parser, open_upload
 
     Image.new("L", (64, 48), 128).save(tmp_path / "small.png")
     assert open_upload(str(tmp_path / "small.png")).mode == "RGB"
     big = tmp_path / "big.png"
     Image.new("RGB", (3000, 2000)).save(big)
-    from simzss.cli import serve
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(serve, "DEFAULT_MAX_IMAGE_PIXELS", 1_000_000)
-        with pytest.raises(ValueError, match="above the decode limit"):
-            open_upload(str(big))
+    assert open_upload(str(big)).size == (3000, 2000)  # 6 Mpx: under the default cap
+    max_pixels = build_parser().parse_args(["m", "--max-pixels", "1000000"]).max_pixels
+    with pytest.raises(ValueError, match="above the decode limit"):
+        open_upload(str(big), max_pixels)
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read the uploaded image"):
         open_upload(str(tmp_path / "junk.png"))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from simzss.cli import prepare as prepare_cli
 from simzss.data import prepare
 from simzss.data.shards import (
     ShardReadError,
@@ -283,19 +284,25 @@ def test_prepare_annotates_drops_bad_samples_and_reports_failed_shards(tmp_path:
     (src / "shard-000004.tar").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     out = tmp_path / "out"
 
-    rc = prepare.main([str(src / "shard-{000000..000004}.tar"), "--out", str(out), "--no-progress"])
-    summary = json.loads(capsys.readouterr().out)
-    assert rc == 1
-    assert (summary["shards_done"], summary["shards_skipped"], summary["shards_failed"]) == (4, 0, 1)
-    assert summary["failed"][0]["shard"].endswith("shard-000004.tar")
-    assert "truncated" in summary["failed"][0]["error"] or "unexpected end" in summary["failed"][0]["error"]
+    rc = prepare_cli.main([str(src / "shard-{000000..000004}.tar"), "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out)
+    assert rc == 1 and "truncated" in printed.err  # the cut input is reported, its complete samples kept
+    assert (summary["shards_done"], summary["shards_skipped"], summary["shards_failed"]) == (5, 0, 0)
+    (cut,) = summary["truncated"]
+    assert cut["shard"].endswith("shard-000004.tar") and "truncated" in cut["error"]
+    kept = cut["samples_kept"]
+    assert 1 <= kept < 3
     assert summary["skipped"] == {"duplicate_key": 1, "missing_caption": 1, "non_utf8_caption": 1,
                                   "empty_caption": 1, "missing_image": 1}
-    assert summary["samples"] == 3 + 3 + 2 + 2 and summary["captions"] == 10
+    assert summary["samples"] == 3 + 3 + 2 + 2 + kept and summary["captions"] == 10 + kept
     assert 0 < summary["in_bank_share"] <= 1 and summary["concepts_per_caption"] > 0.5
-    assert not (out / "shard-000004.tar").exists()
+    _check_output(out, "shard-000004.tar", [f"0000{i:04d}" for i in range(kept)])
+    # the cut shard is a copy of shard-000000's head: its keys repeat, counted (both copies kept)
+    assert summary["duplicate_keys_across_shards"] == kept
+    assert summary["shards_with_duplicate_keys"] == [str(src / "shard-000004.tar")]
     assert read_sizes(out, missing_ok=False) == {"shard-000000.tar": 3, "shard-000001.tar": 3,
-                                                 "shard-000002.tar": 2, "shard-000003.tar": 2}
+                                                 "shard-000002.tar": 2, "shard-000003.tar": 2, "shard-000004.tar": kept}
     passed = _check_output(out, "shard-000002.tar", ["ok1", "ok2"])
     assert passed[0]["jpg"] == corrupt_jpeg and passed[1]["jpg"] == b"\x89PNG"
     rackets = json.loads(passed[1]["concepts.json"])["concepts"]
@@ -306,10 +313,10 @@ def test_prepare_annotates_drops_bad_samples_and_reports_failed_shards(tmp_path:
     assert first[0]["json"] == b"{}" and first[0]["jpg"] == JPEG
     assert _no_temps(out)
 
-    # a rerun skips finished shards and still reports the broken one
+    # a rerun keeps finished shards and still reports the truncated input
     again = prepare.prepare_shards(str(src / "shard-{000000..000004}.tar"), out, progress=False)
-    assert (again["shards_done"], again["shards_skipped"], again["shards_failed"]) == (0, 4, 1)
-    assert again["total_samples"] == 10
+    assert (again["shards_done"], again["shards_skipped"], again["shards_failed"]) == (0, 5, 0)
+    assert again["shards_truncated"] == 1 and again["total_samples"] == 10 + kept
 
 
 def test_prepare_rejects_bad_arguments(tmp_path: Path) -> None:
@@ -321,7 +328,7 @@ def test_prepare_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="same output"):
         prepare.prepare_shards([str(src / "shard-000000.tar"), str(tmp_path / "other" / "shard-000000.tar")],
                                tmp_path / "out", progress=False)
-    assert prepare.main([str(src / "shard-000000.tar"), "--out", str(tmp_path / "o"), "--processes", "0"]) == 2
+    assert prepare_cli.main([str(src / "shard-000000.tar"), "--out", str(tmp_path / "o"), "--processes", "0"]) == 2
 
 
 def test_prepare_drops_pickle_members_without_unpickling(tmp_path: Path) -> None:
@@ -353,9 +360,9 @@ def test_prepare_reports_bank_names_that_can_never_match(tmp_path: Path, caplog:
 def test_prepare_standard_spacy_writes_the_same_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = _inputs(tmp_path, shards=2, per_shard=6)
     pattern = str(src / "shard-{000000..000001}.tar")
-    assert prepare.main([pattern, "--out", str(tmp_path / "fast"), "--no-progress"]) == 0
+    assert prepare_cli.main([pattern, "--out", str(tmp_path / "fast"), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["fast_spacy"] is True
-    assert prepare.main([pattern, "--out", str(tmp_path / "std"), "--no-progress", "--standard-spacy"]) == 0
+    assert prepare_cli.main([pattern, "--out", str(tmp_path / "std"), "--no-progress", "--standard-spacy"]) == 0
     assert json.loads(capsys.readouterr().out)["fast_spacy"] is False
     for name in ("shard-000000.tar", "shard-000001.tar", "sizes.json"):
         assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "std" / name).read_bytes()
@@ -369,7 +376,7 @@ def test_prepare_lowercase_parses_lower_case_but_keeps_the_caption(tmp_path: Pat
     src.mkdir()
     caption = "Two TENNIS Rackets next to A Dog"
     _raw_tar(src / "s.tar", [("k.jpg", JPEG), ("k.txt", caption.encode())])
-    assert prepare.main([str(src / "s.tar"), "--out", str(tmp_path / "out"), "--no-progress", "--lowercase"]) == 0
+    assert prepare_cli.main([str(src / "s.tar"), "--out", str(tmp_path / "out"), "--no-progress", "--lowercase"]) == 0
     assert json.loads(capsys.readouterr().out)["lowercase"] is True
     with tarfile.open(tmp_path / "out" / "s.tar") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
@@ -428,11 +435,13 @@ def test_killed_prepare_resumes_without_partial_or_duplicate_shards(tmp_path: Pa
 
     summary = prepare.prepare_shards(pattern, out, progress=False)
     assert summary["shards_failed"] == 0
-    assert summary["shards_skipped"] == len(finished) and summary["shards_done"] == shards - len(finished)
+    # a shard renamed into place just before the kill, with no fingerprint recorded yet, is redone
+    assert len(finished) - 1 <= summary["shards_skipped"] <= len(finished)
+    assert summary["shards_skipped"] + summary["shards_done"] == shards
     assert summary["total_samples"] == shards * per_shard
     names = [f"shard-{s:06d}.tar" for s in range(shards)]
     assert read_sizes(out, missing_ok=False) == {n: per_shard for n in names}
-    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["sizes.json"])  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["fingerprints.json", "sizes.json"])  # no temps
     for s, name in enumerate(names):
         _check_output(out, name, [f"{s:04d}{i:04d}" for i in range(per_shard)])
 
@@ -441,7 +450,7 @@ def test_prepare_on_a_file_that_is_not_a_tar_leaves_no_sizes_json(tmp_path: Path
     """The output folder gets a sizes.json only once it holds a shard: a failed first run leaves none behind."""
     bad = tmp_path / "notatar.tar"
     bad.write_text("this is not a tar archive\n")
-    rc = prepare.main([str(bad), "--out", str(tmp_path / "out"), "--no-progress"])
+    rc = prepare_cli.main([str(bad), "--out", str(tmp_path / "out"), "--no-progress"])
     assert rc != 0
     assert not (tmp_path / "out" / "sizes.json").exists()
     printed = capsys.readouterr()

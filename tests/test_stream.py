@@ -26,8 +26,8 @@ from simzss.data.stream import (
     TrainStream,
     build_train_loader,
     expand_shards,
-    worker_share,
 )
+from simzss.data.sampling import buffered_shuffle
 from simzss.data.tokenize import train_bpe_tokenizer
 from simzss.data.transforms import (
     IMAGENET_MEAN,
@@ -234,7 +234,7 @@ def test_batch_contract_shapes_and_dtypes(tmp_path, tokenizer, bank):
     b = batches[0]
     B, L = b.input_ids.shape
     assert len(b) == B == 4 and L <= 16
-    assert b.images.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and b.images.dtype == torch.float32
+    assert b.images.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and b.images.dtype == torch.uint8  # to_device normalises
     assert b.input_ids.dtype == b.attention_mask.dtype == torch.long
     assert b.attention_mask.shape == (B, L)
     K = b.concept_labels.shape[1]
@@ -267,7 +267,7 @@ def test_batch_without_any_concept_has_k_zero(tmp_path, tokenizer, bank):
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer, bank, caplog):
-    good = [_toy_sample(i) for i in range(8)]
+    good = [_toy_sample(i) for i in range(9)]
     corrupt = _toy_sample(100) | {"__key__": "corrupt", "jpg": _jpeg(1)[:200]}
     not_image = _toy_sample(101) | {"__key__": "garbage", "jpg": b"\x00" * 100}
     empty = _toy_sample(102) | {"__key__": "empty", "txt": b"  \n"}
@@ -279,9 +279,10 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer, bank, caplog):
     members = (good[:2] + [corrupt, empty] + good[2:4] + [latin1, not_image, no_caption] + good[4:7]
                + [no_image, bad_concepts] + good[7:])
     _write_tar(tmp_path / "a.tar", members)
-    loader = _loader(_cfg([str(tmp_path / "a.tar")], num_samples=8), tokenizer, bank, batch_size=4)
+    # 16 samples (9 good) in the epoch, 4 batches of 4: the first two hold the first 8 good ones, in order
+    loader = _loader(_cfg([str(tmp_path / "a.tar")], num_samples=16), tokenizer, bank, batch_size=4)
     with caplog.at_level(logging.WARNING, logger="simzss.data.stream"):
-        batches = list(loader)
+        batches = [b for _, b in zip(range(2), loader)]
     total: Counter = Counter()
     for b in batches:
         total.update(b.skipped)
@@ -289,7 +290,9 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer, bank, caplog):
     assert [len(b) for b in batches] == [4, 4]
     assert total == {"corrupt_image": 2, "empty_caption": 1, "caption_not_utf8": 1, "missing_caption": 1,
                      "missing_image": 1, "bad_concepts": 1}
-    assert batches[0].skipped == {"corrupt_image": 1, "empty_caption": 1}  # the skips met while filling it
+    assert [k for b in batches for k in b.keys] == [f"s{i:05d}" for i in range(8)]
+    # the skips met while filling it (counted per piece of work: 4 samples here)
+    assert batches[0].skipped == {"corrupt_image": 2, "empty_caption": 1, "caption_not_utf8": 1}
     assert "corrupt_image" in caplog.text and "latin1" in caplog.text
 
 
@@ -321,10 +324,21 @@ def test_pickle_members_are_never_unpickled(tmp_path, tokenizer, bank):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_worker_shares_sum_to_the_epoch():
-    for n in range(0, 12):
-        for w in range(1, 5):
-            assert sum(worker_share(n, i, w) for i in range(w)) == n
+def test_buffered_shuffle_emits_each_item_once_and_never_reads_ahead():
+    for n, size in [(0, 5), (3, 5), (50, 7), (50, 50), (200, 1000)]:
+        read: List[int] = []
+
+        def source():
+            for i in range(n):
+                read.append(i)
+                yield i
+
+        out = list(buffered_shuffle(source(), size, seed=3))
+        assert sorted(out) == list(range(n)) and read == list(range(n))
+        assert out == list(buffered_shuffle(range(n), size, seed=3))  # deterministic in the seed
+        if n >= 50:
+            assert out != list(range(n)) and out != list(buffered_shuffle(range(n), size, seed=4))
+    assert list(buffered_shuffle(range(9), 0, seed=1)) == list(range(9))  # 0 / 1: no shuffling
 
 
 @pytest.mark.parametrize("resampled", [False, True])
@@ -434,8 +448,12 @@ def test_train_stream_extension_points(tmp_path, tokenizer, bank, workers):
     for epoch in range(2):
         batches = list(loader)
         assert len(batches) == 3 and all(b.images is None and b.vision_cls.shape == (4, 2) for b in batches)
-        assert {float(v) for b in batches for v in b.vision_cls[:, 1]} == {1.0 + epoch}  # self.epoch in workers
-        assert all(int(k[1:]) == int(v) - epoch for b in batches for k, v in zip(b.keys, b.vision_cls[:, 0]))
+        # self.epoch in the workers: the epoch's samples carry it; the skipped sample's place is taken by the next
+        # epoch's first samples (the stream continues rather than reading past the epoch's range)
+        made_in = [float(v) - 1.0 for b in batches for v in b.vision_cls[:, 1]]
+        assert made_in[0] == epoch and made_in == sorted(made_in) and set(made_in) <= {epoch, epoch + 1}
+        assert all(int(k[1:]) == int(v - e) for b in batches for k, v, e in
+                   zip(b.keys, b.vision_cls[:, 0], b.vision_cls[:, 1] - 1))
         assert all((b.concept_labels >= 0).sum() > 0 for b in batches)
         assert sum(b.skipped.get("missing_vec", 0) for b in batches) >= 1
         assert "s00005" not in {k for b in batches for k in b.keys}
@@ -537,7 +555,7 @@ def test_resume_in_epoch_one_replays_keys_and_crops_exactly(tmp_path, tokenizer)
         if len(got) == 3:
             break
     state = first.state_dict()
-    assert state["epoch"] == 1 and state["batches_consumed"] == 3 and state["worker_batches"] == [2, 1]
+    assert state["epoch"] == 1 and state["batches_consumed"] == 3 and state["skip_shift"] == 0
     torch.manual_seed(999)
     resumed = _loader(cfg, tokenizer, bank, batch_size=3, seed=0)
     resumed.load_state_dict(state)
@@ -550,3 +568,47 @@ def test_resume_in_epoch_one_replays_keys_and_crops_exactly(tmp_path, tokenizer)
     assert [k for k, _ in epoch0] != [k for k, _ in epoch1]
     # The crops differ between epochs of the same sample (seeded per epoch), so replaying is not trivial.
     assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(epoch0, epoch1))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_learn_the_same_as_the_former_float_pipeline(tmp_path, tokenizer, bank, workers):
+    """data.decode=pil through the new loader (uint8 crops from chunks of work, joined in the main process, normalised
+    by to_device) gives, batch for batch, the former pipeline's contents: the float train_transform of each sample
+    under its seed, and the tokens of the whole batch tokenised at once."""
+    from webdataset.utils import make_seed
+
+    from simzss.data.device import to_device
+    from simzss.data.transforms import IMAGENET_STD
+
+    shards = _make_shards(tmp_path, [10])
+    cfg = _cfg(shards, workers=workers, decode="pil", crop_scale=(0.4, 1.0), interpolation="bicubic")
+    loader = _loader(cfg, tokenizer, bank, batch_size=4, seed=2)
+    members = {s["__key__"]: s for s in (_toy_sample(i, "k0-") for i in range(10))}
+    crop_seed = make_seed(2, 0, 0)  # (seed, epoch, rank)
+    position = 0
+    for batch in loader:
+        moved = to_device(batch, "cpu", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        expected_images = []
+        for key in batch.keys:
+            assert key == f"k0-{position:05d}"  # no shuffle buffer, one shard: read order
+            torch.manual_seed(make_seed(crop_seed, position))
+            image = decode_image(members[key]["jpg"], decode_min_size(IMAGE_SIZE, (0.4, 1.0)))
+            expected_images.append(train_transform(IMAGE_SIZE, (0.4, 1.0), "bicubic")(image))
+            position += 1
+        torch.testing.assert_close(moved.images, torch.stack(expected_images))
+        stream = loader.dataset
+        whole = stream.text_fields([stream.decode_text(dict(members[k], __url__="u"), SkipStats(0))
+                                    for k in batch.keys])
+        for name in ("input_ids", "attention_mask", "concept_mask", "concept_labels"):
+            assert torch.equal(getattr(batch, name), whole[name]), name
+        assert batch.captions == whole["captions"]
+    assert position == 8
+
+
+def test_gpu_decoding_without_a_gpu_is_a_one_line_error(tmp_path, tokenizer, bank):
+    shards = _make_shards(tmp_path, [9])
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(ValueError, match="data.decode=gpu needs a CUDA GPU") as info:
+        _loader(_cfg(shards, decode="gpu"), tokenizer, bank)
+    assert "\n" not in str(info.value)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from simzss.cli import demo_data
 from simzss.data import synthetic
 from simzss.data.shards import iter_samples, read_sizes
 from simzss.data.synthetic import IGNORE_INDEX, TOY_CLASSES, generate_toy_world
@@ -26,7 +27,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes, except fingerprints.json (it records the shards' mtimes, which differ per run)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "fingerprints.json"}
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(world: Path, tmp_path: Path) -> None:
@@ -144,13 +147,13 @@ def test_shards_iterate_with_webdataset(world: Path) -> None:
 
 def test_cli_refuses_non_empty_output_and_overwrites_on_request(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = [str(tmp_path), "--num-train", "3", "--num-val", "1", "--image-size", "48", "--shard-size", "2"]
-    assert synthetic.main(args) == 0
+    assert demo_data.main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["shards"] == ["shard-000000.tar", "shard-000001.tar"] and summary["num_train"] == 3
-    assert synthetic.main(args) == 2
+    assert demo_data.main(args) == 2
     assert "not empty" in capsys.readouterr().err
-    assert synthetic.main(args[:3] + ["--num-val", "0", "--image-size", "48", "--shard-size", "5", "--overwrite"]) == 0
-    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["shard-000000.tar", "sizes.json"]
+    assert demo_data.main(args[:3] + ["--num-val", "0", "--image-size", "48", "--shard-size", "5", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["fingerprints.json", "shard-000000.tar", "sizes.json"]
     assert not any((tmp_path / "val" / "images").iterdir())
 
 

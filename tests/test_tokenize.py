@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from simzss.cli import tokenizer as tokenizer_cli
 from simzss.data import tokenize as tk
 from simzss.data.tokenize import load_tokenizer, tokenize_batch, train_bpe_tokenizer
 
@@ -106,6 +107,24 @@ def test_load_tokenizer_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(tk.AutoTokenizer, "from_pretrained", lambda *a, **k: Slow())
     with pytest.raises(TypeError, match="fast tokenizer"):
         load_tokenizer(tmp_path / "empty")
+
+
+def test_missing_tokenizer_folder_states_its_advice_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19 defect 5: one message, the advice once; a path inside an existing folder (``runs/tok``) or with more
+    than one ``/`` is a local folder, never tried as a hub name (no network retries)."""
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def no_hub(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a local path must not be looked up on the hub")
+
+    monkeypatch.setattr(tk.AutoTokenizer, "from_pretrained", no_hub)
+    for name in (str(tmp_path / "nope"), "./nope", "runs/tok", "a/b/c"):
+        with pytest.raises(FileNotFoundError) as caught:
+            load_tokenizer(name)
+        message = str(caught.value)
+        assert message.startswith(f"tokenizer folder {name!r} not found") and "\n" not in message
+        assert message.count("simzss tokenizer") == 1 and message.count("hub name") == 1
 
 
 def test_load_tokenizer_without_pad_uses_eos(tmp_path: Path, wordpiece: PreTrainedTokenizerFast) -> None:
@@ -268,16 +287,16 @@ def test_tokenizer_cli(tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys:
     (tmp_path / "shard-000002.tar").write_bytes(b"this is not a tar file" * 50)
     out = tmp_path / "tok"
     argv = ["tokenizer", "--shards", str(tmp_path / "shard-{000000..000002}.tar"), "--out", str(out), "--vocab-size", "300"]
-    with caplog.at_level(logging.INFO, logger="simzss.data.tokenize"):
+    with caplog.at_level(logging.INFO, logger="simzss.cli.tokenizer"):
         assert cli.main(argv) == 0
     assert "read 192 captions from 2 shards (1 unreadable shards, 2 bad captions)" in caplog.text
     tok = load_tokenizer(out)
     assert len(tok) == 300 and tok("IGNORED")["input_ids"][0] == tok.bos_token_id
 
-    assert tk.main(["--shards", str(tmp_path / "missing-{0..1}.tar"), "--out", str(tmp_path / "x")]) == 2
+    assert tokenizer_cli.main(["--shards", str(tmp_path / "missing-{0..1}.tar"), "--out", str(tmp_path / "x")]) == 2
     assert "2 shard(s) not found" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    assert tk.main(["--shards", str(tmp_path / "shard-000002.tar"), "--out", str(tmp_path / "y")]) == 1
+    assert tokenizer_cli.main(["--shards", str(tmp_path / "shard-000002.tar"), "--out", str(tmp_path / "y")]) == 1
     # a folder stands for its shards; --max-captions limits the training text
-    assert tk.main(["--shards", str(tmp_path), "--out", str(tmp_path / "z"), "--vocab-size", "280", "--max-captions", "20"]) == 0
+    assert tokenizer_cli.main(["--shards", str(tmp_path), "--out", str(tmp_path / "z"), "--vocab-size", "280", "--max-captions", "20"]) == 0
     assert len(load_tokenizer(tmp_path / "z")) <= 280

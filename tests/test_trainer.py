@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -93,6 +94,56 @@ def test_warmup_cosine_values_and_lr_scaling() -> None:
     assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 14 / 15)))
     assert json.dumps(sched.state_dict())  # serialisable without pickle
+
+
+def _adamw_by_hand(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int, *, lr: float,
+                   wd: float, betas: Any, eps: float) -> Any:
+    """One AdamW step written from Loshchilov & Hutter's algorithm (decoupled decay), not from torch's code."""
+    b1, b2 = betas
+    p = p * (1 - lr * wd)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    return p - lr * m_hat / (v_hat.sqrt() + eps), m, v
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_skipped_step_leaves_weights_moments_step_and_decay_untouched(fused: bool, device: str) -> None:
+    """A non-finite step (flag on the device, NaN gradients) changes nothing: not the weights (no weight decay
+    either), not the Adam moments, not the step count, so the next good step is AdamW's second step, never its
+    third. Fused: the flag goes to the kernel as found_inf (no host read); otherwise it is read on the host."""
+    from simzss.engine.optim import skips_on_device, step_unless
+
+    lr, wd = 0.05, 0.5
+    cfg = replace(tiny_cfg(Path("/tmp")).optim, lr=lr, weight_decay=wd, scale_lr=False)
+    p = nn.Parameter(torch.linspace(-1.0, 1.0, 6, device=device).reshape(2, 3))  # a matrix: decayed
+    if fused:
+        opt = build_optimizer(nn.ParameterDict({"w": p}), cfg, global_batch=256)
+    else:
+        opt = torch.optim.AdamW([p], lr=lr, weight_decay=wd, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    assert skips_on_device(opt) is fused
+    grads = [torch.full_like(p, 0.3), torch.full_like(p, float("nan")), torch.linspace(0.1, -0.2, 6).reshape(2, 3)]
+    w, m, v = p.detach().cpu().clone(), torch.zeros(2, 3), torch.zeros(2, 3)
+    t = 0
+    for i, g in enumerate(grads):
+        bad = i == 1
+        before = {k: x.clone() for k, x in opt.state[p].items()} if opt.state.get(p) else {}
+        w_before = p.detach().clone()
+        p.grad = g.to(device)
+        step_unless(opt, torch.tensor(bad, device=device), opt.step)
+        opt.zero_grad(set_to_none=True)
+        if bad:
+            assert torch.equal(p.detach(), w_before)  # no Adam update, no decay
+            for k, x in before.items():
+                assert torch.equal(opt.state[p][k], x), k
+            continue
+        t += 1
+        w, m, v = _adamw_by_hand(w, g.cpu(), m, v, t, lr=lr, wd=wd, betas=cfg.betas, eps=cfg.eps)
+        torch.testing.assert_close(p.detach().cpu(), w, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[p]["exp_avg"].cpu(), m, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"].cpu(), v, rtol=1e-6, atol=1e-9)
+        assert float(opt.state[p]["step"]) == t
 
 
 # --- checkpoint format ---------------------------------------------------------------------------
@@ -242,13 +293,41 @@ def test_max_steps_and_eval_hook(tmp_path: Path, memory_data: Dict[str, Any], mo
         return {spec: {"mIoU": 0.25 * len(seen)} for spec in cfg.eval.datasets}
 
     monkeypatch.setattr(trainer_mod, "run_evaluation", fake_eval)
-    with pytest.raises(trainer_mod.ConfigError, match=r"eval.datasets\[0\]"):
-        trainer_mod.train(tiny_cfg(tmp_path, "run_name=ev", "eval.datasets=[folder:/no/such/dir]"))
+    # evaluations during training need their datasets at start-up: refused before anything is written
+    with pytest.raises(trainer_mod.ConfigError, match=r"eval.datasets\[0\].*eval.every=4"):
+        trainer_mod.train(tiny_cfg(tmp_path, "run_name=ev0", "eval.every=4", "eval.datasets=[folder:/no/such/dir]"))
+    assert not (tmp_path / "runs" / "ev0").exists()
+    with pytest.raises(trainer_mod.ConfigError, match=r"expected NAME:PATH"):
+        trainer_mod.train(tiny_cfg(tmp_path, "run_name=ev0", "eval.datasets=[nocolon]"))
     spec = f"folder:{tmp_path}"
     result = trainer_mod.train(tiny_cfg(tmp_path, "run_name=ev", "max_steps=6", "eval.every=4", f"eval.datasets=['{spec}']"))
     assert result["step"] == 6 and len(seen) == 2
     saved = json.loads((Path(result["run_dir"]) / "eval.json").read_text())
     assert saved == {"step": 6, "results": {spec: {"mIoU": 0.5}}}
+
+
+def test_final_only_evaluation_skips_missing_datasets(tmp_path: Path, memory_data: Dict[str, Any],
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 19: a config reused on other data (configs/demo.yaml: eval.every 0, a demo eval folder) trains
+    without eval.datasets=[]; the missing dataset is named in a warning and skipped by the final evaluation,
+    while the ones that exist are still evaluated."""
+    import logging
+
+    evaluated: List[List[str]] = []
+
+    def fake_eval(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> Dict[str, Any]:
+        evaluated.append(list(cfg.eval.datasets))
+        return {spec: {"mIoU": 0.5} for spec in cfg.eval.datasets}
+
+    monkeypatch.setattr(trainer_mod, "run_evaluation", fake_eval)
+    present = f"folder:{tmp_path}"
+    with caplog.at_level(logging.WARNING, logger="simzss.engine.trainer"):
+        result = trainer_mod.train(tiny_cfg(tmp_path, "run_name=reuse", "max_steps=2", "eval.every=0",
+                                            f"eval.datasets=['folder:{tmp_path}/gone', '{present}']"))
+    assert result["step"] == 2 and evaluated == [[present]] and list(result["eval"]) == [present]
+    warned = [r.getMessage() for r in caplog.records if "gone" in r.getMessage()]
+    assert any("final evaluation will skip it" in m for m in warned), warned
 
 
 # --- the real pipeline on the toy world ----------------------------------------------------------
@@ -257,8 +336,8 @@ def test_max_steps_and_eval_hook(tmp_path: Path, memory_data: Dict[str, Any], mo
 @pytest.fixture(scope="module")
 def toy_world(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     """A small prepared toy world (320 captioned 56 px images), its tokenizer and concept bank."""
+    from simzss.cli import tokenizer as tokenizer_cli
     from simzss.concepts import ConceptBank
-    from simzss.data import tokenize
     from simzss.data.prepare import prepare_shards
     from simzss.data.synthetic import generate_toy_world
 
@@ -267,7 +346,7 @@ def toy_world(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     bank = root / "data" / "val" / "classes.txt"
     prepare_shards(str(root / "data" / "train" / "shard-{000000..000001}.tar"), root / "prepared",
                    bank=ConceptBank.from_file(bank), progress=False)
-    assert tokenize.main(["--shards", str(root / "data" / "train"), "--out", str(root / "tokenizer"), "--vocab-size", "512"]) == 0
+    assert tokenizer_cli.main(["--shards", str(root / "data" / "train"), "--out", str(root / "tokenizer"), "--vocab-size", "512"]) == 0
     return {"root": root, "bank": bank, "val": root / "data" / "val"}
 
 
@@ -479,9 +558,9 @@ def test_train_from_feature_cache_checkpoint_resume_eval(
     tower_calls = {"n": 0}
     forward = FrozenVisionTower.forward
 
-    def counting_forward(self: FrozenVisionTower, images: torch.Tensor) -> Any:
+    def counting_forward(self: FrozenVisionTower, images: torch.Tensor, **kw: Any) -> Any:
         tower_calls["n"] += 1
-        return forward(self, images)
+        return forward(self, images, **kw)
 
     monkeypatch.setattr(FrozenVisionTower, "forward", counting_forward)
     calls_at_eval: List[int] = []
@@ -585,3 +664,203 @@ def test_wandb_mode_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert wandb_mode() == "online"  # a self-hosted server's entry
     assert wandb_mode({"WANDB_MODE": "online"}, netrc_path=tmp_path / "missing") == "online"
     assert wandb_mode({}, netrc_path=tmp_path / "missing") == "offline"
+
+
+# --- the device feed learns the same as the old host path ------------------------------------------
+
+
+class Uint8Stream(MemoryStream):
+    """MemoryStream with uint8 crops, as the data workers now ship them (normalised on the device)."""
+
+    def _make(self, epoch: int, i: int) -> Any:
+        batch = super()._make(epoch, i)
+        pixels = ((batch.images * 0.25 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return replace(batch, images=pixels)
+
+
+def test_device_feed_and_sync_free_skip_learn_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer (uint8 images normalised by to_device, fused AdamW, non-finite steps skipped on the device,
+    values read only at log time) gives the losses and weights of a plain loop written like the old trainer: host
+    float normalisation written out here (ImageNet statistics, DINOv2's), torch's default AdamW, a host check of
+    every loss and gradient norm.
+    Step 3 has a NaN loss; it must be skipped in both."""
+    import dataclasses
+
+    from accelerate.utils import set_seed
+
+    import simzss.models.simzss as simzss_mod
+    from simzss.models.simzss import SimZSS
+
+    real = simzss_mod.contrastive_loss
+    calls = {"n": 0}
+
+    def nan_at_3(*args: Any, **kw: Any) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(*args, **kw)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(simzss_mod, "contrastive_loss", nan_at_3)
+    monkeypatch.setattr(trainer_mod, "build_tokenizer", lambda cfg: TinyTokenizer())
+    monkeypatch.setattr(trainer_mod, "build_loader",
+                        lambda cfg, tok, *, rank, world_size: Uint8Stream(3, cfg.batch_size, seed=cfg.seed))
+    cfg = tiny_cfg(tmp_path, "run_name=feed", "max_steps=6", "log_every=2", "optim.grad_clip=1.0")
+    result = trainer_mod.train(cfg)
+    rows = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6] and result["nonfinite_steps"] == 1
+
+    # the reference: the old trainer's step, written out
+    calls["n"] = 0
+    set_seed(cfg.seed)
+    model = SimZSS.from_config(cfg.model, TinyTokenizer())
+    model.equal_batch_sizes = True
+    groups = [g for g in param_groups(model.named_parameters(), cfg.optim.weight_decay) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    sched = build_scheduler(opt, 6, cfg.optim.warmup)
+    set_seed(cfg.seed, device_specific=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    imagenet_mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    imagenet_std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    stream, losses, skipped = Uint8Stream(3, cfg.batch_size, seed=cfg.seed), [], 0
+    model.train()
+    for step in range(6):
+        if step == 3:
+            stream.set_epoch(1)
+        batch = next(iter(stream))
+        out = model(dataclasses.replace(batch, images=(batch.images.float() / 255 - imagenet_mean) / imagenet_std))
+        out.loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        if math.isfinite(out.loss.item()) and math.isfinite(norm.item()):
+            opt.step()
+        else:
+            skipped += 1
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(out.loss.item())
+    assert skipped == 1 and math.isnan(losses[2])
+    for row in rows:
+        assert row["loss"] == pytest.approx(losses[row["step"] - 1], abs=1e-5), row["step"]
+    trained = _weights(result)
+    for name, p in model.trainable_state_dict().items():
+        torch.testing.assert_close(trained[name], p.detach(), rtol=0, atol=1e-5, msg=name)
+
+
+def test_failed_start_leaves_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19 defect 5: a missing tokenizer folder (or other start-up error) must not leave runs/NAME/config.yaml
+    and an empty checkpoints/ behind: the tokenizer, model and data are built before the run folder is made."""
+    missing = tmp_path / "no-tokenizer"
+    with pytest.raises(trainer_mod.ConfigError, match="model.tokenizer="):
+        trainer_mod.train(tiny_cfg(tmp_path, "run_name=notok", f"model.tokenizer={missing}"))
+    assert not (tmp_path / "runs" / "notok").exists()
+    capsys.readouterr()
+    assert train_cli.main(tiny_overrides(tmp_path, "run_name=notok2", f"model.tokenizer={missing}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err
+    assert err.count("simzss tokenizer") == 1, err  # the advice is given once
+    assert not (tmp_path / "runs").exists()
+
+
+def test_engine_reads_the_device_only_at_check_steps(tmp_path: Path, memory_data: Dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: no per-step host syncs in the training loop. Every host read of a tensor made by the engine or
+    the model (``.item()``, ``.tolist()``, ``bool``/``float``/``int`` of a tensor) happens at a check step: a log
+    step (every 4th here) or the last step. The losses read back only without the two promises the trainer makes
+    (checked here), and check label ranges on CPU tensors only, so they are left out of the spy."""
+    package = Path(trainer_mod.__file__).parents[1]
+    engine = tuple(str(package / part) for part in ("engine", "models"))
+    reads: List[int] = []
+    current = {"trainer": None}
+    real_init = trainer_mod.Trainer.__init__
+
+    def remember(self: Any, cfg: TrainConfig) -> None:
+        real_init(self, cfg)
+        current["trainer"] = self
+
+    monkeypatch.setattr(trainer_mod.Trainer, "__init__", remember)
+
+    def spy(name: str) -> None:
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self: torch.Tensor, *args: Any, **kw: Any) -> Any:
+            import sys
+
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(engine) and current["trainer"] is not None:
+                reads.append(current["trainer"].step)
+            return real(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        spy(name)
+    result = trainer_mod.train(tiny_cfg(tmp_path, "run_name=sync", "max_steps=10", "log_every=4"))
+    assert result["step"] == 10
+    model = current["trainer"].unwrapped
+    # right padding (no mask check on the device) and the bank's size (no class count read back) are promised
+    assert model.right_padded_inputs is True and model.concept_classes == len(trainer_mod.build_concept_bank(
+        current["trainer"].cfg))
+    # step 0: the feed reads the tower's mean/std (CPU tensors) once before the loop
+    assert reads and set(reads) <= {0, 4, 8, 10} and {4, 8, 10} <= set(reads), sorted(set(reads))
+
+
+def test_single_process_stops_at_the_signalled_step(tmp_path: Path, memory_data: Dict[str, Any],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one process the stop flag is host-only: a SIGTERM stops the run after the step it arrived in, even
+    between log steps, with a checkpoint there."""
+    from simzss.models.simzss import SimZSS
+
+    forward = SimZSS.forward
+    calls = {"n": 0}
+
+    def forward_then_signal(self: SimZSS, batch: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, batch)
+
+    monkeypatch.setattr(SimZSS, "forward", forward_then_signal)
+    result = trainer_mod.train(tiny_cfg(tmp_path, "run_name=stop3", "epochs=3", "log_every=5"))
+    assert result["stopped"] == "SIGTERM" and result["step"] == 3
+    assert Path(result["checkpoint"]).name == "step-000000003"
+    rows = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3]  # the stop step is logged
+
+
+class PaddedStream(MemoryStream):
+    """MemoryStream captions (8 tokens) right-padded to a 16-token context, as the tokenizer pads them."""
+
+    def _make(self, epoch: int, i: int) -> Any:
+        batch = super()._make(epoch, i)
+        b, length = batch.input_ids.shape
+        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:-1], 16 - length)], dim=-1)  # noqa: E731
+        return replace(batch, input_ids=pad(batch.input_ids), attention_mask=pad(batch.attention_mask),
+                       concept_mask=pad(batch.concept_mask))
+
+
+def test_dynamic_padding_trims_before_the_copy_and_learns_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.dynamic_padding: the feed trims each CPU batch to its longest caption (8 of 16 tokens here) before the
+    copy; losses and weights stay those of the padded run (1e-5)."""
+    from simzss.models.simzss import SimZSS
+
+    monkeypatch.setattr(trainer_mod, "build_tokenizer", lambda cfg: TinyTokenizer())
+    monkeypatch.setattr(trainer_mod, "build_loader",
+                        lambda cfg, tok, *, rank, world_size: PaddedStream(3, cfg.batch_size, seed=cfg.seed))
+    widths: List[int] = []
+    forward = SimZSS.forward
+
+    def spy(self: SimZSS, batch: Any) -> Any:
+        widths.append(int(batch.input_ids.shape[1]))
+        return forward(self, batch)
+
+    monkeypatch.setattr(SimZSS, "forward", spy)
+    runs = {}
+    for dynamic in ("false", "true"):
+        widths.clear()
+        runs[dynamic] = trainer_mod.train(tiny_cfg(tmp_path, f"run_name=pad_{dynamic}", "max_steps=4",
+                                                   "model.text.context_length=16", f"data.dynamic_padding={dynamic}"))
+        assert widths == [16 if dynamic == "false" else 8] * 4
+    rows = {k: [json.loads(line)["loss"] for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            for k, r in runs.items()}
+    assert rows["true"] == pytest.approx(rows["false"], abs=1e-5)
+    a, b = _weights(runs["false"]), _weights(runs["true"])
+    for k in a:  # float noise of the shorter matmuls, which Adam's normalised update carries into the weights
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)

@@ -5,7 +5,8 @@ Spec syntax ``KIND:MODEL``:
 
 ==========================  ==========================================================================
 ``gem:ViT-B-16/openai``     GEM on an open_clip model + pretrained tag (open_clip downloads it once)
-``maskclip:ViT-B-16/openai``  MaskCLIP, same model syntax
+``maskclip:ViT-B-16/openai``  MaskCLIP as the authors' code computes it (value path + last block's residual/MLP)
+``maskclip-nores:...``      the residual-free value path (what ClearCLIP builds on)
 ``gem:ViT-B-16@FILE``       a local open_clip weights file (``.bin`` / ``.pt`` / ``.safetensors``)
 ``gem:hf-hub:ORG/REPO``     open_clip's hub / ``local-dir:FOLDER`` schemas
 ``gem:CONFIG.json/random``  random init from an open_clip model-config file (tests and smoke runs)
@@ -32,7 +33,8 @@ from simzss.models.simzss import SimZSS
 
 KINDS: Dict[str, str] = {
     "gem": "GEM (self-self attention pathway) on an open_clip ViT",
-    "maskclip": "MaskCLIP (last-block value embeddings) on an open_clip ViT",
+    "maskclip": "MaskCLIP as its authors' code (last-block value path + residual + MLP) on an open_clip ViT",
+    "maskclip-nores": "MaskCLIP's value path without the last block's residual and MLP, on an open_clip ViT",
     "gem-dinov2": "EXPERIMENTAL: GEM pathway over the frozen DINOv2 tower of a SimZSS export",
 }
 
@@ -79,7 +81,10 @@ def load_baseline(
         return model.to(device).eval()
     src = parse_clip_source(rest)
     clip, tokenizer = load_open_clip(src, device)
-    vision = GemVision(clip.visual, **gem_opts) if kind == "gem" else MaskClipVision(clip.visual)
+    if kind == "gem":
+        vision: nn.Module = GemVision(clip.visual, **gem_opts)
+    else:
+        vision = MaskClipVision(clip.visual, residual=(kind == "maskclip"))
     return ClipZeroShot(clip, tokenizer, vision, name=f"{kind}:{src}").to(device)
 
 

@@ -106,6 +106,12 @@ class GemVision(ClipPatchTower):
         patches = project(self.visual, x_gem[:, 1:])
         return pooled_embedding(self.visual, x), patches.reshape(x.shape[0], h, w, -1)
 
+    @property
+    def variant(self) -> str:
+        """GEM and its options, recorded with every result (temperature divides: official ss_attn_temp = 1/t)."""
+        temp = "adaptive" if self.temperature is None else f"{self.temperature:g}"
+        return f"gem (layers={self.layers}, iterations={self.iterations}, temperature={temp})"
+
     def extra_repr(self) -> str:
         return f"layers={self.layers}, iterations={self.iterations}, temperature={self.temperature}"
 
@@ -146,7 +152,8 @@ class GemDinoVision(nn.Module):
         return blk.ls1(out)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+        """(CLS, patches) as the frozen tower returns them (``SimZSS.encode_image`` passes the ``dtype`` it wants)."""
         m, p = self.tower.model, self.patch_size
         h, w = images.shape[-2] // p, images.shape[-1] // p
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))  # timm's forward_features, unrolled
@@ -160,7 +167,14 @@ class GemDinoVision(nn.Module):
             x = blk(x)
         prefix = self.tower.num_prefix_tokens
         patches = m.norm(x_gem)[:, prefix:].reshape(x.shape[0], h, w, -1)
-        return m.norm(x)[:, 0], patches
+        cls = m.norm(x)[:, 0]
+        return (cls, patches) if dtype is None else (cls.to(dtype), patches.to(dtype))
+
+    @property
+    def variant(self) -> str:
+        """The experiment and its options, recorded with every result."""
+        temp = "adaptive" if self.temperature is None else f"{self.temperature:g}"
+        return f"gem-dinov2 EXPERIMENTAL (layers={self.layers}, iterations={self.iterations}, temperature={temp})"
 
     def extra_repr(self) -> str:
         return f"EXPERIMENTAL, layers={self.layers}, iterations={self.iterations}, temperature={self.temperature}"

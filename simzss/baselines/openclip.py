@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
@@ -24,6 +25,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from simzss.baselines.weights import check_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +128,13 @@ def load_open_clip(src: ClipSource, device: str | torch.device = "cpu") -> Tuple
 
     name = _resolve_name(src.name)
     quick_gelu = _check_source(src, name)
+    if src.weights is not None:
+        check_weights_file(src.weights)  # a pickle with code or foreign bytes: one line, nothing executed
     pretrained = None if src.random_init else (str(Path(src.weights).expanduser()) if src.weights else src.tag)
     try:
         model = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise RuntimeError(f"open_clip could not load {src}: {str(e)[:500]}") from e
+    except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
+        raise RuntimeError(f"open_clip could not load {src}: {' '.join(str(e).split())[:500]}") from None
     if src.random_init:
         log.warning("%s: random-init weights (smoke tests only; numbers are meaningless)", src)
     model.eval().requires_grad_(False)
@@ -157,25 +162,33 @@ def check_clip_vit(visual: nn.Module, what: str) -> None:
             raise ValueError(f"{what} needs blocks with nn.MultiheadAttention, got {type(getattr(blk, 'attn', None)).__name__}")
 
 
-def resized_pos_embed(visual: nn.Module, grid: Tuple[int, int]) -> Tensor:
-    """The tower's position embeddings ``[1 + h*w, D]`` resized bicubically to ``grid`` (CLS entry kept)."""
+def resized_pos_embed(visual: nn.Module, grid: Tuple[int, int], *, antialias: bool = True) -> Tensor:
+    """The tower's position embeddings ``[1 + h*w, D]`` resized bicubically to ``grid`` (CLS entry kept).
+
+    ``antialias=True`` is timm's ``resample_abs_pos_embed`` (what GEM's official code uses); ``False`` is plain
+    ``F.interpolate(mode="bicubic", align_corners=False)`` (cubic coefficient -0.75), what MaskCLIP's code uses."""
     from timm.layers import resample_abs_pos_embed
 
     pos = visual.positional_embedding
     old = tuple(visual.grid_size)
     if tuple(grid) == old:
         return pos
-    return resample_abs_pos_embed(pos.unsqueeze(0), list(grid), list(old), num_prefix_tokens=1,
-                                  interpolation="bicubic", antialias=True)[0]
+    if antialias:
+        return resample_abs_pos_embed(pos.unsqueeze(0), list(grid), list(old), num_prefix_tokens=1,
+                                      interpolation="bicubic", antialias=True)[0]
+    patch = pos[1:].reshape(1, old[0], old[1], -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], patch.flatten(2)[0].transpose(0, 1)], dim=0)
 
 
-def embed_tokens(visual: nn.Module, images: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-    """Patch embedding + CLS + resized position embeddings + ``ln_pre``: tokens ``[B, 1 + h*w, D]`` and grid."""
+def embed_tokens(visual: nn.Module, images: Tensor, *, antialias: bool = True) -> Tuple[Tensor, Tuple[int, int]]:
+    """Patch embedding + CLS + resized position embeddings (:func:`resized_pos_embed`) + ``ln_pre``: tokens
+    ``[B, 1 + h*w, D]`` and grid."""
     x = visual.conv1(images)  # [B, D, h, w]
     grid = (int(x.shape[2]), int(x.shape[3]))
     x = x.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + resized_pos_embed(visual, grid).to(x.dtype)
+    x = torch.cat([cls, x], dim=1) + resized_pos_embed(visual, grid, antialias=antialias).to(x.dtype)
     return visual.ln_pre(x), grid
 
 
@@ -221,6 +234,11 @@ class ClipPatchTower(nn.Module):
         ps = visual.patch_size
         self.patch_size: int = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
 
+    @property
+    def variant(self) -> str:
+        """What the patch features are (method and options), recorded with every result."""
+        return self.method
+
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -248,6 +266,11 @@ class ClipZeroShot(nn.Module):
     @property
     def patch_size(self) -> int:
         return self.vision.patch_size
+
+    @property
+    def variant(self) -> str:
+        """The patch pathway and its options (e.g. MaskCLIP with or without the residual), for results."""
+        return self.vision.variant
 
     def train(self, mode: bool = True) -> "ClipZeroShot":
         """Always eval mode: nothing here is trained."""

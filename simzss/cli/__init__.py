@@ -12,20 +12,20 @@ from simzss import __version__
 # so `simzss --help` stays fast and a job never pays for another job's imports.
 COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "demo": ("simzss.cli.demo", "main", "toy world end to end: data, prepare, train, evaluate, overlay"),
-    "demo-data": ("simzss.data.synthetic", "main", "write the synthetic toy-world shards and held-out split"),
-    "shards": ("simzss.cli.shards", "main", "raw datasets (COCO Captions, CSV/parquet tables) -> webdataset shards"),
-    "prepare": ("simzss.data.prepare", "main", "annotate image-caption shards with concepts (concepts.json)"),
-    "tokenizer": ("simzss.data.tokenize", "main", "train a BPE tokenizer on caption shards"),
+    "demo-data": ("simzss.cli.demo_data", "main", "write the synthetic toy-world shards and held-out split"),
+    "shards": ("simzss.cli.shards", "main", "raw datasets (COCO Captions, CSV/parquet tables) -> webdataset shards; resize images"),
+    "prepare": ("simzss.cli.prepare", "main", "annotate image-caption shards with concepts (concepts.json)"),
+    "tokenizer": ("simzss.cli.tokenizer", "main", "train a BPE tokenizer on caption shards"),
     "train": ("simzss.cli.train", "main", "train a SimZSS (or LiT) model"),
     "eval": ("simzss.cli.eval", "main", "zero-shot segmentation / classification / retrieval"),
-    "export": ("simzss.io.export", "main", "export a checkpoint for inference (safetensors)"),
-    "segment": ("simzss.inference", "main", "segment one image with free-form labels"),
+    "export": ("simzss.cli.export", "main", "export a checkpoint for inference (safetensors)"),
+    "segment": ("simzss.cli.segment", "main", "segment one image with free-form labels"),
     "report": ("simzss.cli.report", "main", "pictures and report.md from saved segmentation results"),
     "plot": ("simzss.cli.plot", "main", "training curves of one or more runs (metrics.jsonl)"),
     "serve": ("simzss.cli.serve", "main", "local demo page: drop an image, type class names, see the overlay"),
     "convert-benchmark": ("simzss.cli.convert_benchmark", "main", "official benchmark download -> the layout eval reads"),
     "cache-features": ("simzss.cli.cache_features", "main", "precompute frozen vision features for training"),
-    "import-official": ("simzss.io.official", "main", "convert a checkpoint of the official release into an export"),
+    "import-official": ("simzss.cli.import_official", "main", "convert a checkpoint of the official release into an export"),
 }
 
 

@@ -2,7 +2,9 @@
 
 Each stage runs through the same command entry point a user would call (``simzss demo-data``,
 ``prepare``, ``tokenizer``, ``train``, ``plot``, ``export``, ``eval``, ``segment``), so the demo exercises what
-the README documents. Stages whose outputs exist are reused; ``--fresh`` starts over.
+the README documents. Stages whose outputs exist are reused; ``--overwrite`` starts over (``--fresh``, its former
+spelling, still works for one release). The overlay shows the held-out image that the README describes: the first
+one holding all of :data:`OVERLAY_CLASSES`.
 """
 
 from __future__ import annotations
@@ -10,16 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from simzss.cli import COMMANDS
-from simzss.helpformat import HelpFormatter
-from simzss.logs import setup_logging
+from simzss.cli.options import (EXIT_FAILED, EXIT_USAGE, add_no_progress, add_overwrite, command_parser,
+                                deprecated_alias, fail)
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+#: The classes of the held-out image the overlay shows (the README's picture: snow, a brick wall, a plank floor
+#: and an apple).
+OVERLAY_CLASSES: Tuple[str, ...] = ("snow", "wall", "floor", "apple")
 
 
 class StageFailed(RuntimeError):
@@ -57,6 +61,26 @@ def _read_miou(run_dir: Path) -> float:
     return float(next(iter(results.values()))["mIoU"])
 
 
+def overlay_image(val_dir: Path, wanted: Sequence[str] = OVERLAY_CLASSES) -> Tuple[Path, List[str]]:
+    """The first held-out image whose mask holds every class in ``wanted`` (the first image when none does), and
+    the classes its mask holds."""
+    import numpy as np
+    from PIL import Image
+
+    names = (val_dir / "classes.txt").read_text().split()
+    images = sorted((val_dir / "images").iterdir())
+    first: Optional[Tuple[Path, List[str]]] = None
+    for image in images:
+        ids = np.unique(np.asarray(Image.open(val_dir / "masks" / f"{image.stem}.png")))
+        present = [names[i] for i in ids if i < len(names)]
+        first = first or (image, present)
+        if set(wanted) <= set(present):
+            return image, present
+    if first is None:
+        raise FileNotFoundError(f"{val_dir / 'images'} holds no held-out image")
+    return first
+
+
 def run_demo(
     workdir: Path,
     *,
@@ -66,10 +90,12 @@ def run_demo(
     with_lit: bool = True,
     workers: int = 2,
     config_dir: Path = REPO_CONFIGS,
-    fresh: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Run the toy-world pipeline under ``workdir``; return the mIoUs and output paths."""
-    if fresh and workdir.exists():
+    quiet = [] if progress else ["--no-progress"]
+    if overwrite and workdir.exists():
         shutil.rmtree(workdir)
     data, prepared, tokenizer = workdir / "data", workdir / "prepared", workdir / "tokenizer"
     runs, export = workdir / "runs", workdir / "export"
@@ -81,7 +107,7 @@ def run_demo(
     _run("prepare", [*train_shards, "--out", str(prepared), "--processes", "2",
                      "--concept-bank", str(data / "val" / "classes.txt"), "--no-progress"])
     if not (tokenizer / "tokenizer.json").is_file():
-        _run("tokenizer", ["--shards", str(data / "train"), "--out", str(tokenizer), "--vocab-size", "2048"])
+        _run("tokenizer", ["--shards", str(data / "train"), "--out", str(tokenizer), "--vocab-size", "2048", *quiet])
 
     prepared_shards = sorted(str(p) for p in prepared.glob("*.tar"))
     common = [
@@ -102,7 +128,7 @@ def run_demo(
         run_dir = runs / run_name
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a demo run is cheap; never resume a stale one silently
-        _run("train", ["--config", str(_config(config, config_dir)), f"run_name={run_name}", *common])
+        _run("train", ["--config", str(_config(config, config_dir)), f"run_name={run_name}", *common, *quiet])
         results[variant] = _read_miou(run_dir)
     curves = workdir / "training_curves.png"
     _run("plot", [*(str(runs / f"demo_{v}") for v, _ in variants), "--out", str(curves), "--title", "toy world",
@@ -115,9 +141,9 @@ def run_demo(
     _run("eval", [str(export), "--task", "segmentation", "--datasets", f"folder:{data / 'val'}",
                   *eval_size, "--out", str(eval_json), "--workers", "0", "--no-progress"])
     classes = (data / "val" / "classes.txt").read_text().split()
-    first_image = sorted((data / "val" / "images").iterdir())[0]
+    shown, shown_classes = overlay_image(data / "val")
     overlay = workdir / "overlay.png"
-    _run("segment", [str(first_image), "--model", str(export), "--labels", ",".join(classes),
+    _run("segment", [str(shown), "--model", str(export), "--labels", ",".join(classes),
                      "--out", str(overlay), "--out-mask", str(workdir / "overlay_mask.png"), *eval_size,
                      "--min-width", "448"])
 
@@ -126,6 +152,8 @@ def run_demo(
         "miou_lit": results.get("lit"),
         "export": str(export),
         "overlay": str(overlay),
+        "overlay_image": str(shown),
+        "overlay_classes": shown_classes,
         "eval_export": str(eval_json),
         "curves": str(curves),
     }
@@ -133,8 +161,14 @@ def run_demo(
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="simzss demo", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``simzss demo``."""
+    p = command_parser(
+        "demo",
+        "The whole pipeline on the built-in synthetic toy world, on a CPU, in minutes: demo data, concept "
+        "annotation, tokenizer, SimZSS and LiT training, evaluation, export and an overlay picture.",
+        ["simzss demo", "simzss demo --workdir /tmp/toy --no-lit --max-steps 20 --overwrite"],
+    )
     p.add_argument("--workdir", default="demo", help="where data, runs, export and overlay go")
     p.add_argument("--num-train", type=int, default=3000, help="toy-world training pairs")
     p.add_argument("--num-val", type=int, default=100, help="held-out images with masks")
@@ -142,24 +176,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-lit", action="store_true", help="skip the LiT baseline run")
     p.add_argument("--workers", type=int, default=2, help="data-loading workers")
     p.add_argument("--config-dir", default=str(REPO_CONFIGS), help="folder with demo.yaml and demo_lit.yaml")
-    p.add_argument("--fresh", action="store_true", help="delete the workdir first")
-    args = p.parse_args(argv)
-    setup_logging()
+    add_overwrite(p, "the whole workdir (it is deleted first)")
+    deprecated_alias(p, "--fresh", "--overwrite", dest="overwrite", nargs=0, const=True)
+    add_no_progress(p)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``simzss demo``: exit 0 when every stage ran, 1 when a stage failed, 2 for a usage error."""
+    args = build_parser().parse_args(argv)
+    from simzss.logs import setup_logging
+
+    setup_logging(progress=not args.no_progress)
+    config_dir = Path(args.config_dir)
+    for name in ("demo.yaml", "demo_lit.yaml"):
+        if not (config_dir / name).is_file():
+            return fail("demo", f"{config_dir / name} not found: run the demo from a source checkout "
+                        "(pip install -e .) or pass --config-dir", EXIT_USAGE)
     try:
         summary = run_demo(
             Path(args.workdir), num_train=args.num_train, num_val=args.num_val, max_steps=args.max_steps,
-            with_lit=not args.no_lit, workers=args.workers, config_dir=Path(args.config_dir), fresh=args.fresh,
+            with_lit=not args.no_lit, workers=args.workers, config_dir=config_dir, overwrite=args.overwrite,
+            progress=not args.no_progress,
         )
     except (StageFailed, FileNotFoundError) as e:
-        print(f"simzss demo: {e}", file=sys.stderr)
-        return 1
+        return fail("demo", str(e), EXIT_FAILED)
     print("\n== toy world, held-out split: zero-shot segmentation ==")
     print(f"  SimZSS mIoU: {summary['miou_simzss']:.1f}")
     if summary["miou_lit"] is not None:
-        print(f"  LiT    mIoU: {summary['miou_lit']:.1f}   (same steps, concept loss off)")
-    print(f"  export: {summary['export']}\n  overlay: {summary['overlay']}\n  training curves: {summary['curves']}")
+        print(f"  LiT mIoU: {summary['miou_lit']:.1f}   (same steps, concept loss off)")  # as the README quotes it
+    print(f"  export: {summary['export']}\n  overlay: {summary['overlay']} (held-out image "
+          f"{Path(summary['overlay_image']).name}: {', '.join(summary['overlay_classes'])})\n"
+          f"  training curves: {summary['curves']}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

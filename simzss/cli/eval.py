@@ -1,14 +1,6 @@
 """``simzss eval``: zero-shot segmentation / classification / retrieval of a model on several datasets.
 
-Examples::
-
-    simzss eval exports/simzss-b14 --task segmentation --datasets voc20:/data/VOCdevkit context59:/data/VOCdevkit
-    accelerate launch -m simzss.cli eval runs/x/checkpoints/step-5000 --task segmentation \\
-        --datasets folder:demo/data/val --out results.json --report-to-run runs/x
-    simzss eval exports/simzss-b14 --task classification --datasets imagenet:/data/imagenet/val
-    simzss eval exports/simzss-b14 --task retrieval --datasets karpathy:/data/coco/dataset_coco.json
-    simzss eval exports/simzss-b14 gem:ViT-B-16/openai maskclip:ViT-B-16/openai --datasets voc20:/data/VOCdevkit \
-        --out compare.json --report reports/voc20
+The examples are in :data:`EXAMPLES` (shown by ``simzss eval --help``).
 
 Several models are evaluated in turn with the same settings; ``--out`` then holds ``{"task", "runs": [...]}`` (one
 payload per model) and ``--report DIR`` writes pictures and a ``report.md`` comparing them
@@ -20,9 +12,15 @@ written as JSON (atomically). ``--report-to-run RUN_DIR`` also writes them to ``
 ``eval/<spec>/<metric>`` scalars at the checkpoint's step to the run's ``metrics.jsonl`` and its tracker
 (TensorBoard folder or wandb run, as configured in ``RUN_DIR/config.yaml``).
 
-A dataset that cannot be read (missing or malformed folder, unreadable shards, IO error) or that ends with no
-evaluated image (all skipped) is reported in one error line and listed under ``"failed"`` in the JSON; the other
-datasets still run, and the exit status is then 1 (2 when the model cannot be loaded).
+A dataset spec that names no dataset of the task, or whose path does not exist, is refused before any model is
+loaded (one line, exit status 2). A dataset that cannot be read (malformed folder, unreadable shards, IO error) or
+that ends with no evaluated image (all skipped) is reported in one error line and listed under ``"failed"`` in the
+JSON; the other datasets still run, and the exit status is then 1 (2 when the model cannot be loaded). The output paths
+(``--out``, ``--report``) are checked for writing before anything is computed; a write that fails at the end (a
+full disk) is one error line and exit status 1.
+
+Only light modules are imported at the top (``simzss eval --help`` answers at once); the evaluation stack (torch,
+accelerate, the model loaders) is imported when it runs.
 """
 
 from __future__ import annotations
@@ -38,23 +36,22 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from simzss.baselines import is_baseline_spec
-from simzss.config import TrainConfig, load_config
-from simzss.engine.checkpoint import latest_checkpoint
-from simzss.engine.tracking import MetricLogger, new_run_id
-from simzss.eval.classification import evaluate_classification
-from simzss.eval.retrieval import evaluate_retrieval
-from simzss.eval.segmentation import evaluate_segmentation
-from simzss.io.load import load_model as _load
-from simzss.io.checkpoint import LATEST
-from simzss.reports.segmentation_report import ModelRun, write_report
-from simzss.helpformat import HelpFormatter
-from simzss.logs import setup_logging
+from simzss.cli.options import (EXIT_FAILED, EXIT_USAGE, add_device, add_no_progress, command_parser,
+                                deprecated_alias, fail, os_error_line, select_cuda_device, unwritable)
 
 log = logging.getLogger("simzss.eval")
 
 TASKS = ("segmentation", "classification", "retrieval")
 DEFAULT_TEMPLATES = {"segmentation": "single", "classification": "imagenet80", "retrieval": None}
+EXAMPLES = [
+    "simzss eval exports/simzss-b14 --task segmentation --datasets voc20:/data/VOCdevkit context59:/data/VOCdevkit",
+    "accelerate launch -m simzss.cli eval runs/x/checkpoints/step-5000 --task segmentation "
+    "--datasets folder:demo/data/val --out results.json --report-to-run runs/x",
+    "simzss eval exports/simzss-b14 --task classification --datasets imagenet:/data/imagenet/val --device cpu",
+    "simzss eval exports/simzss-b14 --task retrieval --datasets karpathy:/data/coco/dataset_coco.json",
+    "simzss eval exports/simzss-b14 gem:ViT-B-16/openai maskclip:ViT-B-16/openai --datasets voc20:/data/VOCdevkit "
+    "--out compare.json --report reports/voc20",
+]
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -63,6 +60,10 @@ DEFAULT_TEMPLATES = {"segmentation": "single", "classification": "imagenet80", "
 def load_model(path: str, device: Any = "cpu") -> Any:
     """Load a SimZSS model from an export folder or a trainer checkpoint (step folder, checkpoints folder or run
     folder: the newest complete checkpoint) via :func:`simzss.io.load.load_model`."""
+    from simzss.baselines import is_baseline_spec
+    from simzss.io.checkpoint import LATEST
+    from simzss.io.load import load_model as _load
+
     if is_baseline_spec(path):  # gem:..., maskclip:... (simzss.baselines)
         return _load(path, device)
     p = Path(path).expanduser()
@@ -92,7 +93,10 @@ def _json_safe(obj: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temp file in the same folder + ``os.replace`` (never a half-written file)."""
+    """Write JSON via a temp file in the same folder + ``os.replace`` (never a half-written file); the file gets
+    the mode the user's umask gives a new file (mkstemp alone would leave 0600)."""
+    from simzss.data.shards import current_umask
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -100,6 +104,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
             json.dump(_json_safe(data), f, indent=2, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -144,6 +149,9 @@ def _scalars(task: str, spec: str, r: Dict[str, Any]) -> Dict[str, float]:
 
 def _run_tracking(run_dir: Path) -> Tuple[str, Optional[str], str]:
     """(report_to, run_id, run_name) of a training run, from ``RUN/config.yaml`` and its newest checkpoint."""
+    from simzss.config import TrainConfig, load_config
+    from simzss.engine.checkpoint import latest_checkpoint
+
     report_to, run_name, run_id = "none", run_dir.name, None
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
@@ -159,6 +167,8 @@ def report_to_run(run_dir: Path, task: str, payload: Dict[str, Any], step: Optio
     """Save results as ``RUN_DIR/eval/<task>-step-N.json`` and log ``eval/<spec>/<metric>`` scalars at ``step``
     through the run's own tracker (:class:`simzss.engine.tracking.MetricLogger`: ``metrics.jsonl`` plus the
     run's wandb run (same id) or TensorBoard folder). Returns the JSON path."""
+    from simzss.engine.tracking import MetricLogger, new_run_id
+
     if not run_dir.is_dir():
         raise FileNotFoundError(f"--report-to-run: run folder not found: {run_dir}")
     stamp = f"step-{step}" if step is not None else _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -184,9 +194,10 @@ def report_to_run(run_dir: Path, task: str, payload: Dict[str, Any], step: Optio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="simzss eval", description="Zero-shot segmentation / classification / retrieval of a SimZSS model.",
-        formatter_class=HelpFormatter,
+    """The parser of ``simzss eval``."""
+    p = command_parser(
+        "eval", "Zero-shot segmentation / classification / retrieval of one or more models on several datasets; "
+        "prints a table and writes JSON (--out) and a comparison report (--report).", EXAMPLES,
     )
     p.add_argument("model", nargs="+",
                    help="one or more models, evaluated in turn: export folder (simzss export), training checkpoint "
@@ -220,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=4, help="data-loading workers (threads for retrieval)")
     g.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images of each dataset")
     g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="autocast dtype")
-    g.add_argument("--cpu", action="store_true", help="force CPU")
+    add_device(g)
+    deprecated_alias(p, "--cpu", "--device cpu", dest="device", nargs=0, const="cpu")
     g.add_argument("--out", default=None, help="write results JSON here")
     g.add_argument("--report-to-run", default=None, metavar="RUN_DIR", help="also log results to this training run")
     g.add_argument("--report", default=None, metavar="DIR",
@@ -228,12 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "report.md comparing the models into DIR")
     g.add_argument("--report-samples", type=int, default=6, help="images per dataset in the report's sample grid")
     g.add_argument("--step", type=int, default=None, help="step to log at (default: from a step-N checkpoint name)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
+    add_no_progress(g)
     return p
 
 
 def run_task(model: Any, task: str, spec: str, args: argparse.Namespace, accelerator: Any) -> Dict[str, Any]:
     """Evaluate one dataset spec (translates CLI options into library arguments)."""
+    from simzss.eval.classification import evaluate_classification
+    from simzss.eval.retrieval import evaluate_retrieval
+    from simzss.eval.segmentation import evaluate_segmentation
+
     common = dict(accelerator=accelerator, max_images=args.max_images, workers=args.workers,
                   progress=not args.no_progress)
     templates = args.templates or DEFAULT_TEMPLATES[task]
@@ -251,18 +267,77 @@ def run_task(model: Any, task: str, spec: str, args: argparse.Namespace, acceler
                               image_root=args.image_root, split=args.split, **common)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
+def _usage_problem(args: argparse.Namespace) -> Optional[str]:
+    """The first usage problem of the options, found before anything is loaded or computed, or None."""
     if args.report_to_run and len(args.model) > 1:
-        log.error("--report-to-run takes one model, got %d", len(args.model))
-        return 2
+        return f"--report-to-run takes one model, got {len(args.model)}"
     if args.report and args.task != "segmentation":
-        log.error("--report draws segmentation results; drop it for --task %s", args.task)
-        return 2
+        return f"--report draws segmentation results; drop it for --task {args.task}"
+    if args.report_to_run and not Path(args.report_to_run).is_dir():
+        return f"--report-to-run: run folder not found: {args.report_to_run}"
+    return select_cuda_device(args.device)
+
+
+def _dataset_problem(task: str, specs: List[str]) -> Optional[str]:
+    """The first ``--datasets`` spec that cannot be right, checked before any model is loaded: not ``NAME:PATH``,
+    a name the task does not know, or a local path that does not exist (a usage error, exit 2, as a missing input
+    is in every command). A dataset that exists but cannot be read still fails alone, later (exit 1)."""
+    from simzss.eval.datasets import SEGMENTATION_DATASETS, parse_spec
+
+    known = {"segmentation": sorted(SEGMENTATION_DATASETS), "classification": ["imagefolder", "imagenet"],
+             "retrieval": ["karpathy", "wds"]}[task]
+    for spec in specs:
+        try:
+            name, path = parse_spec(spec)
+        except ValueError as e:
+            return f"--datasets: {e}"
+        if name not in known:
+            return f"--datasets {spec}: no {task} dataset is called {name!r}; known: {', '.join(known)}"
+        if name == "wds" and (any(c in path for c in "{*?[") or "::" in path or "://" in path or path.startswith("pipe:")):
+            continue  # a shard pattern or URL: read (and reported) when the dataset runs
+        root = Path(path).expanduser()
+        if not root.exists():
+            return f"--datasets {spec}: {root} does not exist"
+        if name == "karpathy" and not root.is_file():
+            return f"--datasets {spec}: {root} is a folder; karpathy takes the dataset's json file"
+        if name not in ("karpathy", "wds") and not root.is_dir():
+            return f"--datasets {spec}: {root} is a file; {name} takes the dataset's folder"
+    return None
+
+
+def _output_problem(args: argparse.Namespace) -> Optional[str]:
+    """Why an output (``--out``, ``--report``, ``--report-to-run``) cannot be written, checked before computing."""
+    checks = [(args.out, False), (args.report, True),
+              (str(Path(args.report_to_run) / "eval") if args.report_to_run else None, True)]
+    for path, folder in checks:
+        problem = unwritable(path, folder=folder) if path else None
+        if problem:
+            return problem
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``simzss eval``: exit 0 when every model and dataset was evaluated; 2 for a usage error (a bad option, a
+    dataset spec with an unknown name or a missing path, a model that cannot be loaded); 1 for a failed run (a
+    dataset failed to read, an output could not be written)."""
+    args = build_parser().parse_args(argv)
+    problem = _usage_problem(args) or _dataset_problem(args.task, args.datasets)
+    if problem:
+        return fail("eval", problem, EXIT_USAGE)
+    problem = _output_problem(args)
+    if problem:
+        return fail("eval", problem, EXIT_FAILED)
+
+    import torch
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+    from simzss.logs import setup_logging
+
+    setup_logging(progress=not args.no_progress)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return fail("eval", f"--device {args.device}: CUDA is not available on this machine; use --device cpu",
+                    EXIT_USAGE)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     payloads: List[Dict[str, Any]] = []
@@ -272,7 +347,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             model = load_model(model_spec, accelerator.device)
         except (FileNotFoundError, ValueError, RuntimeError) as e:  # ExportError is a RuntimeError
-            log.error("%s", e)
+            fail("eval", str(e), EXIT_USAGE)  # one line; the other models still run
             not_loaded.append(model_spec)
             continue
         model.eval()
@@ -304,24 +379,36 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "results": results,
                 "failed": failed,
             })
+    write_failed = False
     if accelerator.is_main_process and payloads:
         for payload in payloads:
             print((f"\n{payload['model']}\n" if len(args.model) > 1 else "") + format_table(args.task, payload["results"]))
-        if args.report:
-            runs = [ModelRun(p["model"], p["results"], failed=p["failed"]) for p in payloads]
-            log.info("report written to %s", write_report(args.report, runs))
-        for payload in payloads:  # sample pictures are for the report only, never JSON
-            for res in payload["results"].values():
-                res.pop("samples", None)
-        if args.out:
-            write_json_atomic(Path(args.out), payloads[0] if len(args.model) == 1 else {"task": args.task, "runs": payloads})
-            log.info("results written to %s", args.out)
-        if args.report_to_run:
-            report_to_run(Path(args.report_to_run), args.task, payloads[0],
-                          args.step if args.step is not None else checkpoint_step(args.model[0]))
+        try:
+            _write_outputs(args, payloads)
+        except OSError as e:  # a full or read-only disk at the end: one line, the table above still stands
+            fail("eval", f"cannot write the results: {os_error_line(e)}", EXIT_FAILED)
+            write_failed = True
     accelerator.wait_for_everyone()
-    return 2 if not_loaded else (1 if any_failed else 0)
+    return EXIT_USAGE if not_loaded else (EXIT_FAILED if any_failed or write_failed else 0)
 
 
-__all__ = ["TASKS", "load_model", "checkpoint_step", "write_json_atomic", "format_table", "report_to_run",
+def _write_outputs(args: argparse.Namespace, payloads: List[Dict[str, Any]]) -> None:
+    """The report (--report), the results JSON (--out) and the run's eval log (--report-to-run)."""
+    if args.report:
+        from simzss.reports.segmentation_report import ModelRun, write_report
+
+        runs = [ModelRun(p["model"], p["results"], failed=p["failed"]) for p in payloads]
+        log.info("report written to %s", write_report(args.report, runs))
+    for payload in payloads:  # sample pictures are for the report only, never JSON
+        for res in payload["results"].values():
+            res.pop("samples", None)
+    if args.out:
+        write_json_atomic(Path(args.out), payloads[0] if len(args.model) == 1 else {"task": args.task, "runs": payloads})
+        log.info("results written to %s", args.out)
+    if args.report_to_run:
+        report_to_run(Path(args.report_to_run), args.task, payloads[0],
+                      args.step if args.step is not None else checkpoint_step(args.model[0]))
+
+
+__all__ = ["TASKS", "EXAMPLES", "load_model", "checkpoint_step", "write_json_atomic", "format_table", "report_to_run",
            "build_parser", "run_task", "main"]

@@ -4,23 +4,27 @@ Example::
 
     simzss plot demo/runs/demo_simzss demo/runs/demo_lit --labels SimZSS LiT --out curves.png
 
-Panels: total, global and concept loss, concept accuracy, learning rate, logit scale, throughput and eval mIoU
-against the step (:mod:`simzss.reports.curves`).
+Panels (:data:`simzss.reports.curves.PANELS`): total, global and concept loss, concept accuracy, learning rate,
+logit scale, wall-clock throughput, the fraction of time spent waiting for data, peak GPU memory and eval mIoU,
+against the step.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import List, Optional
 
-from simzss.helpformat import HelpFormatter
-from simzss.reports.curves import plot_training_curves, read_metrics
-from simzss.logs import setup_logging
+from simzss.cli.options import EXIT_FAILED, EXIT_USAGE, command_parser, fail, os_error_line, unwritable
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="simzss plot", description=__doc__, formatter_class=HelpFormatter)
+    """The parser of ``simzss plot``."""
+    p = command_parser(
+        "plot",
+        "Training curves of one or more runs from their metrics.jsonl, overlaid in one picture (losses, concept "
+        "accuracy, learning rate, logit scale, throughput, data wait, peak GPU memory, eval mIoU against the step).",
+        ["simzss plot demo/runs/demo_simzss demo/runs/demo_lit --labels SimZSS LiT --out curves.png"],
+    )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run folders (holding metrics.jsonl)")
     p.add_argument("--out", default="training_curves.png", help="PNG to write")
     p.add_argument("--labels", nargs="+", default=None, help="legend names, one per run (default: folder names)")
@@ -29,17 +33,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``simzss plot``: exit 0 when written; 2 for a usage error (bad option, a missing run or metrics file);
+    1 when the picture cannot be written."""
     args = build_parser().parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        return fail("plot", f"--labels: {len(args.labels)} names for {len(args.runs)} runs", EXIT_USAGE)
+    problem = unwritable(args.out)
+    if problem:
+        return fail("plot", problem, EXIT_FAILED)
+
+    from simzss.logs import setup_logging
+    from simzss.reports.curves import plot_training_curves, read_metrics
+
     setup_logging()
+    labels = args.labels or [None] * len(args.runs)
     try:
-        if args.labels is not None and len(args.labels) != len(args.runs):
-            raise ValueError(f"--labels: {len(args.labels)} names for {len(args.runs)} runs")
-        labels = args.labels or [None] * len(args.runs)
         runs = [read_metrics(r, label) for r, label in zip(args.runs, labels)]
-        out = plot_training_curves(runs, args.out, args.title)
     except (OSError, ValueError) as e:
-        print(f"simzss plot: error: {e}", file=sys.stderr)
-        return 1
+        return fail("plot", str(e), EXIT_USAGE)
+    try:
+        out = plot_training_curves(runs, args.out, args.title)
+    except OSError as e:
+        return fail("plot", os_error_line(e), EXIT_FAILED)
+    except ValueError as e:
+        return fail("plot", str(e), EXIT_USAGE)
     print(f"wrote {out}")
     return 0
 

@@ -16,19 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from simzss.cli.options import EXIT_FAILED, EXIT_USAGE, add_device, add_max_pixels, command_parser, fail
+from simzss.config import DataConfig
 
-from simzss.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, open_image
-from simzss.helpformat import HelpFormatter
-from simzss.inference import MAX_LABELS, parse_labels, render_overlay, segment_pil
-from simzss.io.load import load_model
-from simzss.logs import setup_logging
-from simzss.resources import available_templates
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger("simzss.serve")
 
@@ -50,6 +45,10 @@ def segment_for_page(model: Any, image: Optional[Image.Image], labels_text: str,
                      slide: SlideSettings = SlideSettings()) -> Tuple[Image.Image, List[List[Any]]]:
     """The page's work: (overlay with legend, rows ``[class, area %]`` largest first). ValueError with a message
     for the user on bad input (no image, no or duplicate class names, threshold out of range)."""
+    import numpy as np
+
+    from simzss.inference import MAX_LABELS, parse_labels, render_overlay, segment_pil
+
     if image is None:
         raise ValueError("drop an image first")
     labels = parse_labels(labels_text or "")
@@ -72,11 +71,15 @@ def segment_for_page(model: Any, image: Optional[Image.Image], labels_text: str,
     return overlay, rows
 
 
-def open_upload(path: str) -> Image.Image:
-    """An uploaded picture, decoded under the same pixel cap as every other input (JPEGs at reduced scale when
-    over it; other formats over it refused with a message for the page)."""
+def open_upload(path: str, max_pixels: int = DataConfig.max_image_pixels) -> Image.Image:
+    """An uploaded picture, decoded under a pixel cap (``--max-pixels``, the same default as every other input:
+    JPEGs at reduced scale when over it; other formats over it refused with a message for the page)."""
+    from PIL import ImageOps, UnidentifiedImageError
+
+    from simzss.data.transforms import ImageTooLargeError, open_image
+
     try:
-        with open_image(path, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, name="the uploaded image") as img:
+        with open_image(path, max_pixels=max_pixels, name="the uploaded image") as img:
             img.load()
             return ImageOps.exif_transpose(img).convert("RGB")
     except ImageTooLargeError as e:
@@ -86,13 +89,15 @@ def open_upload(path: str) -> Image.Image:
 
 
 def build_app(model: Any, model_name: str, *, slide: SlideSettings = SlideSettings(),
-              default_labels: str = "cat, dog, grass, sky") -> Any:
+              default_labels: str = "cat, dog, grass, sky", max_pixels: int = DataConfig.max_image_pixels) -> Any:
     """The Gradio Blocks page for ``model`` (any zero-shot model: SimZSS export or baseline)."""
     import gradio as gr
 
+    from simzss.resources import available_templates
+
     def run(upload: Optional[str], labels_text: str, templates: str, bg: float, alpha: float):
         try:
-            image = open_upload(upload) if upload else None
+            image = open_upload(upload, max_pixels) if upload else None
             return segment_for_page(model, image, labels_text, templates, float(bg), float(alpha), slide)
         except (ValueError, KeyError) as e:  # KeyError: unknown template set
             raise gr.Error(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
@@ -120,7 +125,15 @@ def build_app(model: Any, model_name: str, *, slide: SlideSettings = SlideSettin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="simzss serve", description=__doc__, formatter_class=HelpFormatter)
+    """The parser of ``simzss serve``."""
+    p = command_parser(
+        "serve",
+        "A local demo page (Gradio) to try a model: drop an image, type class names, see the overlay and each "
+        "class's share of the picture. It listens on 127.0.0.1 unless --host says otherwise; nothing is sent "
+        "anywhere else.",
+        ["simzss serve exports/simzss-b14 --port 7860     # then open http://127.0.0.1:7860",
+         "simzss serve gem:ViT-B-16/openai --device cpu  # a training-free baseline, same page"],
+    )
     p.add_argument("model", help="export folder, training checkpoint folder, or a baseline spec (gem:ViT-B-16/openai)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--host", default="127.0.0.1",
@@ -129,44 +142,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-side", type=int, default=448, help="resize the short side to this before sliding")
     p.add_argument("--crop", type=int, default=448, help="sliding window size")
     p.add_argument("--stride", type=int, default=224, help="sliding window stride")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
+    add_device(p)
+    add_max_pixels(p, DataConfig.max_image_pixels)
     return p
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() else "cpu"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
+    """``simzss serve``: runs until Ctrl+C (exit 0); 2 for a usage error (bad option, a model that cannot be
+    loaded, no such device), 1 when the page cannot listen."""
     args = build_parser().parse_args(argv)
+    if not 0 < args.port < 65536:
+        return fail("serve", f"--port must be in 1..65535, got {args.port}", EXIT_USAGE)
+    if min(args.short_side, args.crop, args.stride) <= 0:
+        return fail("serve", "--short-side, --crop and --stride must be positive", EXIT_USAGE)
+    if args.max_pixels < 0:
+        return fail("serve", f"--max-pixels must be >= 0 (0 = no limit), got {args.max_pixels}", EXIT_USAGE)
+
+    from simzss.cli.options import DeviceError, resolve_device
+    from simzss.io.load import load_model
+    from simzss.logs import setup_logging
+
     setup_logging()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local page phones nobody
-    if not 0 < args.port < 65536:
-        print(f"simzss serve: error: --port must be in 1..65535, got {args.port}", file=sys.stderr)
-        return 2
-    if min(args.short_side, args.crop, args.stride) <= 0:
-        print("simzss serve: error: --short-side, --crop and --stride must be positive", file=sys.stderr)
-        return 2
     try:
-        model = load_model(args.model, _device(args.device))
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # ExportError is a RuntimeError
-        print(f"simzss serve: error: {e}", file=sys.stderr)
-        return 2
+        model = load_model(args.model, resolve_device(args.device))
+    except (DeviceError, FileNotFoundError, ValueError, RuntimeError) as e:  # ExportError is a RuntimeError
+        return fail("serve", str(e), EXIT_USAGE)
     app = build_app(model, str(args.model), slide=SlideSettings(args.short_side, args.crop, args.stride),
-                    default_labels=args.labels)
+                    default_labels=args.labels, max_pixels=args.max_pixels)
     print(f"serving {args.model} on http://{args.host}:{args.port}  (Ctrl+C stops)", flush=True)
     try:
         app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False, show_error=True,
                    quiet=True)
     except OSError as e:  # port taken, address not available
-        print(f"simzss serve: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 1
+        return fail("serve", f"cannot listen on {args.host}:{args.port}: {e}", EXIT_FAILED)
     return 0
 
 

@@ -117,8 +117,12 @@ class ConceptBank:
         return cls(names=kept, aliases=aliases)
 
     @classmethod
-    def from_file(cls, path: PathLike, synonyms: Union[None, PathLike, Sequence[Sequence[str]]] = None) -> "ConceptBank":
+    def from_file(cls, path: PathLike, synonyms: Union[None, PathLike, Sequence[Sequence[str]]] = None,
+                  report_unreachable: bool = True) -> "ConceptBank":
         """Read one name per line (``#`` comments and blank lines skipped; duplicates warned and dropped).
+
+        ``report_unreachable`` logs the names that can never match by their form alone (False: the caller
+        reports its own, parsed count, as ``simzss prepare`` does).
 
         ``path`` may also be ``builtin:NAME``, a bank shipped in ``simzss/resources/banks/NAME.txt`` (e.g.
         ``builtin:release574``, the official release's 574-name vocabulary).
@@ -150,16 +154,18 @@ class ConceptBank:
         if not names:
             raise ValueError(f"concept bank file {path} contains no names")
         bank = cls.from_names(names, synonyms)
-        bank._log_unreachable(str(path))
+        if report_unreachable:
+            bank._log_unreachable(str(path))
         return bank
 
     @classmethod
-    def default(cls) -> "ConceptBank":
+    def default(cls, report_unreachable: bool = True) -> "ConceptBank":
         """Union of the class names of VOC, Pascal Context, COCO-Object, COCO-Stuff, Cityscapes and ADE20K
-        (no background), with the built-in synonyms."""
+        (no background), with the built-in synonyms. ``report_unreachable`` as in :meth:`from_file`."""
         names = [n for source in DEFAULT_BANK_SOURCES for n in load_classnames(source)]
         bank = cls.from_names(names, _read_synonyms_text(resource_text("synonyms.txt")))
-        bank._log_unreachable("default bank")
+        if report_unreachable:
+            bank._log_unreachable("default bank")
         return bank
 
     # ---- queries -----------------------------------------------------------------------------------
@@ -204,7 +210,8 @@ class ConceptBank:
         unreachable = self.multiword_unreachable()
         if unreachable:
             logger.info(
-                "%s: %d of %d names can never match a 'compound + lemma' concept: %s",
+                "%s: %d of %d names can never match a 'compound + lemma' concept by their form alone "
+                "(`simzss prepare` reports the full count, parsed with spaCy): %s",
                 source, len(unreachable), len(self), ", ".join(unreachable),
             )
 

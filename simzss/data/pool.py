@@ -4,12 +4,13 @@ their parent (even a SIGKILLed one), and SIGTERM turned into a clean stop of the
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 #: Set for worker processes unless already set: they parallelise by process, so each gets one BLAS thread
 #: (numpy's OpenBLAS would otherwise start one thread per core in every worker and oversubscribe the CPUs).
@@ -76,3 +77,45 @@ def stop_pool(pool: ProcessPoolExecutor, timeout: float = 10.0) -> None:
         if p.is_alive():
             p.kill()
             p.join(1.0)
+
+
+def run_jobs(
+    fn: Callable[..., Any],
+    jobs: Sequence[Sequence[Any]],
+    on_result: Callable[[Any], None],
+    *,
+    processes: int,
+    initializer: Optional[Callable[..., None]] = None,
+    initargs: Sequence[Any] = (),
+    cleanup: Optional[Callable[[], None]] = None,
+) -> None:
+    """Run ``fn(*job)`` for every job and hand each result to ``on_result`` in this (the driver) process as it comes.
+
+    With ``processes == 1`` the jobs run here, in order, after ``initializer(*initargs)``; otherwise in a pool of
+    ``spawn`` workers (one BLAS thread each, see :func:`worker_environment`) set up by the same initializer. Any
+    exception, a worker's included (SIGTERM too, under :func:`sigterm_raises`), stops the pool at once and calls
+    ``cleanup`` (e.g. removing the stopped workers' temporary files) before it propagates.
+    """
+    if not jobs:
+        return
+    if processes == 1:
+        if initializer is not None:
+            initializer(*initargs)
+        for job in jobs:
+            on_result(fn(*job))
+        return
+    pool = ProcessPoolExecutor(min(processes, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=initializer, initargs=tuple(initargs))
+    try:
+        with worker_environment():  # workers start during submit() and copy the environment
+            pending = {pool.submit(fn, *job) for job in jobs}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                on_result(fut.result())
+    except BaseException:
+        stop_pool(pool)
+        if cleanup is not None:
+            cleanup()
+        raise
+    pool.shutdown(wait=True)

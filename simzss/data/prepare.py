@@ -1,27 +1,28 @@
-"""``simzss prepare``: annotate image-caption shards with their caption concepts.
+"""Concept annotation of image-caption shards (``simzss prepare``): the caption concepts of every sample.
 
 For every input shard ``.../NAME.tar`` this writes ``OUT/NAME.tar`` with the same samples plus
 ``KEY.concepts.json`` (``{"version": 1, "concepts": [Concept.to_json(), ...]}``, every noun-chunk
 concept, in-bank or not) and keeps ``OUT/sizes.json`` up to date. Shards are processed in parallel,
 one spaCy pipeline per process. The run is resumable and crash-safe: output shards appear only
-complete (temp file + rename), an existing output shard counts as done, and stale temp files of
-killed runs are removed. Bad samples are dropped and counted by reason (one bad sample never costs
-more than itself); output samples hold only the members this package understands (caption, image,
-``.json`` metadata, concepts) under safe names; unreadable shards are reported, get no output, and make
-the command exit non-zero. ``sizes.json`` is updated under a file lock, so several runs may write one
-folder. Worker processes exit by themselves when the driver dies (SIGKILL), and SIGTERM / Ctrl-C stop
-the pool and leave no temporary files.
+complete (temp file + rename), an existing output shard is kept only if ``OUT/fingerprints.json`` says
+it was made from its input as that is now (size and mtime) with the same settings (else it is redone),
+and stale temp files of killed runs are removed. A truncated input keeps the samples completed before
+the cut (reported as truncated); sample keys repeated across shards are counted and reported. Bad
+samples are dropped and counted by reason (one bad sample never costs more than itself); output samples
+hold only the members this package understands (caption, image, ``.json`` metadata, concepts) under safe
+names; unreadable and truncated shards are reported and make the command exit non-zero. ``sizes.json``
+is updated under a file lock, so several runs may write one folder. Worker processes exit by themselves
+when the driver dies (SIGKILL), and SIGTERM / Ctrl-C stop the pool and leave no temporary files. The
+command (``simzss prepare``) is :mod:`simzss.cli.prepare`.
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
-import signal
-import sys
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -31,20 +32,27 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 
 from simzss.concepts import ConceptBank, ConceptExtractor
+from simzss.data.outputs import (
+    drop_stale_outputs, plan_outputs, problems_summary, stale_outputs, writable_folder,
+)
 from simzss.data.pool import PoolInterrupted, exit_with_parent, sigterm_raises, stop_pool, worker_environment
 from simzss.data.shards import (
     IMAGE_EXTENSIONS,
+    DiskFullError,
     MAX_CAPTION_CHARS,
     ShardReadError,
     clean_stale_temps,
-    expand_urls,
     iter_samples,
+    read_fingerprints,
+    reuse_problem,
+    shard_keys,
+    source_fingerprint,
     update_sizes,
     write_shard,
 )
-from simzss.helpformat import HelpFormatter
 from simzss.logs import progress as progress_bar, setup_logging
 
 log = logging.getLogger(__name__)
@@ -70,6 +78,7 @@ class ShardResult:
     output: str
     status: str  # done | skipped | failed
     samples: int = 0  # samples in the output shard
+    truncated: str | None = None  # the input ended mid-way (this reason); its complete samples were written
     skipped: Counter[str] = field(default_factory=Counter)  # dropped samples by reason
     dropped_members: Counter[str] = field(default_factory=Counter)  # members iter_samples left out
     captions: int = 0  # captions annotated in this run
@@ -78,6 +87,7 @@ class ShardResult:
     seconds: float = 0.0  # processing time in the worker (spaCy loading excluded)
     cpu_seconds: float = 0.0  # CPU time of the same (robust to other load on the machine)
     error: str | None = None
+    key_hashes: bytes = b""  # 64-bit hashes of the written keys (uint64), to count keys repeated across shards
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,6 +111,27 @@ def _init_worker(spacy_model: str, batch_size: int, bank: "ConceptBank", fast_sp
 
 def _run_shard(src: str, dst: str) -> ShardResult:
     return process_shard(src, dst, _STATE["extractor"], _STATE["bank"], _STATE["batch_size"])
+
+
+def _unreachable_names() -> list[str]:
+    """Bank names no extracted concept can equal, parsed with this worker's already loaded pipeline."""
+    return _STATE["bank"].multiword_unreachable(_STATE["extractor"])
+
+
+def key_hash(key: str) -> int:
+    """A 64-bit hash of a sample key (stable across processes and runs, unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _written_key_hashes(shard: Path) -> bytes:
+    """:func:`key_hash` of every sample key of an output shard (from its tar headers: :func:`shard_keys`), so that
+    a rerun that keeps the shard still counts keys repeated across shards."""
+    try:
+        keys = dict.fromkeys(shard_keys(shard))
+    except ShardReadError as e:  # its fingerprint matched, so this is unexpected: counted without it
+        log.warning("%s: cannot list its keys (%s); not counted for duplicate keys", shard, e)
+        keys = {}
+    return np.asarray([key_hash(k) for k in keys], dtype=np.uint64).tobytes()
 
 
 def _check_sample(sample: dict[str, Any], seen: set[str]) -> tuple[str | None, str | None]:
@@ -164,22 +195,30 @@ def _annotate(extractor: "ConceptExtractor", captions: list[str]) -> list[Any]:
 def process_shard(src: str, dst: str, extractor: "ConceptExtractor", bank: "ConceptBank", batch_size: int = 256) -> ShardResult:
     """Annotate one shard: read ``src``, drop bad samples (counted), write ``dst`` atomically.
 
-    Images are passed through undecoded. A shard that cannot be read to its end gives a failed
-    result and no ``dst``. The caption bytes are kept as they are, so concept spans index the
-    ``KEY.txt`` text exactly.
+    Images are passed through undecoded. A shard cut short (truncated, damaged mid-way) keeps the samples
+    completed before the damage: they are written and the result says ``truncated``; a shard with no complete
+    sample at all gives a failed result and no ``dst``. The caption bytes are kept as they are, so concept spans
+    index the ``KEY.txt`` text exactly.
     """
     res = ShardResult(shard=src, output=dst, status="done")
     seen: set[str] = set()
+    hashes: list[int] = []
     t0, c0 = time.perf_counter(), time.process_time()
 
     def valid() -> Iterator[tuple[dict[str, Any], str]]:
-        for sample in iter_samples(src, dropped=res.dropped_members):
-            reason, caption = _check_sample(sample, seen)
-            if reason is not None:
-                res.skipped[reason] += 1
-                log.debug("%s: dropping sample %r: %s", src, sample["__key__"], reason)
-                continue
-            yield sample, caption  # type: ignore[misc]
+        try:
+            for sample in iter_samples(src, dropped=res.dropped_members):
+                reason, caption = _check_sample(sample, seen)
+                if reason is not None:
+                    res.skipped[reason] += 1
+                    log.debug("%s: dropping sample %r: %s", src, sample["__key__"], reason)
+                    continue
+                yield sample, caption  # type: ignore[misc]
+        except ShardReadError as e:
+            if e.samples_read == 0:
+                raise  # nothing usable: no output
+            res.truncated = e.reason
+            log.warning("%s: %s; keeping the %d complete sample(s) before the damage", src, e.reason, e.samples_read)
 
     def annotated() -> Iterator[dict[str, Any]]:
         it = valid()
@@ -194,17 +233,21 @@ def process_shard(src: str, dst: str, extractor: "ConceptExtractor", bank: "Conc
                 payload = {"version": CONCEPTS_VERSION, "concepts": [c.to_json() for c in concepts]}
                 out = _kept_members(sample, res.dropped_members)
                 out[CONCEPTS_EXT] = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+                hashes.append(key_hash(sample["__key__"]))
                 yield out
 
     try:
         res.samples = write_shard(dst, annotated())
     except ShardReadError as e:
         res.status, res.error = "failed", str(e)
+    except DiskFullError:
+        raise  # every other shard would fail alike: the run stops with the one-line reason
     except Exception as e:  # one broken shard must not stop the others; reported as failed
         log.exception("%s: unexpected error", src)
         res.status, res.error = "failed", f"{type(e).__name__}: {e}"
     res.seconds = time.perf_counter() - t0
     res.cpu_seconds = time.process_time() - c0
+    res.key_hashes = np.asarray(hashes, dtype=np.uint64).tobytes() if res.status == "done" else b""
     if res.skipped:
         log.warning("%s: dropped %d sample(s): %s", src, sum(res.skipped.values()), dict(res.skipped))
     if res.status == "failed":
@@ -216,25 +259,8 @@ def process_shard(src: str, dst: str, extractor: "ConceptExtractor", bank: "Conc
 # driver
 
 
-def _plan(inputs: Sequence[str], out: Path) -> list[tuple[str, Path]]:
-    urls = expand_urls(list(inputs))
-    names: dict[str, str] = {}
-    plan = []
-    for url in urls:
-        if url.startswith("pipe:") or "://" in url:
-            raise ValueError(f"prepare reads local shard files only, got {url!r}")
-        src = Path(url)
-        if src.resolve().parent == out.resolve():
-            raise ValueError(f"input {url} is inside the output folder {out}; choose another --out")
-        if src.name in names:
-            raise ValueError(f"two inputs would write the same output {src.name}: {names[src.name]} and {url}")
-        names[src.name] = url
-        plan.append((url, out / src.name))
-    return plan
-
-
-def _count_existing(path: Path) -> int:
-    return sum(1 for _ in iter_samples(path))
+#: The (input shard, output path) pairs of a run, checked before anything is loaded (see :func:`plan_outputs`).
+plan_shards = plan_outputs
 
 
 def prepare_shards(
@@ -251,48 +277,63 @@ def prepare_shards(
 ) -> dict[str, Any]:
     """Annotate shards with concepts into ``out_dir``; return the run summary (see ``simzss prepare``).
 
-    ``inputs``: paths or brace patterns (``::``-separated lists allowed). ``bank`` (default: the
-    built-in evaluation vocabulary) only feeds the in-bank statistics; all concepts are stored.
-    Existing output shards are skipped unless ``overwrite``. ``fast_spacy`` runs spaCy's matrix products
-    through numpy's BLAS (:func:`simzss.concepts.load_spacy`, ``numpy_gemm``; ``False``: spaCy's BLIS). Worker processes get one
-    BLAS thread each (unless ``OPENBLAS_NUM_THREADS`` etc. are set); with ``processes=1`` the work runs in
-    this process, with its BLAS settings. Raises ``ValueError`` on bad arguments.
+    ``inputs``: paths, brace patterns, globs or folders (``::``-separated lists allowed); all are checked before
+    anything is loaded or written. ``bank`` (default: the built-in evaluation vocabulary) only feeds the in-bank
+    statistics; all concepts are stored. An existing output shard is kept only when ``fingerprints.json`` says it
+    was made from its input as that is now (size and mtime), with the same spaCy model and casing, and the
+    output itself is unchanged; otherwise it is redone (logged). Output shards outside ``inputs`` made from an
+    input of the same folder that is gone or changed (:func:`simzss.data.outputs.stale_outputs`) are refused with a
+    ``ValueError`` naming ``--overwrite``; ``overwrite`` removes them and redoes every shard.
+    ``fast_spacy`` runs spaCy's matrix products through numpy's BLAS (:func:`simzss.concepts.load_spacy`,
+    ``numpy_gemm``; ``False``: spaCy's BLIS). Worker processes get one BLAS thread each (unless
+    ``OPENBLAS_NUM_THREADS`` etc. are set); with ``processes=1`` the work runs in this process, with its BLAS
+    settings. Raises ``ValueError`` on bad arguments, ``FileNotFoundError`` for missing inputs and
+    ``PermissionError`` for an output folder that cannot be written.
     """
     if processes < 1 or batch_size < 1:
         raise ValueError(f"processes and batch_size must be >= 1, got {processes}, {batch_size}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plan = _plan([inputs] if isinstance(inputs, str) else list(inputs), out)
+    plan = plan_shards(inputs, out)  # before the output folder is made: a typo leaves nothing behind
+    writable_folder(out)
     if bank is None:
-        bank = ConceptBank.default()
+        bank = ConceptBank.default(report_unreachable=False)  # reported once, parsed with spaCy, at the end
     clean_stale_temps(out)
+    stale_removed = drop_stale_outputs(out, plan, overwrite)
     sizes = update_sizes(out, keep=lambda name: (out / name).is_file())  # forget shards deleted since
+    records = read_fingerprints(out)
+    made_with = {"spacy_model": spacy_model, "lowercase": lowercase}
 
     t0 = time.perf_counter()
     results: list[ShardResult] = []
     todo: list[tuple[str, Path]] = []
-    counted: dict[str, int] = {}
+    redo: Counter[str] = Counter()
     for src, dst in plan:
         if dst.exists() and not overwrite:
-            res = ShardResult(shard=src, output=str(dst), status="skipped")
-            try:
-                res.samples = sizes[dst.name] if dst.name in sizes else _count_existing(dst)
-                counted[dst.name] = res.samples
-            except ShardReadError as e:  # cannot happen for our own outputs, unless edited by hand
-                res.status, res.error = "failed", f"existing output is unreadable ({e}); delete it or use --overwrite"
-            results.append(res)
-        else:
-            todo.append((src, dst))
-    update_sizes(out, counted)
+            why = reuse_problem(src, dst, records.get(dst.name), made_with, sizes)
+            if why is None:
+                record = records[dst.name]
+                results.append(ShardResult(shard=src, output=str(dst), status="skipped", samples=sizes[dst.name],
+                                           truncated=record.get("truncated"), key_hashes=_written_key_hashes(dst)))
+                continue
+            redo[why] += 1
+            log.debug("%s: redoing %s: %s", src, dst, why)
+        todo.append((src, dst))
+    if redo:
+        log.warning("%d existing output shard(s) are redone: %s", sum(redo.values()),
+                    ", ".join(f"{n} because {why}" for why, n in redo.items()))
     log.info("%d shard(s): %d to do, %d already done", len(plan), len(todo), len(plan) - len(todo))
 
     def finished(res: ShardResult, bar: Any) -> None:
         results.append(res)
         if res.status == "done":
-            update_sizes(out, {Path(res.output).name: res.samples})
+            extra = {"source": source_fingerprint(res.shard), "made_with": made_with}
+            if res.truncated:
+                extra["truncated"] = res.truncated
+            update_sizes(out, {Path(res.output).name: res.samples}, extra={Path(res.output).name: extra})
         bar.update(1)
         bar.set_postfix(captions=sum(r.captions for r in results), failed=sum(r.status == "failed" for r in results))
 
+    unreachable: list[str] | None = None
     t_work = time.perf_counter()
     with progress_bar(total=len(todo), unit="shard", desc="prepare", enabled=progress and bool(todo)) as bar, \
             sigterm_raises(PrepareInterrupted):
@@ -300,6 +341,7 @@ def prepare_shards(
             _init_worker(spacy_model, batch_size, bank, fast_spacy, lowercase)
             for src, dst in todo:
                 finished(_run_shard(src, str(dst)), bar)
+            unreachable = _unreachable_names()
         elif todo:
             ctx = multiprocessing.get_context("spawn")
             workers = min(processes, len(todo))
@@ -307,13 +349,15 @@ def prepare_shards(
                                        initargs=(spacy_model, batch_size, bank, fast_spacy, lowercase))
             try:
                 with worker_environment():  # workers start during submit() and copy the environment
-                    pending: dict[Future[ShardResult], tuple[str, Path]] = {
+                    pending: dict[Future[Any], tuple[str, Path]] = {
                         pool.submit(_run_shard, src, str(dst)): (src, dst) for src, dst in todo
                     }
+                    # parsed by a worker whose pipeline is loaded anyway: the driver never loads spaCy
+                    names_future = pool.submit(_unreachable_names)
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
-                        src, dst = pending.pop(fut)
+                        pending.pop(fut)
                         try:
                             res = fut.result()
                         except BrokenProcessPool as e:
@@ -322,6 +366,7 @@ def prepare_shards(
                                 f"{spacy_model!r} installed?)"
                             ) from e
                         finished(res, bar)
+                unreachable = names_future.result()
             except BaseException:
                 stop_pool(pool)
                 clean_stale_temps(out)  # the stopped workers' unfinished shards
@@ -329,19 +374,40 @@ def prepare_shards(
             pool.shutdown(wait=True)
     work_seconds = time.perf_counter() - t_work
     summary = _summary(results, plan, out, processes, time.perf_counter() - t0, work_seconds)
+    summary["shards_redone"] = sum(redo.values())
+    summary["stale_shards_removed"] = stale_removed
     summary["fast_spacy"] = fast_spacy
     summary["lowercase"] = lowercase
-    summary["unreachable_bank_names"] = _report_unreachable(bank, spacy_model, fast_spacy)
+    summary["unreachable_bank_names"] = unreachable
+    if unreachable:
+        log.warning("%d of %d concept-bank names can never match an extracted concept (never trained): %s",
+                    len(unreachable), len(bank), ", ".join(unreachable))
+    _report_duplicates(summary, results)
     return summary
 
 
-def _report_unreachable(bank: "ConceptBank", spacy_model: str, fast_spacy: bool) -> list[str]:
-    """Bank names that no extracted concept can ever equal (parsed with this run's spaCy pipeline), logged."""
-    names = bank.multiword_unreachable(ConceptExtractor(spacy_model, numpy_gemm=fast_spacy))
-    if names:
-        log.warning("%d of %d concept-bank names can never match an extracted concept (never trained): %s",
-                    len(names), len(bank), ", ".join(names))
-    return names
+def _report_duplicates(summary: dict[str, Any], results: list[ShardResult]) -> None:
+    """Count the keys of the output shards (written in this run or kept from an earlier one) that an earlier shard
+    (in input order) also holds; both copies are kept (a key is only a name: two datasets may number their samples
+    alike), the count is reported and logged."""
+    arrays = [np.frombuffer(r.key_hashes, dtype=np.uint64) for r in results]
+    summary["duplicate_keys_across_shards"] = 0
+    summary["shards_with_duplicate_keys"] = []
+    if sum(a.size for a in arrays) == 0:
+        return
+    hashes = np.concatenate(arrays)
+    owner = np.repeat(np.arange(len(arrays)), [a.size for a in arrays])
+    _, first = np.unique(hashes, return_index=True)
+    repeated = np.ones(hashes.size, dtype=bool)
+    repeated[first] = False
+    if not repeated.any():
+        return
+    shards = sorted({results[i].shard for i in np.unique(owner[repeated])})
+    summary["duplicate_keys_across_shards"] = int(repeated.sum())
+    summary["shards_with_duplicate_keys"] = shards
+    log.warning("%d sample key(s) repeat a key of an earlier shard (both copies kept; keys are only names) in: %s",
+                int(repeated.sum()),
+                ", ".join(shards[:5]) + (f" and {len(shards) - 5} more" if len(shards) > 5 else ""))
 
 
 def _summary(results: list[ShardResult], plan: list[tuple[str, Path]], out: Path, processes: int,
@@ -362,8 +428,7 @@ def _summary(results: list[ShardResult], plan: list[tuple[str, Path]], out: Path
         "shards": len(plan),
         "shards_done": by["done"],
         "shards_skipped": by["skipped"],
-        "shards_failed": by["failed"],
-        "failed": [{"shard": r.shard, "error": r.error} for r in results if r.status == "failed"],
+        **problems_summary(results),
         "samples": sum(r.samples for r in results if r.status == "done"),
         "total_samples": sum(r.samples for r in results if r.status != "failed"),
         "skipped": {k: skipped[k] for k in SKIP_REASONS if skipped[k]},
@@ -380,46 +445,5 @@ def _summary(results: list[ShardResult], plan: list[tuple[str, Path]], out: Path
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``simzss prepare INPUT... --out DIR``: exit 0 when every shard is done or skipped, 1 if any failed."""
-    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="simzss prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("inputs", nargs="+", metavar="INPUT", help="shard paths or brace patterns (shard-{000..009}.tar)")
-    ap.add_argument("--out", required=True, help="output folder: annotated shards + sizes.json")
-    ap.add_argument("--processes", type=int, default=1, help="parallel processes, one spaCy pipeline each")
-    ap.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline name or path")
-    ap.add_argument("--batch-size", type=int, default=256, help="captions per spaCy batch")
-    ap.add_argument("--standard-spacy", action="store_true",
-                    help="run spaCy's matrix products with its bundled BLIS instead of numpy's BLAS "
-                         "(slower with one BLAS thread per process; same pipeline)")
-    ap.add_argument("--lowercase", action="store_true",
-                    help="parse the lower-cased caption, as the official release prepared its shards (spans still "
-                         "refer to the caption as written)")
-    ap.add_argument("--overwrite", action="store_true", help="redo shards whose output already exists")
-    ap.add_argument("--concept-bank", help="text file, one class name per line (only for the in-bank statistics)")
-    ap.add_argument("--synonyms", help="synonyms file for --concept-bank")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
-    setup_logging()
-    try:
-        bank = None
-        if args.concept_bank:
-            bank = ConceptBank.from_file(args.concept_bank, synonyms=args.synonyms)
-        summary = prepare_shards(args.inputs, args.out, processes=args.processes, spacy_model=args.spacy_model,
-                                 batch_size=args.batch_size, bank=bank, overwrite=args.overwrite,
-                                 progress=not args.no_progress, fast_spacy=not args.standard_spacy,
-                                 lowercase=args.lowercase)
-    except PrepareInterrupted as e:
-        print(f"simzss prepare: {e}; finished shards are kept, rerun the same command to continue", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"simzss prepare: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1))
-    if summary["shards_failed"]:
-        print(f"simzss prepare: {summary['shards_failed']} shard(s) failed: "
-              + ", ".join(f["shard"] for f in summary["failed"]), file=sys.stderr)
-        return 1
-    return 0
-
-
-__all__ = ["CONCEPTS_EXT", "KEPT_EXTENSIONS", "SKIP_REASONS", "PrepareInterrupted", "ShardResult", "main", "prepare_shards", "process_shard"]
+__all__ = ["CONCEPTS_EXT", "KEPT_EXTENSIONS", "SKIP_REASONS", "PrepareInterrupted", "ShardResult", "key_hash",
+           "plan_shards", "prepare_shards", "process_shard", "stale_outputs"]

@@ -1,17 +1,20 @@
-"""Which samples each rank and data worker reads: epoch sizes, the split of shards and samples across ranks and
-worker roles, and the state shared with persistent workers (epoch, seed, resume offsets, role rotation)."""
+"""Which samples each rank reads and in which order: epoch sizes, the split of an epoch's sample sequence across
+ranks, the seeded shuffle buffer, how a rank's output positions are dealt to its data workers in small chunks, and
+the start position shared with the workers."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing
+import random
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import webdataset as wds
 from webdataset.utils import make_seed
 
-from simzss.data.shards import SIZES_FILE, local_shard_path, read_sizes
+from simzss.data.shards import SIZES_FILE, StaleSizesError, local_shard_path, read_sizes
 
 
 
@@ -47,9 +50,42 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int
     return num_samples // (batch_size * world_size)
 
 
-def worker_share(num_batches: int, worker: int, num_workers: int) -> int:
-    """Batches worker ``worker`` of ``num_workers`` produces per epoch; the shares sum to ``num_batches``."""
-    return num_batches // num_workers + int(worker < num_batches % num_workers)
+def chunk_size(batch_size: int, workers: int) -> int:
+    """Output positions per piece of work dealt to one data worker: a quarter of a batch or less (so the first batch
+    comes from several workers at once, and shares stay even), at most 64 samples (so a worker hands back work
+    often), and no smaller than needed (every piece costs the main process an exchange with a worker)."""
+    return max(1, min(64, batch_size // max(1, min(workers, 4))))
+
+
+def prefetch_pieces(batch_size: int, workers: int, chunk: int) -> int:
+    """DataLoader ``prefetch_factor``: pieces queued per worker so that about two batches are always in flight."""
+    return max(2, math.ceil(2 * batch_size / (max(1, workers) * chunk)))
+
+
+T = TypeVar("T")
+
+
+def buffered_shuffle(src: Iterable[T], size: int, seed: int) -> Iterator[T]:
+    """The items of ``src`` reordered by a seeded shuffle buffer of ``size`` items (each item once).
+
+    The buffer fills with the first ``size`` items; from then on each new item takes the place of a random one,
+    which is emitted; at the end of ``src`` the rest is emitted in random order. Finite ``src``, finite output:
+    nothing past the end of ``src`` is ever read. Deterministic in ``seed`` (``random.Random``, no torch RNG).
+    """
+    if size <= 1:
+        yield from src
+        return
+    rng = random.Random(seed)
+    buf: List[T] = []
+    for item in src:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        k = rng.randrange(size)
+        out, buf[k] = buf[k], item
+        yield out
+    rng.shuffle(buf)
+    yield from buf
 
 
 def split_by_node(src: Iterable[Dict[str, Any]], rank: int, world_size: int) -> Iterator[Dict[str, Any]]:
@@ -63,9 +99,9 @@ def repeated_shards(urls: Sequence[str], seed: int) -> Iterator[Dict[str, Any]]:
         yield from wds.SimpleShardList(list(urls), seed=make_seed(seed, n))
 
 
-def role_seed(rank: int, role: int) -> int:
-    """Resampling seed of worker role ``role`` of ``rank`` (a role, not the DataLoader's worker id; see Resume)."""
-    return rank * 1000 + role
+def rank_seed(rank: int) -> int:
+    """Resampling seed of rank ``rank`` (all of a rank's data workers read the same resampled stream)."""
+    return rank * 1000
 
 
 def shard_sizes_of(urls: Sequence[str]) -> Optional[Dict[str, int]]:
@@ -79,6 +115,8 @@ def shard_sizes_of(urls: Sequence[str]) -> Optional[Dict[str, int]]:
         if path.parent not in tables:
             try:
                 tables[path.parent] = read_sizes(path.parent)
+            except StaleSizesError:
+                raise  # shards changed after sizes.json counted them: refuse, also with data.num_samples
             except (OSError, ValueError):
                 return None
         n = tables[path.parent].get(path.name)
@@ -120,51 +158,25 @@ def drop_head(src: Iterable[Dict[str, Any]], head: List[int]) -> Iterator[Dict[s
     yield from it
 
 
-def split_by_role(src: Iterable[Dict[str, Any]], role: int, num_workers: int) -> Iterator[Dict[str, Any]]:
-    """Every ``num_workers``-th shard from ``role`` on (``wds.split_by_worker`` by role instead of worker id)."""
-    return itertools.islice(src, role, None, num_workers)
-
-
-def select_role_blocks(
-    src: Iterable[Dict[str, Any]], role: int, num_workers: int, block: int
-) -> Iterator[Dict[str, Any]]:
-    """Raw samples of blocks ``role, role + num_workers, ...`` of ``block`` consecutive samples: the workers of a
-    rank share its sample stream batch by batch, so that together they see every sample once."""
-    period = block * num_workers
-    for index, sample in enumerate(src):
-        if (index % period) // block == role:
-            yield sample
-
-
 class SharedState:
-    """Epoch, seed, per-role resume offsets and the role rotation in shared memory, so that persistent
-    workers see updates.
+    """Epoch, seed and the start position of the next worker pass, in shared memory.
 
-    One per :class:`TrainLoader`; the loader writes it before each pass, every worker reads its role
-    (:meth:`role`) and that role's row when its stream starts (:meth:`TrainStream.__iter__`).
+    One per :class:`~simzss.data.stream.TrainLoader`; the loader writes it before it starts its workers, each worker
+    reads it when its stream starts (:meth:`~simzss.data.stream.TrainStream.__iter__`). The position counts output
+    positions of the rank's endless sample sequence (``epoch * samples_per_epoch + position in the epoch``).
     """
-
-    _HEADER = 3  # epoch, seed, role offset
 
     def __init__(self, num_workers: int, epoch: int = 0, seed: int = 0) -> None:
         self.num_workers = max(1, num_workers)
-        self._arr = multiprocessing.Array("q", self._HEADER + self.num_workers)
-        self.set(epoch, seed, [0] * self.num_workers)
+        self._arr = multiprocessing.Array("q", 3)
+        self.set(epoch, seed, 0)
 
-    def set(self, epoch: int, seed: int, skips: Sequence[int], offset: int = 0) -> None:
-        """Publish the epoch, the stream seed, how many batches each role must skip (resume) and the
-        rotation: DataLoader worker ``w`` plays role ``(w + offset) % num_workers``."""
+    def set(self, epoch: int, seed: int, position: int) -> None:
+        """Publish the epoch, the stream seed and the first output position the workers must produce."""
         with self._arr.get_lock():
-            self._arr[0], self._arr[1], self._arr[2] = int(epoch), int(seed), int(offset) % self.num_workers
-            for i, s in enumerate(skips):
-                self._arr[self._HEADER + i] = int(s)
+            self._arr[0], self._arr[1], self._arr[2] = int(epoch), int(seed), int(position)
 
-    def role(self, worker: int) -> int:
-        """The role (original worker index) DataLoader worker ``worker`` plays in this pass."""
+    def get(self) -> Tuple[int, int, int]:
+        """(epoch, seed, first output position)."""
         with self._arr.get_lock():
-            return (worker + int(self._arr[2])) % self.num_workers
-
-    def get(self, role: int) -> Tuple[int, int, int]:
-        """(epoch, seed, batches to skip for worker role ``role``)."""
-        with self._arr.get_lock():
-            return int(self._arr[0]), int(self._arr[1]), int(self._arr[self._HEADER + role])
+            return int(self._arr[0]), int(self._arr[1]), int(self._arr[2])

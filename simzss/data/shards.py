@@ -4,7 +4,9 @@ Shards follow the webdataset / img2dataset convention: the members of one sample
 member path up to the first ``.`` of its basename) and sit next to each other; the rest of the name
 is the extension (``jpg``, ``txt``, ``json``, ``concepts.json``). Member bytes are handed out raw;
 nothing here decodes, and members that could only be read by unpickling, or whose names are absolute or
-contain ``..``, are dropped unread. ``sizes.json`` updates are locked (:func:`update_sizes`). Shard specs
+contain ``..``, are dropped unread. ``sizes.json`` updates are locked (:func:`update_sizes`), and
+``fingerprints.json`` beside it records each counted shard's size and mtime (and what a derived shard was made
+from), so a shard replaced after it was counted is refused (:func:`check_fingerprints`). Shard specs
 given directly (config, command line) are trusted; ``pipe:`` lines in shard *list files* are refused
 unless allowed (:func:`expand_shards`).
 """
@@ -12,6 +14,7 @@ unless allowed (:func:`expand_shards`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import logging
@@ -36,6 +39,9 @@ UNSAFE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth"})
 #: Image extensions accepted in a sample (img2dataset output formats).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SIZES_FILE = "sizes.json"
+#: Next to ``sizes.json``: the size and mtime of each shard when it was counted, and what it was made from.
+FINGERPRINTS_FILE = "fingerprints.json"
+FINGERPRINTS_VERSION = 1
 #: A shard list inside a dataset folder: ``DIR`` then stands for the shards listed there (see :func:`expand_shards`).
 SHARD_LIST_FILE = "shards.txt"
 #: Longest caption (in characters) that is annotated or trained on; longer samples are skipped and counted
@@ -44,6 +50,34 @@ MAX_CAPTION_CHARS = 10_000
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")
 _TMP_MARK = ".tmp-"
+
+
+class DiskFullError(OSError):
+    """A write that failed because the disk (or the user's quota) is full. ``str()`` is one line that starts
+    with the path and says so; ``filename`` is the path, ``what`` what was being written."""
+
+    def __init__(self, path: str | os.PathLike[str], what: str = "it") -> None:
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        self.what = what
+
+    def __str__(self) -> str:
+        return (f"{self.filename}: the disk is full (no space left on device) while writing {self.what}; "
+                "free some space or write to another disk")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses process pools whole (OSError pickles its args only)
+        return (type(self), (self.filename, self.what))
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the disk or the quota is full: an ``OSError`` with ENOSPC / EDQUOT, or a library error
+    that wraps one in its text (safetensors raises ``SafetensorError(... No space left on device (os error 28))``)."""
+    if isinstance(e, DiskFullError):
+        return True
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
+                                   f"os error {errno.ENOSPC})", f"os error {errno.EDQUOT})"))
 
 
 class ShardReadError(OSError):
@@ -246,6 +280,31 @@ def iter_samples(path: str | os.PathLike[str], dropped: Counter[str] | None = No
             dropped.update(counts)
 
 
+def shard_keys(path: str | os.PathLike[str]) -> list[str]:
+    """The sample keys of a tar shard in file order, read from the member headers only (the data is skipped by a
+    seek): one key per sample as :func:`iter_samples` groups them, the same members skipped. ``ShardReadError``
+    when the shard cannot be read."""
+    path = os.fspath(path)
+    keys: list[str] = []
+    exts: set[str] = set()
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if member.isdir() or _skip_reason(member) is not None:
+                    continue
+                parts = split_key(member.name)
+                if parts is None or is_unsafe_extension(parts[1]):
+                    continue
+                key, ext = parts
+                if not keys or keys[-1] != key or ext in exts:
+                    keys.append(key)
+                    exts = set()
+                exts.add(ext)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardReadError(path, f"{type(e).__name__}: {e}", len(keys)) from e
+    return keys
+
+
 def is_unsafe_name(name: str) -> bool:
     """True for member names that would point outside a folder they were extracted to (absolute, ``..``)."""
     return name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name) or bool(re.match(r"^[A-Za-z]:", name))
@@ -281,7 +340,8 @@ def temp_path(path: str | os.PathLike[str]) -> Path:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was; a full disk is raised as
+    :class:`DiskFullError` naming ``path``.
     """
     path = Path(path)
     tmp = temp_path(path)
@@ -290,6 +350,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            raise DiskFullError(path) from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -452,8 +516,13 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any
     return n
 
 
-def read_sizes(directory: str | os.PathLike[str], missing_ok: bool = True) -> dict[str, int]:
-    """Read ``directory/sizes.json`` (``{"shard-000000.tar": 1000, ...}``); ``{}`` if absent and allowed."""
+def read_sizes(directory: str | os.PathLike[str], missing_ok: bool = True, verify: bool = True) -> dict[str, int]:
+    """Read ``directory/sizes.json`` (``{"shard-000000.tar": 1000, ...}``); ``{}`` if absent and allowed.
+
+    With ``verify`` (the default, what ``train`` gets) every shard with a fingerprint in ``fingerprints.json`` is
+    checked against it (:func:`check_fingerprints`): ``StaleSizesError`` when a shard changed after ``sizes.json``
+    was written, so that its count there cannot be trusted.
+    """
     p = Path(directory) / SIZES_FILE
     try:
         raw = p.read_text(encoding="utf-8")
@@ -469,7 +538,133 @@ def read_sizes(directory: str | os.PathLike[str], missing_ok: bool = True) -> di
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in sizes.items()
     ):
         raise ValueError(f"{p}: expected an object mapping shard names to sample counts")
+    if verify:
+        check_fingerprints(directory, sizes)
     return sizes
+
+
+# ------------------------------------------------------------------------------------------------
+# fingerprints: which file each sizes.json entry was counted on, and what it was made from
+
+
+class StaleSizesError(ValueError):
+    """A shard changed after ``sizes.json`` counted it: the folder must be rebuilt (``--overwrite``)."""
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, int]:
+    """``{"size": bytes, "mtime_ns": ...}`` of a file: cheap, and changes whenever the file is rewritten."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def source_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The fingerprint of an input file plus its absolute path: what a derived output records of its input."""
+    return {"path": str(Path(path).resolve()), **file_fingerprint(path)}
+
+
+def read_fingerprints(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """``{shard name: record}`` of ``directory/fingerprints.json``; ``{}`` when absent or unreadable (logged).
+
+    A record holds the shard's own ``size`` and ``mtime_ns`` when ``sizes.json`` last counted it, and, for a
+    derived shard, ``source`` (:func:`source_fingerprint` of its input) and ``made_with`` (the settings that
+    shaped it); ``truncated`` when the input was cut short (only its complete samples were written).
+    """
+    p = Path(directory) / FINGERPRINTS_FILE
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("%s is unreadable (%s); the shards' fingerprints are ignored", p, e)
+        return {}
+    shards = data.get("shards") if isinstance(data, dict) else None
+    if not isinstance(shards, dict):
+        log.warning("%s: no 'shards' table; the shards' fingerprints are ignored", p)
+        return {}
+    return {k: v for k, v in shards.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
+def _same_file(record: Mapping[str, Any], current: Mapping[str, int]) -> bool:
+    return record.get("size") == current["size"] and record.get("mtime_ns") == current["mtime_ns"]
+
+
+def check_fingerprints(directory: str | os.PathLike[str], sizes: Mapping[str, int]) -> None:
+    """Raise ``StaleSizesError`` if a shard listed in ``sizes`` differs from the file ``sizes.json`` counted.
+
+    A different size is refused at once. Same size, other mtime (a copy without ``-p``) is accepted when the shard
+    still holds the counted number of samples (its member headers are read to check: :func:`shard_keys`). Shards without a fingerprint (folders
+    written by hand or by an older version) and missing shards are not checked here.
+    """
+    records = read_fingerprints(directory)
+    for name, count in sizes.items():
+        record = records.get(name)
+        if record is None:
+            continue
+        try:
+            current = file_fingerprint(Path(directory) / name)
+        except OSError:
+            continue
+        if _same_file(record, current):
+            continue
+        why = f"{record.get('size')} -> {current['size']} bytes"
+        if record.get("size") == current["size"]:
+            try:
+                found = len(shard_keys(Path(directory) / name))
+            except ShardReadError:
+                found = -1
+            if found == count:
+                continue
+            why = f"modified, {found} samples now" if found >= 0 else "modified, now unreadable"
+        raise StaleSizesError(
+            f"{directory}: shard {name} changed after {SIZES_FILE} counted it ({count} samples; {why}), so the "
+            f"folder is stale: rebuild it with the command that wrote it plus --overwrite (a prepared folder: "
+            f"`simzss prepare INPUT... --out {directory} --overwrite`)"
+        )
+
+
+def reuse_problem(src: str | os.PathLike[str], dst: str | os.PathLike[str], record: Optional[Mapping[str, Any]],
+                  made_with: Mapping[str, Any], sizes: Mapping[str, int]) -> str | None:
+    """Why the existing output ``dst`` (fingerprint ``record``) may not be kept for input ``src`` — no record of
+    its input, the input changed, other settings (``made_with``), the output changed since it was counted — or
+    None when it was made from ``src`` as that is now with the same settings."""
+    if record is None or "source" not in record or Path(dst).name not in sizes:
+        return "no record of their input"
+    if record.get("source") != source_fingerprint(src):
+        return "input changed since"
+    if record.get("made_with") != dict(made_with):
+        return "made with other settings"
+    if not _same_file(record, file_fingerprint(dst)):
+        return "output changed since written"
+    return None
+
+
+def _write_fingerprints(directory: Path, sizes: Mapping[str, int], refresh: Optional[Iterable[str]],
+                        extra: Optional[Mapping[str, Mapping[str, Any]]]) -> None:
+    """Rewrite ``fingerprints.json`` for the shards of ``sizes``: the shards in ``refresh`` (all when None) and
+    those without a record are stat-ed anew (with their ``extra`` fields); the others keep their record."""
+    old = read_fingerprints(directory)
+    refresh = set(sizes) if refresh is None else set(refresh)
+    extra = extra or {}
+    records: dict[str, dict[str, Any]] = {}
+    for name in sorted(sizes):
+        if name in old and name not in refresh:
+            records[name] = old[name]
+            continue
+        try:
+            fp = file_fingerprint(directory / name)
+        except OSError:
+            continue  # listed but not (or no longer) there: nothing to fingerprint
+        kept = {k: v for k, v in old.get(name, {}).items() if k not in ("size", "mtime_ns")}
+        if name in extra:
+            kept = dict(extra[name])
+        elif not _same_file(old.get(name, {}), fp):
+            kept = {}  # rewritten by something that did not say what it was made from
+        records[name] = {**fp, **kept}
+    p = directory / FINGERPRINTS_FILE
+    if not records and not p.exists():
+        return
+    text = json.dumps({"version": FINGERPRINTS_VERSION, "shards": records}, indent=1, sort_keys=True) + "\n"
+    atomic_write_bytes(p, text.encode("utf-8"))
 
 
 @contextlib.contextmanager
@@ -491,17 +686,19 @@ def update_sizes(
     directory: str | os.PathLike[str],
     updates: Optional[Mapping[str, int]] = None,
     keep: Optional[Callable[[str], bool]] = None,
+    extra: Optional[Mapping[str, Mapping[str, Any]]] = None,
 ) -> dict[str, int]:
     """Merge ``updates`` into ``directory/sizes.json`` under a file lock and return the merged table.
 
     Safe with several processes (e.g. two ``simzss prepare`` runs) writing one folder: each update reads the
     current file inside the lock, so no writer's entries are lost. ``keep(name)`` drops entries for which
-    it returns False. An unreadable ``sizes.json`` is rebuilt from the updates (logged).
+    it returns False. An unreadable ``sizes.json`` is rebuilt from the updates (logged). The updated shards'
+    fingerprints are recorded (``extra``: what each was made from, see :func:`read_fingerprints`).
     """
     d = Path(directory)
     with _sizes_lock(d):
         try:
-            sizes = read_sizes(d)
+            sizes = read_sizes(d, verify=False)
         except ValueError as e:
             log.warning("%s; rebuilding it", e)
             sizes = {}
@@ -509,37 +706,58 @@ def update_sizes(
             sizes = {k: v for k, v in sizes.items() if keep(k)}
         sizes.update({k: int(v) for k, v in (updates or {}).items()})
         if sizes or (d / SIZES_FILE).exists():  # a folder gets a sizes.json once it holds a shard
-            write_sizes(d, sizes)
+            write_sizes(d, sizes, refresh=list(updates or {}), extra=extra)
     return sizes
 
 
-def write_sizes(directory: str | os.PathLike[str], sizes: Mapping[str, int]) -> Path:
-    """Write ``directory/sizes.json`` atomically, keys sorted; return its path."""
+def write_sizes(
+    directory: str | os.PathLike[str],
+    sizes: Mapping[str, int],
+    refresh: Optional[Iterable[str]] = None,
+    extra: Optional[Mapping[str, Mapping[str, Any]]] = None,
+) -> Path:
+    """Write ``directory/sizes.json`` atomically, keys sorted; return its path.
+
+    ``fingerprints.json`` is kept in step: the listed shards that exist get their size and mtime recorded (those in
+    ``refresh``, default all, are stat-ed anew; ``extra`` adds what a shard was made from), so that
+    :func:`read_sizes` notices a shard replaced after it was counted.
+    """
     p = Path(directory) / SIZES_FILE
     text = json.dumps({k: int(sizes[k]) for k in sorted(sizes)}, indent=1) + "\n"
     atomic_write_bytes(p, text.encode("utf-8"))
+    _write_fingerprints(Path(directory), sizes, refresh, extra)
     return p
 
 
 __all__ = [
+    "DiskFullError",
+    "FINGERPRINTS_FILE",
     "IMAGE_EXTENSIONS",
     "MAX_CAPTION_CHARS",
     "SHARD_LIST_FILE",
     "SIZES_FILE",
     "UNSAFE_EXTENSIONS",
     "ShardReadError",
+    "StaleSizesError",
+    "check_fingerprints",
     "atomic_path",
     "atomic_write_bytes",
     "clean_stale_temps",
     "current_umask",
     "expand_shards",
     "expand_urls",
+    "file_fingerprint",
     "follow_umask",
+    "is_disk_full",
     "is_unsafe_extension",
     "is_unsafe_name",
     "iter_samples",
+    "shard_keys",
     "pid_alive",
+    "read_fingerprints",
     "read_sizes",
+    "reuse_problem",
+    "source_fingerprint",
     "split_key",
     "temp_path",
     "update_sizes",

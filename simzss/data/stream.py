@@ -1,50 +1,46 @@
 """The webdataset training stream: tar shards -> decoded, augmented, tokenised :class:`Batch` es.
 
-Layout of one rank's stream (everything below the DataLoader runs inside each worker):
+One rank's stream, epoch after epoch, without a pause at the boundaries:
 
     shard list (repeated forever, reshuffled every pass with seed/epoch/pass, the same order on every rank;
-    or resampled with replacement) -> this rank's and worker's share (below)
-    -> tar reading (errors logged + counted) -> sample shuffle buffer
-    -> explicit decode (images / UTF-8 text / JSON only, nothing else is ever decoded or unpickled)
-    -> batching -> concepts (from ``KEY.concepts.json`` or spaCy on the fly) + tokenisation -> Batch
+    or resampled with replacement) -> this rank's samples of the epoch (below), a finite sequence
+    -> tar reading (errors logged + counted) -> seeded shuffle buffer (never reads past the rank's samples)
+    -> output positions dealt to the data workers in chunks of a few samples, round robin
+    -> per sample, in the worker that owns it: explicit decode (images / UTF-8 text / JSON only, nothing is ever
+       unpickled) + random resized crop to uint8 -> per chunk: concepts + tokenisation -> a piece
+    -> main process (:class:`~simzss.data.loader.TrainLoader`): pieces in order -> batches of exactly
+       ``batch_size`` (:meth:`Batch.cat`)
 
-Equal epochs on every rank: each worker's stream is infinite, and worker ``w`` of ``W`` emits exactly
-``num_batches // W + (w < num_batches % W)`` batches, so every rank's DataLoader yields exactly
-``num_batches = num_samples // (batch_size * world_size)`` batches whatever the shard sizes (no DDP hang).
+Every sample once per epoch: ranks split the *sample* sequence, not the shards. With shard sizes known
+(``sizes.json`` of local shards, the normal case) rank ``r`` takes the contiguous range
+``[r * n, (r + 1) * n)`` of the epoch's sample sequence, ``n = num_batches * batch_size``: it skips whole shards
+before its range unread and reads exactly ``n`` samples, which the shuffle buffer reorders without ever reading
+past them. Without sizes, ranks take every ``world_size``-th shard and read the first ``n`` samples of them (an
+epoch then covers the samples only approximately once). Every rank yields ``num_batches`` batches per epoch whatever
+the shard sizes (no DDP hang); the last ``num_samples % (batch_size * world_size)`` samples (the partial global
+batch) are left out of the epoch.
 
-Every sample once per epoch: ranks and workers split the *sample* sequence, not the shards (with uneven shards,
-e.g. 3 + 200 samples, a shard split makes some readers re-read the start of the big one):
+Workers: each of a rank's data workers reads (cheap: tar members are bytes) the rank's whole sequence and runs the
+same seeded shuffle, so all agree on the output order; output positions are cut into chunks of
+:func:`~simzss.data.sampling.chunk_size` samples, and chunk ``j`` of a pass belongs to worker ``j % workers``, which
+alone decodes, crops and tokenises its samples. The DataLoader returns the workers' pieces strictly round robin, so
+the main process receives the rank's sequence in order, whatever the number of workers. Workers run on into the
+next epoch while the main process finishes the current one (no restart, no refill stall at the boundary).
 
-- shard sizes known (``sizes.json`` of local shards, the normal case): worker role ``w`` of rank ``r`` takes the
-  contiguous range of samples ``[B * (r * num_batches + s_0 + ... + s_{w-1}), ...)`` of the epoch's sequence,
-  where ``s_v`` is role ``v``'s batch share and ``B`` the batch size. It skips whole shards before its range
-  unread (sizes say how long they are) and reads at most one shard's head in vain, so every shard is read about
-  once per epoch, by all ranks together.
-- sizes unknown: ranks take every ``world_size``-th shard of the list; then, for local shards, role ``w`` keeps
-  the blocks ``w, w + W, ...`` of ``B`` consecutive samples of the rank's shards (every worker reads, not decodes,
-  them all; they advance together, so after the first read the bytes come from the page cache); for
-  ``pipe:``/URL shards the workers split the rank's shards (each fetched once). With uneven shards an epoch then
-  covers the samples only approximately once.
+Skipped samples (counted and logged) are replaced by the ones that follow, which may come from the start of the
+next epoch's sequence (that epoch then begins a little further on). A stream that only skips stops with an error
+after ``max(1000, n)`` consecutive skipped samples instead of spinning.
 
-With known sizes and no skipped samples an epoch thus covers each sample exactly once over all ranks and workers,
-except the last ``num_samples % (batch_size * world_size)`` (the dropped partial global batch); skipped samples are
-replaced by the ones that follow.
+Resume: the loader's position is the output position of the rank's next sample; a resumed loader starts its
+workers there (they re-read, without decoding, the samples of the epoch before it to rebuild the shuffle buffer).
+Random crops: each sample is decoded under its own torch RNG seed derived from (seed, epoch, rank, index of the
+sample in the epoch's read order), inside ``torch.random.fork_rng``, so crops neither read nor disturb the
+process-wide RNG. Resumed with the same shards, ``seed`` and ``world_size``, the stream continues bit for bit (keys,
+tokens and image tensors) as if it had not stopped, with any number of workers.
 
-Resume: the loader tracks how many batches each worker has delivered in the current epoch. The
-DataLoader takes batches from workers strictly round-robin (skipping finished workers), so that count
-is known exactly in the main process. On resume every worker replays its stream (same seeds) and
-discards the batches it had already delivered before collation/tokenisation. Cost: those samples are
-read, decoded and augmented again (about ``consumed / num_batches`` of an epoch's loading work, spread
-over the workers), but nothing is tokenised or sent between processes. A resumed DataLoader starts its
-round-robin at worker 0, so worker slots are rotated: slot ``w`` plays the *role* of original worker
-``(w + offset) % W`` (``offset`` = the role that was next), and everything a worker does (shard split,
-shuffle seed, crop seeds, share, skip count) depends on its role, not on its slot.
-
-Random crops: each sample is decoded under its own torch RNG seed derived from (seed, epoch, rank,
-role, sample index in the role's stream), inside ``torch.random.fork_rng``, so crops neither read nor
-disturb the process-wide RNG and a replayed stream re-crops every sample identically. Resumed with the
-same shards, ``seed``, ``world_size`` and number of workers, the stream continues bit for bit (keys and
-image tensors) as if it had not stopped; with another number of workers it continues approximately.
+Images leave the workers as uint8 crops (``data.decode=cpu``: torchvision JPEG decoding with DCT scaling when the
+crop allows it, crop on the tensor; ``pil``: the former PIL decode and crop) or as encoded JPEGs with their crop
+boxes (``gpu``: decoded on the device); :func:`simzss.data.device.to_device` normalises them on the device.
 
 Extending: :class:`TrainStream` is public so that other sample formats reuse all of the above; a subclass
 overrides :meth:`TrainStream.decode_sample` and :meth:`TrainStream.collate` (see its docstring and
@@ -57,7 +53,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 from collections import Counter
 from functools import partial
@@ -65,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional,
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.utils import make_seed
 
 from simzss.concepts import Concept, ConceptBank, ConceptExtractor
@@ -76,23 +71,24 @@ from simzss.data.shards import (
     expand_shards,
     local_shard_path,
 )
-from simzss.data.batch import Batch
+from simzss.data.batch import Batch, EncodedImages
+from simzss.data.loader import Piece, TrainingDataError, TrainLoader
+from simzss.data.decode import decode_crop, plan_crop
 from simzss.data.sampling import (
     SharedState,
     batches_per_epoch,
+    buffered_shuffle,
+    chunk_size,
     count_samples,
     drop_head,
+    rank_seed,
     repeated_shards,
-    role_seed,
-    select_role_blocks,
     shard_sizes_of,
     skip_shards_before,
     split_by_node,
-    split_by_role,
-    worker_share,
 )
 from simzss.data.tokenize import tokenize_batch
-from simzss.data.transforms import ImageTooLargeError, decode_image, decode_min_size, normalize_batch, train_crop
+from simzss.data.transforms import ImageTooLargeError, decode_image, decode_min_size, train_crop
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -101,6 +97,7 @@ logger = logging.getLogger(__name__)
 
 CAPTION_EXTENSION = "txt"
 CONCEPTS_EXTENSION = "concepts.json"
+DECODERS = ("cpu", "gpu", "pil")  # data.decode
 
 # Per worker, epoch and reason, the first few skips are logged at WARNING, the rest at DEBUG (counts stay exact).
 _LOG_FIRST_SKIPS = 10
@@ -150,8 +147,8 @@ class SkipStats:
 
 
 def _ignore_tar_error(exc: Exception) -> bool:
-    """webdataset handler of the workers other than role 0: the same read error is counted once, by role 0."""
-    logger.debug("tar read error (counted by worker role 0): %s", exc)
+    """webdataset handler of the workers other than the first: they read the same bytes, the first counts errors."""
+    logger.debug("tar read error (counted by data worker 0): %s", exc)
     return True
 
 
@@ -168,52 +165,32 @@ def _fail_if_unproductive(src: Iterable[Dict[str, Any]], stats: SkipStats, limit
         idle = idle + 1 if stats.raw_samples == last else 0
         last = stats.raw_samples
         if idle > limit:
-            raise RuntimeError(
+            raise TrainingDataError(
                 f"{limit} consecutive training shards yielded no sample (last: {shard.get('url')!r}); "
                 "check data.shards and the warnings above"
             )
         yield shard
 
 
-def _group(src: Iterable[Dict[str, Any]], size: int) -> Iterator[List[Dict[str, Any]]]:
-    """Full lists of ``size`` samples (the stream is endless, so there is never a partial one).
-
-    Unlike ``wds.batched``, a list is emitted as soon as it is full rather than when the next sample
-    arrives, so the skips counted while filling it belong to it and nothing is read ahead.
-    """
-    it = iter(src)
-    while len(group := list(itertools.islice(it, size))) == size:
-        yield group
-
-
-def _skip_batches(src: Iterable[List[Dict[str, Any]]], n: int, stats: SkipStats) -> Iterator[List[Dict[str, Any]]]:
-    """Drop the first ``n`` (already consumed) sample lists; their skip counts were reported before."""
-    it = iter(src)
-    if n > 0:
-        for _ in itertools.islice(it, n):
-            pass
-        stats.drain()
-    yield from it
-
-
 class TrainStream(IterableDataset):
-    """One rank's stream of :class:`Batch` es; each DataLoader worker builds its own wds pipeline.
+    """One rank's endless stream of :class:`Piece` s; each DataLoader worker reads the rank's sequence.
 
     Extension contract (``simzss.data.features`` trains from cached vision features this way): a subclass
-    keeps the shard handling (rank/worker split, shuffling, equal epochs, resume, skip accounting) and
+    keeps the shard handling (rank split, shuffling, dealing to workers, equal epochs, resume, skip accounting) and
     overrides only
 
     - :meth:`decode_sample` ``(raw, stats) -> dict | None``: one raw tar sample (``{"__key__", "__url__",
       EXT: bytes, ...}``; members arrive as undecoded bytes) to a decoded sample dict holding at least
       ``"key"``, ``"caption"`` and ``"concepts"`` (as :meth:`decode_text` returns them), or ``None`` after
       ``stats.skip(reason, detail)``. It must never unpickle anything and must not raise on bad data.
-    - :meth:`collate` ``(samples, stats) -> Batch``: exactly ``batch_size`` decoded samples to a
+    - :meth:`collate` ``(samples, stats) -> Batch``: decoded samples (a chunk of a batch, at least one) to a
       :class:`Batch`; :meth:`text_fields` gives the tokenised caption fields (concepts extracted on the
-      fly for samples without them) and ``stats.drain()`` the skip counts.
+      fly for samples without them) and ``stats.drain()`` the skip counts. The loader joins chunks with
+      :meth:`Batch.cat`, so tensors other than the token fields must be stacked along the first dimension.
 
     Both run inside the DataLoader workers, so subclasses must be picklable (plain attributes set in
     ``__init__``). During iteration ``self.epoch`` and ``self.stream_seed`` hold the epoch and seed of
-    the stream being produced (e.g. to pick a per-epoch view deterministically).
+    the samples being produced (e.g. to pick a per-epoch view deterministically).
     """
 
     def __init__(
@@ -241,108 +218,119 @@ class TrainStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.num_batches = num_batches
+        self.samples_per_epoch = num_batches * batch_size  # output positions of one epoch on this rank
+        self.chunk = chunk_size(batch_size, state.num_workers)
         self.state = state
-        # samples per shard URL (sizes.json) lets each worker skip to its range unread; None: looked up here
+        # samples per shard URL (sizes.json) lets each rank skip to its range unread; None: looked up here
         self.shard_sizes = shard_sizes if shard_sizes is not None else shard_sizes_of(urls)
-        self.epoch = 0  # of the stream being produced; set by __iter__ in each worker
+        self.epoch = 0  # of the samples being produced; set by __iter__ in each worker
         self.stream_seed = 0
-        self.crop = train_crop(cfg.image_size, cfg.crop_scale, cfg.interpolation)  # uint8 per image; normalised per batch
+        self.decode = getattr(cfg, "decode", "cpu")
+        self.crop = train_crop(cfg.image_size, cfg.crop_scale, cfg.interpolation)  # the pil decoder's crop
         self.min_decode_size = decode_min_size(cfg.image_size, cfg.crop_scale)
         self._extractor: Optional["ConceptExtractor"] = None  # created lazily, per worker
         self._warned_on_the_fly = False
 
     # -- pipeline -------------------------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Piece]:
+        in_worker = get_worker_info() is not None
+        try:
+            for piece in self._pieces():
+                yield piece.packed() if in_worker else piece
+        except TrainingDataError as exc:  # handed over as data: a worker's exception would arrive as a traceback
+            yield Piece(0, 0, [], None, error=str(exc))
+
+    def _pieces(self) -> Iterator[Piece]:
         info = get_worker_info()
-        slot, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        worker = self.state.role(slot) if num_workers > 1 else 0  # everything below depends on the role only
-        epoch, seed, skip = self.state.get(worker)
-        self.epoch, self.stream_seed = epoch, seed
-        todo = worker_share(self.num_batches, worker, num_workers) - skip
-        if todo <= 0:
-            return iter(())
-        stats = SkipStats(worker)
+        slot, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        _, seed, position = self.state.get()
+        per_epoch = self.samples_per_epoch
+        epoch = position // per_epoch
+        first = position - epoch * per_epoch
+        stats = SkipStats(slot)
+        chunk = 0  # chunks dealt since the pass started: chunk j belongs to worker j % workers
+        while True:
+            self.epoch, self.stream_seed = epoch, seed
+            base = epoch * per_epoch
+            order = self._epoch_order(epoch, seed, stats, count_errors=slot == 0)
+            todo = itertools.islice(order, first, None)  # read (to rebuild the buffer), not decoded
+            for t in range(first, per_epoch, self.chunk):
+                items = list(itertools.islice(todo, self.chunk))
+                if not items:
+                    break  # fewer samples than per_epoch (only with data.num_samples above the data): next epoch
+                mine = chunk % workers == slot
+                chunk += 1
+                if mine:
+                    yield self._piece(base, t, items, stats)
+            first = 0
+            epoch += 1
+
+    def _epoch_order(self, epoch: int, seed: int, stats: SkipStats, count_errors: bool) -> Iterator[Tuple[int, Any]]:
+        """``(read index, raw sample)`` of this rank's samples of ``epoch``, in shuffled (output) order: a finite
+        sequence of at most ``samples_per_epoch`` items (exactly that many unless the data ran short)."""
         if self.cfg.resampled:
-            # Each worker draws shards with replacement from its own deterministic (seed, epoch, rank,
-            # role) generator; no split is needed.
+            # Shards drawn with replacement from a deterministic (seed, epoch, rank) generator; no split needed.
             shards: List[Any] = [
                 wds.ResampledShards(
                     self.urls,
                     seed=make_seed(seed, epoch),
-                    worker_seed=partial(role_seed, self.rank, worker),
+                    worker_seed=partial(rank_seed, self.rank),
                     deterministic=True,
                 )
             ]
         else:
             # An endless, per-pass reshuffled shard list (the same order on every rank). With known shard sizes
-            # every (rank, worker role) reads its own contiguous range of that sample sequence, so an epoch covers
-            # each sample once whatever the shard sizes; without them the list is split by rank, shard by shard
-            # (every rank always has shards, however few there are), and the rank's workers share its samples
-            # block by block (module docstring).
+            # each rank reads its own contiguous range of that sample sequence, so an epoch covers each sample
+            # once whatever the shard sizes; without them the list is split by rank, shard by shard.
             shards = [partial(repeated_shards, self.urls, make_seed(seed, epoch))]
             if self.shard_sizes is None:
                 shards.append(partial(split_by_node, rank=self.rank, world_size=self.world_size))
-        ranged = not self.cfg.resampled and self.shard_sizes is not None
-        split = "none" if self.cfg.resampled or (num_workers == 1 and not ranged) else self._worker_split()
         head = [0]
-        if split == "range":
-            before = self.rank * self.num_batches + sum(worker_share(self.num_batches, v, num_workers)
-                                                        for v in range(worker))
-            start = self.batch_size * before
+        ranged = not self.cfg.resampled and self.shard_sizes is not None
+        if ranged:
+            start = self.rank * self.samples_per_epoch
             shards.append(partial(skip_shards_before, sizes=self.shard_sizes, start=start, head=head))
-        elif split == "shards":
-            shards.append(partial(split_by_role, role=worker, num_workers=num_workers))
         stages: List[Any] = [
             *shards,
             partial(_fail_if_unproductive, stats=stats, limit=4 * len(self.urls) + 32),
-            wds.tarfile_to_samples(handler=_ignore_tar_error if split == "blocks" and worker else stats.tar_error),
+            wds.tarfile_to_samples(handler=stats.tar_error if count_errors else _ignore_tar_error),
             partial(_count_raw, stats=stats),
         ]
-        if split == "range":
+        if ranged:
             stages.append(partial(drop_head, head=head))
-        elif split == "blocks":
-            stages.append(partial(select_role_blocks, role=worker, num_workers=num_workers, block=self.batch_size))
-        if self.cfg.shuffle_buffer > 1:
-            buf = self.cfg.shuffle_buffer
-            stages.append(wds.shuffle(buf, initial=min(buf, 100), seed=make_seed(seed, epoch, self.rank, worker)))
-        stages += [
-            partial(self._decode_samples, stats=stats, crop_seed=make_seed(seed, epoch, self.rank, worker)),
-            partial(_group, size=self.batch_size),
-            partial(_skip_batches, n=skip, stats=stats),
-            wds.map(partial(self.collate, stats=stats)),
-        ]
-        return iter(wds.DataPipeline(*stages).with_epoch(todo))
+        raw = itertools.islice(iter(wds.DataPipeline(*stages)), self.samples_per_epoch)
+        return buffered_shuffle(enumerate(raw), self.cfg.shuffle_buffer, make_seed(seed, epoch, self.rank))
 
-    def _worker_split(self) -> str:
-        """How this rank's workers share its stream (module docstring): range | blocks | shards."""
-        if self.shard_sizes is not None:
-            return "range"
-        return "blocks" if all(local_shard_path(u) is not None for u in self.urls) else "shards"
-
-    def _decode_samples(
-        self, src: Iterable[Dict[str, Any]], stats: SkipStats, crop_seed: int
-    ) -> Iterator[Dict[str, Any]]:
-        """Decode raw samples, each under its own torch seed (``crop_seed``, index in this role's stream).
+    def _piece(self, base: int, start: int, items: List[Tuple[int, Any]], stats: SkipStats) -> Piece:
+        """Decode one chunk, each sample under its own torch seed (stream seed, epoch, rank, read index).
 
         torchvision's random crops draw from the global torch RNG; forking it per sample makes every crop a
-        function of the sample's position only (replayed exactly on resume, whatever the process RNG holds)
-        and leaves the caller's RNG untouched (the in-process ``workers=0`` path shares it with training).
-        Only the CPU generator is forked and seeded; CUDA generators are never touched.
+        function of the sample's place in the epoch only (replayed exactly on resume, with any number of workers,
+        whatever the process RNG holds) and leaves the caller's RNG untouched (the in-process ``workers=0`` path
+        shares it with training). Only the CPU generator is forked and seeded; CUDA generators are never touched.
         """
-        for index, raw in enumerate(src):
+        samples, positions = [], []
+        crop_seed = make_seed(self.stream_seed, self.epoch, self.rank)
+        for offset, (read_index, raw) in enumerate(items):
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(make_seed(crop_seed, index))
+                torch.default_generator.manual_seed(make_seed(crop_seed, read_index))
                 sample = self.decode_sample(raw, stats)
             if sample is not None:
-                yield sample
+                samples.append(sample)
+                positions.append(base + start + offset)
+        stop = base + start + len(items)
+        if not samples:
+            return Piece(base + start, stop, [], None, stats.drain())
+        return Piece(base + start, stop, positions, self.collate(samples, stats))
 
     # -- decoding (extension point) ---------------------------------------------------------------
 
     def decode_sample(self, raw: Dict[str, Any], stats: SkipStats) -> Optional[Dict[str, Any]]:
         """Decode the image, caption and concepts of one raw tar sample; None (counted) if unusable.
 
-        Returns ``{"key", "caption", "concepts", "image"}`` (``image``: the uint8 random crop). Only these
+        Returns ``{"key", "caption", "concepts", "image"}`` (``image``: the uint8 random crop; with
+        ``data.decode=gpu`` the encoded JPEG, plus ``"box"``, see :func:`simzss.data.decode.plan_crop`). Only these
         members are read; anything else (``.json`` metadata, ``.pyd``/``.pickle``/``.pth``...) is dropped as
         raw bytes and never deserialised. Images over ``data.max_image_pixels`` (after reduced-size JPEG
         decoding) are skipped as ``image_too_large``, undecodable ones as ``corrupt_image``.
@@ -354,12 +342,20 @@ class TrainStream(IterableDataset):
         sample = self.decode_text(raw, stats)
         if sample is None:
             return None
+        cfg, data = self.cfg, raw[image_ext]
         try:
-            sample["image"] = self.crop(decode_image(raw[image_ext], self.min_decode_size, self.cfg.max_image_pixels))
+            if self.decode == "pil":
+                sample["image"] = self.crop(decode_image(data, self.min_decode_size, cfg.max_image_pixels))
+            elif self.decode == "gpu":
+                sample["image"], sample["box"] = plan_crop(data, cfg.image_size, cfg.crop_scale, cfg.interpolation,
+                                                           cfg.max_image_pixels, sample_location(raw))
+            else:
+                sample["image"] = decode_crop(data, cfg.image_size, cfg.crop_scale, cfg.interpolation,
+                                              cfg.max_image_pixels, sample_location(raw))
         except ImageTooLargeError as exc:
             stats.skip("image_too_large", f"{sample_location(raw)}: {exc}"[:500])
             return None
-        except Exception as exc:  # untrusted bytes: PIL raises many types (OSError, ValueError, SyntaxError, ...)
+        except Exception as exc:  # untrusted bytes: decoders raise many types (OSError, ValueError, RuntimeError...)
             stats.skip("corrupt_image", f"{sample_location(raw)}: {type(exc).__name__}: {exc}"[:500])
             return None
         return sample
@@ -452,13 +448,14 @@ class TrainStream(IterableDataset):
         }
 
     def collate(self, samples: List[Dict[str, Any]], stats: SkipStats) -> Batch:
-        """A :class:`Batch` of decoded samples: stacked, ImageNet-normalised crops + :meth:`text_fields`."""
+        """A :class:`Batch` of decoded samples: stacked uint8 crops (or the encoded JPEGs and their crop boxes)
+        + :meth:`text_fields`; images are normalised on the device (:func:`simzss.data.device.to_device`)."""
         text = self.text_fields(samples)
-        return Batch(
-            images=normalize_batch(torch.stack([s["image"] for s in samples])),
-            skipped=stats.drain(),
-            **text,
-        )
+        if self.decode == "gpu":
+            encoded = EncodedImages([s["image"] for s in samples], torch.stack([s["box"] for s in samples]),
+                                    self.cfg.image_size, self.cfg.interpolation)
+            return Batch(images=None, encoded=encoded, skipped=stats.drain(), **text)
+        return Batch(images=torch.stack([s["image"] for s in samples]), skipped=stats.drain(), **text)
 
 
 def sample_location(raw: Dict[str, Any]) -> str:
@@ -476,118 +473,17 @@ def check_loader_args(*, batch_size: int, context_length: int, rank: int, world_
         raise ValueError(f"data.workers must be >= 0, got {workers}")
 
 
+def check_decoder(decode: str) -> None:
+    """ValueError unless ``data.decode`` is one of :data:`DECODERS` and, for ``gpu``, a CUDA device is visible."""
+    if decode not in DECODERS:
+        raise ValueError(f"data.decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+    if decode == "gpu" and not torch.cuda.is_available():
+        raise ValueError("data.decode=gpu needs a CUDA GPU and none is visible; use data.decode=cpu")
+
+
 # --------------------------------------------------------------------------------------------------
-# Loader
+# The loader of one rank (the class lives in simzss.data.loader)
 # --------------------------------------------------------------------------------------------------
-
-
-def _identity(x: Batch) -> Batch:
-    return x
-
-
-class TrainLoader:
-    """Iterable of :class:`Batch`; ``len()`` batches per epoch, identical on every rank.
-
-    Iterating runs (the rest of) the current epoch; when an epoch is exhausted the loader moves on to
-    the next one by itself. ``set_epoch(e)`` selects epoch ``e`` (from its start, unless ``e`` is the
-    current epoch, so that a resumed mid-epoch position survives the trainer's usual ``set_epoch``).
-    """
-
-    def __init__(self, dataset: TrainStream, *, num_samples: int, num_workers: int, seed: int) -> None:
-        self.dataset = dataset
-        self.num_samples = num_samples
-        self.num_batches = dataset.num_batches
-        self.num_workers = num_workers
-        self.seed = seed
-        self.epoch = 0
-        self._done = [0] * max(1, num_workers)  # batches delivered by each worker in this epoch
-        generator = torch.Generator()
-        generator.manual_seed(make_seed(seed, dataset.rank))  # worker base seeds (crops are seeded per sample)
-        self.loader = DataLoader(
-            dataset,
-            batch_size=None,
-            collate_fn=_identity,
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=generator,
-        )
-
-    @property
-    def batches_consumed(self) -> int:
-        """Batches of the current epoch already handed out."""
-        return sum(self._done)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select ``epoch``; restarts it from its first batch unless it is already the current epoch."""
-        if epoch != self.epoch:
-            self.epoch = int(epoch)
-            self._done = [0] * len(self._done)
-
-    def __iter__(self) -> Iterator[Batch]:
-        workers = len(self._done)
-        shares = [worker_share(self.num_batches, w, workers) for w in range(workers)]
-        remaining = [s - d for s, d in zip(shares, self._done)]
-        if sum(remaining) > 0:
-            # A fresh DataLoader pass starts its round-robin at worker 0: rotate the roles so that worker 0
-            # plays the role that was next (the uninterrupted order is role = batch index % workers).
-            offset = sum(self._done) % workers
-            self.dataset.state.set(self.epoch, self.seed, self._done, offset=offset)
-            # The DataLoader returns batches strictly round-robin over the workers that still have
-            # some, so this schedule says which role produced each batch.
-            roles = [(w + offset) % workers for w in range(workers)]
-            schedule = [role for r in range(max(remaining)) for role in roles if remaining[role] > r]
-            batches = iter(self.loader)
-            for produced, worker in enumerate(schedule):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    raise RuntimeError(f"training stream ended after {produced} of {len(schedule)} batches") from None
-                self._done[worker] += 1
-                yield batch
-        self.epoch += 1
-        self._done = [0] * workers
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Resume position: epoch, batches consumed (in total and per worker) and the stream seed."""
-        return {
-            "epoch": self.epoch,
-            "batches_consumed": self.batches_consumed,
-            "worker_batches": list(self._done),
-            "num_batches": self.num_batches,
-            "seed": self.seed,
-            "resampled": bool(self.dataset.cfg.resampled),
-        }
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue from a :meth:`state_dict`: same epoch, same stream seed, consumed batches skipped."""
-        try:
-            epoch, consumed, seed = int(state["epoch"]), int(state["batches_consumed"]), int(state["seed"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"invalid TrainLoader state {state!r}") from exc
-        if state.get("num_batches", self.num_batches) != self.num_batches:
-            logger.warning(
-                "epoch size changed since the checkpoint (%s -> %d batches); resuming by batch count",
-                state.get("num_batches"),
-                self.num_batches,
-            )
-        workers = len(self._done)
-        per_worker = state.get("worker_batches")
-        if not (isinstance(per_worker, list) and len(per_worker) == workers and sum(per_worker) == consumed):
-            if consumed:
-                logger.warning(
-                    "the checkpoint was written with a different number of data workers; the rest of epoch %d "
-                    "is approximate (%d batches skipped)",
-                    epoch,
-                    consumed,
-                )
-            per_worker = [math.ceil(max(0, consumed - w) / workers) for w in range(workers)]
-        shares = [worker_share(self.num_batches, w, workers) for w in range(workers)]
-        self.epoch, self.seed = epoch, seed
-        self._done = [min(int(d), s) for d, s in zip(per_worker, shares)]
 
 
 def build_train_loader(
@@ -610,6 +506,7 @@ def build_train_loader(
     )
     if not cfg.shards:
         raise ValueError("no training shards: set data.shards (paths, brace patterns, pipe: commands or URLs)")
+    check_decoder(cfg.decode)
     urls = expand_shards(cfg.shards, what="training shard", allow_pipe_in_lists=cfg.allow_pipe_in_shard_lists)
     num_samples = cfg.num_samples if cfg.num_samples is not None else count_samples(urls)
     num_batches = batches_per_epoch(num_samples, batch_size, world_size)
@@ -655,12 +552,15 @@ __all__ = [
     "SkipStats",
     "ConceptSpans",
     "build_train_loader",
+    "TrainingDataError",
     "check_loader_args",
     "sample_location",
     "expand_shards",
     "count_samples",
     "local_shard_path",
     "batches_per_epoch",
-    "worker_share",
     "shard_sizes_of",
+    "check_decoder",
+    "DECODERS",
+    "Piece",
 ]

@@ -21,11 +21,9 @@ index), and all files are written with fixed metadata, so the same arguments giv
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +33,6 @@ import numpy as np
 from PIL import Image
 
 from simzss.data.shards import atomic_write_bytes, write_shard, write_sizes
-from simzss.helpformat import HelpFormatter
-from simzss.logs import setup_logging
 
 
 RGB = tuple[int, int, int]
@@ -552,8 +548,8 @@ def generate_toy_world(
 ) -> dict[str, Any]:
     """Write the toy world (train shards + labelled val split) under ``out_dir``; return a summary.
 
-    Same arguments -> byte-identical files. ``out_dir/train`` and ``out_dir/val`` must be absent or
-    empty unless ``overwrite`` (then they are replaced).
+    Same arguments -> byte-identical files (except ``train/fingerprints.json``, which records the shards' mtimes).
+    ``out_dir/train`` and ``out_dir/val`` must be absent or empty unless ``overwrite`` (then they are replaced).
     """
     if num_train < 0 or num_val < 0:
         raise ValueError("num_train and num_val must be >= 0")
@@ -599,29 +595,5 @@ def generate_toy_world(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``simzss demo-data OUT_DIR``: write the toy world and print a JSON summary."""
-    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="simzss demo-data", description=__doc__.split("\n\n")[0])
-    ap.add_argument("out_dir", help="output folder (gets train/, val/, toy_world.json)")
-    ap.add_argument("--num-train", type=int, default=2000, help="training image-caption pairs")
-    ap.add_argument("--num-val", type=int, default=100, help="held-out images with masks")
-    ap.add_argument("--image-size", type=int, default=128, help="image side in pixels")
-    ap.add_argument("--shard-size", type=int, default=500, help="samples per training shard")
-    ap.add_argument("--seed", type=int, default=0, help="random seed of the generated world")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing train/ and val/ folders")
-    args = ap.parse_args(argv)
-    setup_logging()
-    try:
-        summary = generate_toy_world(args.out_dir, num_train=args.num_train, num_val=args.num_val,
-                                     image_size=args.image_size, shard_size=args.shard_size, seed=args.seed,
-                                     overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as e:
-        print(f"simzss demo-data: error: {e}", file=sys.stderr)
-        return 2
-    summary.pop("classes")
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
 __all__ = ["TOY_CLASSES", "TOY_STUFF", "TOY_THINGS", "IGNORE_INDEX", "Scene", "ToyClass", "generate_toy_world",
-           "ignore_borders", "make_caption", "make_scene", "main"]
+           "ignore_borders", "make_caption", "make_scene"]

@@ -4,30 +4,28 @@
 tensors: token ids, attention mask, and for every kept concept a boolean mask over the caption's tokens
 (a token belongs to a concept when its character range overlaps one of the concept's word spans).
 
-``simzss tokenizer --shards 'data/shard-{000000..000009}.tar' --out tok/ --vocab-size 8192`` trains the
-BPE on the ``KEY.txt`` captions of image-text tar shards.
+``simzss tokenizer --shards 'data/shard-{000000..000009}.tar' --out tok/ --vocab-size 8192`` (in
+:mod:`simzss.cli.tokenizer`) trains the BPE on the ``KEY.txt`` captions of image-text tar shards; the folder
+records what it was trained on (``training_source.json``) so a rerun never keeps a tokenizer of other data.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import operator
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from simzss.data.clip_tokenizer import build_openclip_tokenizer  # also registers OpenCLIPTokenizerFast
-from simzss.data.shards import expand_shards, follow_umask, split_key
-from simzss.helpformat import HelpFormatter
-from simzss.logs import setup_logging
+from simzss.data.shards import follow_umask, source_fingerprint, split_key
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +33,8 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN]
+#: In a folder written by ``simzss tokenizer``: the fingerprints of the shards and the settings it was trained with.
+TRAINING_SOURCE_FILE = "training_source.json"
 
 Span = Tuple[int, int]
 CaptionConcepts = List[Tuple[int, List[Span]]]  # [(class_id, char spans), ...] of one caption
@@ -46,6 +46,9 @@ CaptionConcepts = List[Tuple[int, List[Span]]]  # [(class_id, char spans), ...] 
 
 
 OPENCLIP_TOKENIZER = "open_clip"  # load_tokenizer name of open_clip's CLIP tokenizer
+#: What to give instead, said once in every load_tokenizer error (callers should not add their own).
+_ADVICE = (f"give the folder written by `simzss tokenizer` or save_pretrained, a Hugging Face hub name, or "
+           f"{OPENCLIP_TOKENIZER!r} (CLIP's tokenizer, offline)")
 
 
 def load_tokenizer(name_or_path: Union[str, Path]) -> PreTrainedTokenizerFast:
@@ -62,16 +65,14 @@ def load_tokenizer(name_or_path: Union[str, Path]) -> PreTrainedTokenizerFast:
         return build_openclip_tokenizer()
     if local and not Path(name).is_dir():
         raise ValueError(f"tokenizer path {name!r} is a file; give the folder written by save_pretrained")
-    if not local and (Path(name).is_absolute() or name.startswith(".")):
-        raise FileNotFoundError(
-            f"tokenizer folder {name!r} not found; give the folder written by `simzss tokenizer` or save_pretrained, "
-            f"a Hugging Face hub name, or {OPENCLIP_TOKENIZER!r} (CLIP's tokenizer, offline)"
-        )
+    if not local and _looks_local(name):
+        raise FileNotFoundError(f"tokenizer folder {name!r} not found; {_ADVICE}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True, local_files_only=local)
     except (OSError, ValueError) as exc:
         where = "local folder" if local else "Hugging Face hub name (or its cached copy)"
-        raise OSError(f"cannot load tokenizer from {where} {name!r}: {exc}") from exc
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"cannot load tokenizer from {where} {name!r} ({detail}); {_ADVICE}") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
             f"tokenizer {name!r} is a slow (Python) tokenizer ({type(tokenizer).__name__}); a fast tokenizer "
@@ -85,14 +86,37 @@ def load_tokenizer(name_or_path: Union[str, Path]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def _looks_local(name: str) -> bool:
+    """A name that can only be a local path: absolute, ``./``-relative, more than one ``/`` (hub names are
+    ``org/name``), or inside a folder that exists here (``runs/tok`` when ``runs/`` exists)."""
+    path = Path(name)
+    return (path.is_absolute() or name.startswith(".") or len(path.parts) > 2
+            or (len(path.parts) == 2 and path.parent.is_dir()))
+
+
+def training_source(shards: Sequence[str], **settings: Any) -> Dict[str, Any]:
+    """What a tokenizer is trained from: each shard's path, size and mtime, plus the training ``settings``."""
+    return {"version": 1, "shards": [source_fingerprint(p) for p in shards], "settings": dict(sorted(settings.items()))}
+
+
+def read_training_source(out_dir: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """The ``training_source.json`` of a tokenizer folder; None when absent or unreadable."""
+    try:
+        return json.loads((Path(out_dir) / TRAINING_SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def train_bpe_tokenizer(
-    captions: Iterable[str], out_dir: Union[str, Path], vocab_size: int = 8192, min_frequency: int = 2
+    captions: Iterable[str], out_dir: Union[str, Path], vocab_size: int = 8192, min_frequency: int = 2,
+    source: Optional[Dict[str, Any]] = None,
 ) -> PreTrainedTokenizerFast:
     """Train a lower-casing byte-level BPE on ``captions`` and save it (atomically) to ``out_dir``.
 
     Special tokens ``<|startoftext|>``, ``<|endoftext|>``, ``<|pad|>`` (ids 0, 1, 2); every encoding
     is wrapped in bos ... eos. Offsets exclude the space a byte-level token carries. The folder is
-    written with ``save_pretrained`` so :func:`load_tokenizer` reads it back.
+    written with ``save_pretrained`` so :func:`load_tokenizer` reads it back; ``source`` (see
+    :func:`training_source`) is stored in it as ``training_source.json``, in the same atomic swap.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -140,19 +164,21 @@ def train_bpe_tokenizer(
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
     )
-    _save_atomic(tokenizer, Path(out_dir))
+    _save_atomic(tokenizer, Path(out_dir), source)
     logger.info("trained a %d-token BPE on %d captions -> %s", tok.get_vocab_size(), counts["captions"], out_dir)
     return tokenizer
 
 
-def _save_atomic(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    """save_pretrained into a temporary sibling folder, then swap it into place."""
+def _save_atomic(tokenizer: PreTrainedTokenizerFast, out_dir: Path, source: Optional[Dict[str, Any]] = None) -> None:
+    """save_pretrained (plus ``training_source.json``) into a temporary sibling folder, then swap it into place."""
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     old: Optional[Path] = None
     try:
         tokenizer.save_pretrained(str(tmp))
+        if source is not None:
+            (tmp / TRAINING_SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n", encoding="utf-8")
         follow_umask(tmp)  # mkdtemp creates 0700; the folder follows the user's umask like other outputs
         if out_dir.exists():
             if not out_dir.is_dir():
@@ -307,35 +333,3 @@ def iter_shard_captions(paths: Sequence[str], stats: Optional[Dict[str, int]] = 
         except (tarfile.TarError, EOFError, OSError) as exc:
             stats["bad_shards"] += 1
             logger.warning("%s: unreadable tar shard (%s); skipped the rest of it", path, exc)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``simzss tokenizer``: train a byte-level BPE tokenizer on the captions of tar shards."""
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="simzss tokenizer", description=main.__doc__)
-    parser.add_argument("--shards", nargs="+", required=True, help="tar shards: paths, brace patterns or folders")
-    parser.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, special tokens included")
-    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a BPE merge")
-    parser.add_argument("--max-captions", type=int, default=None, help="train on at most this many captions")
-    args = parser.parse_args(argv)
-    setup_logging()
-
-    try:
-        paths = expand_shards(args.shards, local_only=True)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"simzss tokenizer: error: {exc}", file=sys.stderr)
-        return 2
-    stats: Dict[str, int] = {}
-    captions: Iterable[str] = iter_shard_captions(paths, stats)
-    if args.max_captions is not None:
-        captions = (c for i, c in zip(range(args.max_captions), captions))
-    try:
-        tokenizer = train_bpe_tokenizer(captions, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"simzss tokenizer: {exc}", file=sys.stderr)
-        return 1
-    logger.info(
-        "read %d captions from %d shards (%d unreadable shards, %d bad captions); vocabulary %d -> %s",
-        stats["captions"], stats["shards"], stats["bad_shards"], stats["bad_captions"], len(tokenizer), args.out,
-    )
-    return 0

@@ -77,8 +77,8 @@ def train_crop(
 ) -> v2.Compose:
     """The per-image half of :func:`train_transform`: random resized crop to a uint8 [3,H,W] tensor.
 
-    The training stream crops each image with this and normalises whole batches with
-    :func:`normalize_batch` (same result, about half the per-image cost of float conversion).
+    The training stream's ``pil`` decoder crops each image with this; whole batches are normalised on the device
+    with :func:`normalize_batch` (same result as :func:`train_transform`).
     """
     scale = _check_crop_scale(crop_scale)
     mode = interpolation_mode(interpolation)
@@ -87,13 +87,16 @@ def train_crop(
     )
 
 
-def normalize_batch(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images [..., 3, H, W] -> float32 scaled to [0, 1] and ImageNet-normalised (ToDtype + Normalize)."""
+def normalize_batch(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] -> float32 scaled to [0, 1] and normalised (ToDtype + Normalize), on the images'
+    device; ImageNet statistics by default."""
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return images.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+    m = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(3, 1, 1).to(images.device)
+    s = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1).to(images.device)
+    return images.to(torch.float32).div_(255.0).sub_(m).div_(s)
 
 
 def eval_transform(
@@ -151,28 +154,42 @@ def open_image(
     min_size: int = 0,
     reduce: bool = True,
     name: str | None = None,
+    scale: int = 1,
 ) -> Image.Image:
     """Open an image lazily (header only) and set up a decode that stays under ``max_pixels``.
 
     With ``reduce``, JPEGs use libjpeg's reduced-scale decoding (PIL draft mode, 1/2, 1/4 or 1/8): the
     largest scale that keeps the short side >= ``min_size`` (see :func:`decode_min_size`; ``0``: none), or
-    a larger one when needed to fit under ``max_pixels``. An image that cannot fit (any format without
-    ``reduce``; PNG, WebP... always) raises :class:`ImageTooLargeError` naming its size and the limit
-    before any pixel is decoded. ``max_pixels <= 0`` disables the cap. ``name`` is used in messages.
+    ``scale`` when that is larger (a caller that knows its crop, :func:`decode_crop`), or a larger one when
+    needed to fit under ``max_pixels``. An image that cannot fit (any format without ``reduce``; PNG, WebP...
+    always) raises :class:`ImageTooLargeError` naming its size and the limit before any pixel is decoded.
+    ``max_pixels <= 0`` disables the cap. ``name`` is used in messages.
     """
     where = name or (os.fspath(fp) if isinstance(fp, (str, os.PathLike)) else "image")
     try:
         img = Image.open(fp)
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{where}: {e}; downscale the image first (e.g. to under 40 Mpx)") from None
+    scale = _decode_scale(img, where, max_pixels=max_pixels, min_size=min_size, reduce=reduce, scale=scale)
+    if scale > 1:
+        w, h = img.size
+        # draft picks the largest scale f with f <= min(W // w', H // h'); (W // s, H // s) yields exactly s.
+        img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
+    return img
+
+
+def _decode_scale(img: Image.Image, where: str, *, max_pixels: int, min_size: int, reduce: bool, scale: int) -> int:
+    """The reduced-size decoding factor of :func:`open_image` (1 = full size); raises ImageTooLargeError."""
     w, h = img.size
-    scale = 1
     jpeg = reduce and img.format == "JPEG"
-    if jpeg and min_size > 0:
-        fit = min(w, h) // min_size
-        scale = max([s for s in _JPEG_SCALES if s <= fit] or [1])
-    if max_pixels > 0 and math.ceil(w / scale) * math.ceil(h / scale) > max_pixels:
-        fitting = [s for s in _JPEG_SCALES if s >= scale and math.ceil(w / s) * math.ceil(h / s) <= max_pixels]
+    chosen = 1
+    if jpeg:
+        if min_size > 0:
+            fit = min(w, h) // min_size
+            chosen = max([s for s in _JPEG_SCALES if s <= fit] or [1])
+        chosen = max(chosen, max(s for s in _JPEG_SCALES if s <= max(1, scale)))
+    if max_pixels > 0 and math.ceil(w / chosen) * math.ceil(h / chosen) > max_pixels:
+        fitting = [s for s in _JPEG_SCALES if s >= chosen and math.ceil(w / s) * math.ceil(h / s) <= max_pixels]
         if not jpeg or not fitting:
             img.close()
             raise ImageTooLargeError(
@@ -180,15 +197,12 @@ def open_image(
                 f"{max_pixels / 1e6:g} Mpx; downscale the image first or raise the limit "
                 "(data.max_image_pixels / --max-pixels)"
             )
-        scale = fitting[0]
-    if scale > 1:
-        # draft picks the largest scale f with f <= min(W // w', H // h'); (W // s, H // s) yields exactly s.
-        img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
-    return img
+        chosen = fitting[0]
+    return chosen
 
 
 def decode_image(data: bytes, min_size: int = 0, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode image bytes (JPEG, PNG, WebP, ...) into an RGB PIL image.
+    """Decode image bytes (JPEG, PNG, WebP, ...) into an RGB PIL image, EXIF orientation applied (as everywhere).
 
     For JPEGs, libjpeg's reduced-scale decoding (PIL draft mode, 1/2, 1/4 or 1/8) is used whenever the
     result keeps a short side >= ``min_size`` (see :func:`decode_min_size`); this makes decoding large
@@ -199,7 +213,7 @@ def decode_image(data: bytes, min_size: int = 0, max_pixels: int = DEFAULT_MAX_I
     """
     img = open_image(io.BytesIO(data), max_pixels=max_pixels, min_size=min_size)
     img.load()  # decode now so that truncated data fails here, not in the transform
-    return _to_rgb(img)
+    return _to_rgb(ImageOps.exif_transpose(img))
 
 
 __all__ = [

@@ -1,9 +1,10 @@
-"""AdamW with open_clip-style parameter groups, and the warmup + cosine learning-rate schedule."""
+"""AdamW with open_clip-style parameter groups, the warmup + cosine learning-rate schedule, and the sync-free
+skip of a non-finite step (the fused AdamW kernel's ``found_inf`` input)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 import torch
 from torch import nn
@@ -49,14 +50,58 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters (decay on matrices only)."""
+    """AdamW over the model's trainable parameters (decay on matrices only).
+
+    The fused implementation (CPU and CUDA) is used: besides being one kernel per step, it takes a ``found_inf``
+    flag on the device and then leaves parameters, moments and step count untouched, so the trainer can skip a
+    non-finite step without reading the flag on the host (:func:`step_unless`).
+    """
     groups = param_groups(model.named_parameters(), cfg.weight_decay)
     if not any(g["params"] for g in groups):
         raise ValueError("the model has no trainable parameters")
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(
-        groups, lr=scaled_lr(cfg, global_batch), betas=tuple(cfg.betas), eps=cfg.eps  # type: ignore[arg-type]
+        groups, lr=scaled_lr(cfg, global_batch), betas=tuple(cfg.betas), eps=cfg.eps,  # type: ignore[arg-type]
+        fused=True,
     )
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` honours a ``found_inf`` tensor (fused Adam/AdamW: torch's AMP protocol)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups
+    )
+
+
+def step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor, step: Callable[[], Any]) -> None:
+    """Run ``step()`` (the optimizer step, possibly through a wrapper) unless the 0-d device flag ``bad`` is set.
+
+    With a fused optimizer the flag goes to the kernel as ``found_inf``: nothing waits for the GPU. Otherwise the
+    flag is read on the host (one sync) and the step is skipped there.
+    """
+    if skips_on_device(optimizer):
+        optimizer.found_inf = bad.to(torch.float32)  # type: ignore[attr-defined]
+        try:
+            step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+    elif not bool(bad.item()):
+        step()
+
+
+def match_fused_state(optimizer: torch.optim.Optimizer, fresh_groups: List[Dict[str, Any]]) -> None:
+    """After ``load_state_dict`` of a state saved by another AdamW implementation (e.g. a checkpoint of the
+    non-fused optimizer), restore this optimizer's implementation flags and put the step counters where the
+    fused kernel needs them (float32 on the parameter's device)."""
+    for group, fresh in zip(optimizer.param_groups, fresh_groups):
+        for key in ("fused", "foreach", "capturable"):
+            if key in fresh:
+                group[key] = fresh[key]
+        if group.get("fused"):
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
 class WarmupCosine:
@@ -86,4 +131,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: 
     return LambdaLR(optimizer, WarmupCosine(round(warmup * total_steps), total_steps))
 
 
-__all__ = ["param_groups", "scaled_lr", "build_optimizer", "WarmupCosine", "build_scheduler"]
+__all__ = ["param_groups", "scaled_lr", "build_optimizer", "skips_on_device", "step_unless", "match_fused_state",
+           "WarmupCosine", "build_scheduler"]

@@ -1,7 +1,8 @@
-"""Experiment tracking for the trainer: ``metrics.jsonl`` always, plus wandb or TensorBoard.
+"""Experiment tracking for the trainer: ``metrics.jsonl`` always, plus wandb or TensorBoard, and the wall-clock
+throughput of each log window (:class:`ThroughputWindow`).
 
 Only the main process constructs a :class:`MetricLogger` with ``enabled=True``; other ranks get a
-disabled one so that call sites need no rank checks.
+disabled one so that call sites need no rank checks. Every row carries ``time`` (unix seconds, wall clock).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import json
 import logging
 import math
 import os
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +124,11 @@ class MetricLogger:
                 self._tb.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
-        """Record ``metrics`` (scalars or 0-d tensors) at ``step``."""
+        """Record ``metrics`` (scalars or 0-d tensors) at ``step``, with ``time`` (unix seconds) unless given."""
         if not self.enabled:
             return
         row = {k: _jsonable(v) for k, v in metrics.items()}
+        row.setdefault("time", round(time.time(), 3))
         assert self._jsonl is not None
         self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
         self._jsonl.flush()
@@ -148,4 +151,42 @@ class MetricLogger:
             self._tb = None
 
 
-__all__ = ["MetricLogger", "new_run_id", "wandb_mode", "REPORT_TO"]
+class ThroughputWindow:
+    """Wall-clock throughput over a log window: samples/s, the data-wait fraction, mean step and wait times.
+
+    The trainer reads its device values at a log step (a host sync) and only then closes the window, so the
+    window's wall time covers exactly the GPU work finished in it; everything in between (data waits,
+    checkpoints, evaluation hooks) counts, which is what a user pays for.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.start = clock()
+        self.samples = 0
+        self.steps = 0
+        self.wait_at_start = 0.0
+
+    def add(self, samples: int) -> None:
+        """Count one step of ``samples`` (this process's batch)."""
+        self.samples += samples
+        self.steps += 1
+
+    def close(self, wait_seconds: float, world_size: int = 1) -> Dict[str, float]:
+        """The window's row and a new window from now. ``wait_seconds``: the feed's running total of data wait."""
+        now = self.clock()
+        seconds = max(now - self.start, 1e-9)
+        waited = max(0.0, wait_seconds - self.wait_at_start)
+        steps = max(self.steps, 1)
+        row = {
+            "samples_per_s": self.samples * world_size / seconds,
+            "samples_per_s_per_gpu": self.samples / seconds,
+            "data_wait_fraction": min(1.0, waited / seconds),
+            "data_time": waited / steps,
+            "step_time": seconds / steps,
+            "window_seconds": seconds,
+        }
+        self.start, self.samples, self.steps, self.wait_at_start = now, 0, 0, wait_seconds
+        return row
+
+
+__all__ = ["MetricLogger", "ThroughputWindow", "new_run_id", "wandb_mode", "REPORT_TO"]

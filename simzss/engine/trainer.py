@@ -14,6 +14,7 @@ cache's ``meta.json`` (:func:`check_feature_cache`): features from other weights
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,16 +32,20 @@ from torch import nn
 from simzss.concepts import ConceptBank
 from simzss.config import ConfigError, TrainConfig, to_dict, to_yaml
 from simzss.data.features import CacheError, build_cached_loader, check_cache_compatible, read_cache_meta, weights_fingerprint
+from simzss.data.padding import trim_padding
 from simzss.data.stream import build_train_loader
 from simzss.data.tokenize import load_tokenizer
 from simzss.engine import checkpoint as ckpt_io
-from simzss.engine.optim import build_optimizer, build_scheduler
+from simzss.engine.epoch_position import loader_state_at, resume_position, steps_to_finish
+from simzss.engine.optim import build_optimizer, build_scheduler, match_fused_state, step_unless
+from simzss.engine.prefetch import DeviceFeed
 from simzss.engine.signals import GracefulStop
-from simzss.engine.tracking import REPORT_TO, MetricLogger, new_run_id
+from simzss.engine.tracking import REPORT_TO, MetricLogger, ThroughputWindow, new_run_id
 from simzss.eval import evaluate_segmentation
 from simzss.logs import progress
 from simzss.models.pretrained import write_text_config
 from simzss.models.simzss import SimZSS
+from simzss.models.zeroshot import get_mean_std
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +93,36 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ConfigError(msg)
 
 
-def check_eval_datasets(cfg: TrainConfig) -> None:
-    """Fail at start-up, not after training, when an ``eval.datasets`` path (``NAME:PATH``) is missing."""
+def _missing_eval_path(spec: str) -> Optional[str]:
+    """The local path of a ``NAME:PATH`` spec when it does not exist (None for URLs and existing paths)."""
+    path = spec.partition(":")[2]
+    return path if "://" not in path and not Path(path).exists() else None
+
+
+def check_eval_datasets(cfg: TrainConfig) -> List[str]:
+    """Check ``eval.datasets`` at start-up, not after training; returns the specs the run will evaluate.
+
+    A spec that is not ``NAME:PATH`` is always an error. A missing path is an error when evaluations run during
+    training (``eval.every > 0``). With ``eval.every: 0`` only the final evaluation would use it: a missing path
+    is then logged as a warning and that dataset is skipped at the end (so a config such as ``configs/demo.yaml``
+    runs on other data without ``eval.datasets=[]``); the trainer looks again at the end, in case it appeared.
+    """
     for i, spec in enumerate(cfg.eval.datasets):
         name, sep, path = spec.partition(":")
         if not sep or not path:
             raise ConfigError(f"eval.datasets[{i}]={spec!r}: expected NAME:PATH (e.g. folder:demo/data/val)")
-        if "://" not in path and not Path(path).exists():
-            raise ConfigError(f"eval.datasets[{i}]={spec!r}: {path} does not exist (override eval.datasets=[] to skip)")
+    usable: List[str] = []
+    for i, spec in enumerate(cfg.eval.datasets):
+        missing = _missing_eval_path(spec)
+        if missing is None:
+            usable.append(spec)
+        elif cfg.eval.every > 0:
+            raise ConfigError(f"eval.datasets[{i}]={spec!r}: {missing} does not exist (eval.every={cfg.eval.every} "
+                              "evaluates during training; fix the path or override eval.datasets=[] to skip)")
+        else:
+            log.warning("eval.datasets[%d]=%r: %s does not exist; the final evaluation will skip it "
+                        "(override eval.datasets=[] to silence this)", i, spec, missing)
+    return usable
 
 
 def resolve_mixed_precision(setting: str, use_cuda: bool) -> str:
@@ -189,7 +216,8 @@ def check_feature_cache(
 
 
 def run_evaluation(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> Dict[str, Any]:
-    """Zero-shot segmentation on every ``cfg.eval.datasets`` spec; ``{spec: {"mIoU", ...}}``."""
+    """Zero-shot segmentation on every ``cfg.eval.datasets`` spec; ``{spec: {"mIoU", ...}}`` (the trainer passes a
+    config whose datasets all exist, see :func:`check_eval_datasets`)."""
     return {
         spec: evaluate_segmentation(
             model,
@@ -258,12 +286,6 @@ def _check_world(num_processes: int) -> None:
             f"torch.distributed has {dist.get_world_size()} processes but accelerate sees {num_processes}: "
             "check the launcher (accelerate launch / torchrun) settings"
         )
-
-
-def _scalar(x: Any) -> float:
-    if isinstance(x, torch.Tensor):
-        return float(x.detach().float().item())
-    return float(x)
 
 
 def _vision_weights_needed(cfg: TrainConfig) -> bool:
@@ -336,12 +358,8 @@ class Trainer:
         self.is_main = acc.is_main_process
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_io.clean_tmp(self.ckpt_dir)
-            _write_text_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
-        acc.wait_for_everyone()
-
+        # Nothing is written before the tokenizer, model and data are built: a run that cannot start leaves no
+        # run folder (config.yaml, empty checkpoints/) behind.
         check_eval_datasets(cfg)
         try:
             self.resume_from: Optional[Path] = ckpt_io.resolve_resume(cfg.resume, self.ckpt_dir, validate=True) if cfg.resume else None
@@ -363,20 +381,28 @@ class Trainer:
         try:
             self.tokenizer = build_tokenizer(cfg)
         except (OSError, ValueError, TypeError) as e:
-            raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r}: {first_line(e)} (give the folder written by "
-                              "`simzss tokenizer` or a Hugging Face hub name)") from None
+            msg = first_line(e)
+            if "simzss tokenizer" not in msg:  # load_tokenizer's own messages already say what to give
+                msg += " (give the folder written by `simzss tokenizer` or a Hugging Face hub name)"
+            raise ConfigError(f"model.tokenizer={cfg.model.tokenizer!r}: {msg}") from None
         try:
             model = build_model(cfg, self.tokenizer)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot build the model: {first_line(e)}") from None
         if hasattr(model, "equal_batch_sizes"):
             model.equal_batch_sizes = True  # both streams yield full batches: no per-step size exchange
+        if hasattr(model, "right_padded_inputs"):
+            # tokenize_batch (and Batch.cat) pad on the right: the causal tower need not check it on the device
+            model.right_padded_inputs = True
         if cfg.model.text.compile and hasattr(model, "text"):
             model.text.compile()
         if cfg.model.vision.compile and getattr(model, "vision", None) is not None:
             model.vision.compile()
         try:
             self.loader = build_loader(cfg, self.tokenizer, rank=acc.process_index, world_size=acc.num_processes)
+            if hasattr(model, "concept_classes"):
+                # concept labels are ids of this bank: the concept loss sizes its class table without a host read
+                model.concept_classes = len(build_concept_bank(cfg))
         except (OSError, ValueError) as e:  # missing shards or bank, no sizes, batch larger than the data...
             raise ConfigError(f"training data: {first_line(e)}") from None
         self.steps_per_epoch = len(self.loader)
@@ -385,8 +411,13 @@ class Trainer:
                 f"the training stream has no full batch per rank (batch_size={cfg.batch_size}, "
                 f"{acc.num_processes} process(es)); check data.shards / data.num_samples"
             )
-        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        if self.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.clean_tmp(self.ckpt_dir)
+            _write_text_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
+        acc.wait_for_everyone()
         self.global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+        self.total_steps = self._planned_steps()
         optimizer = build_optimizer(model, cfg.optim, self.global_batch)
         scheduler = build_scheduler(optimizer, self.total_steps, cfg.optim.warmup)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
@@ -395,6 +426,9 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.nonfinite_total = 0
+        self.consecutive_nonfinite = 0  # as of the last read of the device flags
+        self.peak_nonfinite = 0  # the longest run of consecutive non-finite steps read so far in this call
+        self._pending_flags: List[torch.Tensor] = []  # [bad_loss, bad_grad] of steps not read on the host yet
         self.skips = _SkipCounter()
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -427,31 +461,36 @@ class Trainer:
         rank_state = {"rng": ckpt_io.rng_state(), "loader": self.loader.state_dict()}
         ckpt_io.save_state(rank_state, tmp, f"rank-{acc.process_index}")
         if self.is_main:
-            ckpt_io.save_model_weights(_checkpoint_weights(self.unwrapped, cfg), tmp / "model.safetensors")
-            ckpt_io.save_state(self.optimizer.state_dict(), tmp, "optimizer")
-            ckpt_io.save_state(self.scheduler.state_dict(), tmp, "scheduler")
-            (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-            if hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            # a pretrained-kind text tower's HF config, so loading the checkpoint needs no hub access
-            write_text_config(self.unwrapped, tmp)
-            trainer_state = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "total_steps": self.total_steps,
-                "world_size": acc.num_processes,
-                "run_id": self.run_id,
-                "nonfinite_total": self.nonfinite_total,
-                "skipped": dict(self.skips.by_reason),
-                "loader": self.loader.state_dict(),
-                "config": to_dict(cfg),
-            }
-            # Written last: list_checkpoints treats a folder without it as incomplete.
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+            # a failed write (a full disk) removes the temporary folder and raises DiskFullError naming step-N
+            with ckpt_io.removed_on_failure(tmp, self.ckpt_dir / ckpt_io.checkpoint_name(self.step), "a checkpoint"):
+                ckpt_io.save_model_weights(_checkpoint_weights(self.unwrapped, cfg), tmp / "model.safetensors")
+                ckpt_io.save_state(self.optimizer.state_dict(), tmp, "optimizer")
+                ckpt_io.save_state(self.scheduler.state_dict(), tmp, "scheduler")
+                (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+                if hasattr(self.tokenizer, "save_pretrained"):
+                    self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+                # a pretrained-kind text tower's HF config, so loading the checkpoint needs no hub access
+                write_text_config(self.unwrapped, tmp)
+                trainer_state = {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "total_steps": self.total_steps,
+                    "world_size": acc.num_processes,
+                    "run_id": self.run_id,
+                    "nonfinite_total": self.nonfinite_total,
+                    "skipped": dict(self.skips.by_reason),
+                    "loader": self.loader.state_dict(),
+                    # the epoch position in samples over all ranks: a resume with another batch size continues there
+                    "global_batch": self.global_batch,
+                    "samples_in_epoch": self.loader.state_dict()["batches_consumed"] * self.global_batch,
+                    "config": to_dict(cfg),
+                }
+                # Written last: list_checkpoints treats a folder without it as incomplete.
+                (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
         acc.wait_for_everyone()
         final = self.ckpt_dir / ckpt_io.checkpoint_name(self.step)
         if self.is_main:
-            final = ckpt_io.finalize_checkpoint(tmp, self.ckpt_dir, self.step)
+            final = ckpt_io.finalize_checkpoint(tmp, self.ckpt_dir, self.step, checksum=cfg.checkpoint_checksum)
             removed = ckpt_io.rotate_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
             log.info("checkpoint %s%s", final, f" (removed {len(removed)} old)" if removed else "")
         acc.wait_for_everyone()
@@ -469,6 +508,7 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt_io.load_state(path, "optimizer"))
         except (ValueError, KeyError, RuntimeError) as e:
             raise ConfigError(f"resume: {path} does not fit this model/optimizer config ({first_line(e)})") from None
+        match_fused_state(getattr(self.optimizer, "optimizer", self.optimizer), fresh)  # e.g. an older checkpoint
         sched = ckpt_io.load_state(path, "scheduler")
         # The schedule's shape (warmup, total steps) comes from the current config, its position from the checkpoint.
         sched["lr_lambdas"] = [None] * len(sched.get("lr_lambdas", [None]))
@@ -490,16 +530,44 @@ class Trainer:
         rank_file = path / f"rank-{acc.process_index}.json"
         if st.get("world_size") == acc.num_processes and rank_file.exists():
             rank_state = ckpt_io.load_state(path, f"rank-{acc.process_index}")
-            self.loader.load_state_dict(rank_state["loader"])
+            self.loader.load_state_dict(self._position_by_samples(rank_state["loader"]))
             ckpt_io.set_rng_state(rank_state["rng"])
         else:
             log.warning("checkpoint written by %s process(es), now %d: data position from rank 0, fresh RNG "
                         "(the run continues, not bit-exactly)", st.get("world_size"), acc.num_processes)
-            self.loader.load_state_dict(st["loader"])
+            self.loader.load_state_dict(self._position_by_samples(st["loader"]))
             from accelerate.utils import set_seed
 
             set_seed(self.cfg.seed + self.step, device_specific=True)
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+
+    def _resume_position(self) -> Optional[Tuple[int, int]]:
+        """(checkpoint's global batch, new batches already consumed in its epoch) when resuming with another
+        global batch; None otherwise (:func:`~simzss.engine.epoch_position.resume_position`)."""
+        return resume_position(self.resume_state, self.global_batch, self.steps_per_epoch)
+
+    def _planned_steps(self) -> int:
+        """``max_steps``, else ``epochs`` worth of steps; after a resume with another global batch, the steps that
+        finish the configured epochs from the checkpoint's sample position."""
+        cfg = self.cfg
+        if cfg.max_steps is not None:
+            return cfg.max_steps
+        position = self._resume_position()
+        if position is None:
+            return cfg.epochs * self.steps_per_epoch
+        return steps_to_finish(self.resume_state, position, self.steps_per_epoch, cfg.epochs)
+
+    def _position_by_samples(self, loader_state: Dict[str, Any]) -> Dict[str, Any]:
+        """The loader state to resume from: unchanged when the global batch is the checkpoint's, else the same
+        epoch continued at the same sample, not at the same batch number."""
+        position = self._resume_position()
+        if position is None:
+            return loader_state
+        old_batch, consumed = position
+        log.warning("resume: the global batch changed (%d -> %d): epoch %s continues at sample %d (batch %d of %d)",
+                    old_batch, self.global_batch, self.resume_state.get("epoch"), consumed * self.global_batch,
+                    consumed, self.steps_per_epoch)
+        return loader_state_at(loader_state, position, self.steps_per_epoch)
 
     def _report_changed_settings(self, saved: Dict[str, Any], step: int) -> None:
         """Warn about each optimizer / schedule setting that differs from the checkpoint's config: the new
@@ -519,16 +587,21 @@ class Trainer:
     def evaluate(self, logger: MetricLogger) -> Dict[str, Any]:
         """Run the eval hook, log ``eval/...`` metrics, write ``RUN/eval.json`` (main process):
         ``{"step": N, "results": {"NAME:PATH": {"mIoU", "pixel_acc", "per_class", ...}, ...}}``."""
-        if not self.cfg.eval.datasets:
+        specs = [spec for spec in self.cfg.eval.datasets if _missing_eval_path(spec) is None]
+        for spec in self.cfg.eval.datasets:
+            if spec not in specs:
+                log.warning("evaluation of %s skipped: %s does not exist", spec, _missing_eval_path(spec))
+        if not specs:
             return {}
         if getattr(self.unwrapped, "vision", None) is None:
             log.warning("the model has no vision tower: zero-shot evaluation skipped")
             return {}
         model = self.unwrapped
         model.eval()
+        cfg = dataclasses.replace(self.cfg, eval=dataclasses.replace(self.cfg.eval, datasets=specs))
         try:
             with torch.no_grad():
-                results = run_evaluation(self.cfg, model, self.accelerator)
+                results = run_evaluation(cfg, model, self.accelerator)
         finally:
             model.train()
         metrics = {f"eval/{spec}/mIoU": r["mIoU"] for spec, r in results.items() if "mIoU" in r}
@@ -542,8 +615,73 @@ class Trainer:
 
     # -- the loop --
 
+    def _feed(self) -> DeviceFeed:
+        """Host batches to the device (uint8 images normalised there with the tower's statistics)."""
+        mean, std = get_mean_std(self.unwrapped)
+        transform = trim_padding if self.cfg.data.dynamic_padding else None  # on the CPU batch: no device sync
+        return DeviceFeed(self.accelerator.device, mean=mean.tolist(), std=std.tolist(), transform=transform)
+
+    def _train_step(self, batch: Any) -> Tuple[Any, Optional[torch.Tensor], float]:
+        """Issue one optimizer step without waiting for the device; returns (model output, grad norm, lr).
+
+        The step's non-finite flags (loss, gradient; the max over ranks, so every rank skips the same steps) stay
+        on the device: the fused optimizer skips the update itself, and :meth:`_read_flags` counts them later.
+        """
+        acc, cfg = self.accelerator, self.cfg
+        out = self.model(batch)
+        loss = out.loss
+        # Backward even on a bad loss (the update is skipped) so DDP ranks stay in lockstep.
+        acc.backward(loss)
+        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.optim.grad_clip or math.inf)
+        bad_loss = ~torch.isfinite(loss.detach().float())
+        check_grad = acc.scaler is None and isinstance(grad_norm, torch.Tensor)  # fp16: the scaler handles overflow
+        bad_grad = ~torch.isfinite(grad_norm.detach().float()) if check_grad else torch.zeros_like(bad_loss)
+        flags = _all_reduce(torch.stack([bad_loss, bad_grad]).float(), "max")
+        self._pending_flags.append(flags)
+        if acc.scaler is not None:
+            self.optimizer.step()  # the GradScaler skips a step whose gradients are not finite
+        else:
+            step_unless(getattr(self.optimizer, "optimizer", self.optimizer), flags.amax(), self.optimizer.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the lr of this step, logged below
+        with warnings.catch_warnings():
+            # torch warns when a skipped (non-finite) first step leaves the optimizer unstepped
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
+        return out, grad_norm, lr
+
+    def _read_flags(self) -> None:
+        """Read the non-finite flags of the steps since the last read (one host sync), count and log them."""
+        if not self._pending_flags:
+            return
+        values = torch.stack(self._pending_flags).tolist()
+        first = self.step - len(values) + 1
+        self._pending_flags.clear()
+        for i, (bad_loss, bad_grad) in enumerate(values):
+            if bad_loss or bad_grad:
+                self.nonfinite_total += 1
+                self.consecutive_nonfinite += 1
+                self.peak_nonfinite = max(self.peak_nonfinite, self.consecutive_nonfinite)
+                log.warning("step %d: non-finite %s, update skipped (%d in a row)", first + i,
+                            "loss" if bad_loss else "gradient", self.consecutive_nonfinite)
+            else:
+                self.consecutive_nonfinite = 0
+
+    def _agree_stop(self, requested: Optional[str]) -> bool:
+        """Whether any rank received a stop signal (a tiny all-reduce; all ranks call it at the same steps)."""
+        flag = torch.tensor([1.0 if requested else 0.0], device=self.accelerator.device)
+        return bool(_all_reduce(flag, "max").item())
+
     def fit(self) -> Dict[str, Any]:
-        """Train to ``total_steps`` (or a stop signal); returns final metrics and paths."""
+        """Train to ``total_steps`` (or a stop signal); returns final metrics and paths.
+
+        No step waits for the device: batch ``n + 1`` is fetched and copied while step ``n`` runs. The host reads
+        device values only at *check steps* (log, checkpoint and evaluation steps, the last step): the logged
+        metrics, the non-finite flags of the steps since the previous check, and, with several processes, the
+        stop agreement. So a run stops on SIGTERM/SIGUSR1 at the next check step (every step in a single
+        process), and ``max_nonfinite`` consecutive non-finite steps stop it at the next check step; skipped
+        steps never change the weights either way.
+        """
         acc, cfg = self.accelerator, self.cfg
         logger = MetricLogger(self.run_dir, cfg.report_to, run_id=self.run_id, run_name=cfg.run_name,
                               config=to_dict(cfg), enabled=self.is_main)
@@ -552,10 +690,12 @@ class Trainer:
         last: Dict[str, Any] = {}
         eval_results: Dict[str, Any] = {}
         stopped: Optional[str] = None
-        consecutive_nonfinite = 0
         last_ckpt: Optional[Path] = self.resume_from
         # The first epoch after a resume continues the loader's restored position instead of restarting it.
         fresh_epoch = self.resume_from is None or self.step == 0
+        distributed = acc.num_processes > 1
+        feed = self._feed()
+        window = ThroughputWindow()
         self.model.train()
         try:
             with GracefulStop() as stop:
@@ -565,71 +705,48 @@ class Trainer:
                         self.loader.set_epoch(self.epoch)
                     fresh_epoch = True
                     batches_this_pass = 0
-                    t_data = t_epoch = time.perf_counter()
-                    for batch in self.loader:
+                    t_epoch = time.perf_counter()
+                    for batch in feed(self.loader):
                         batches_this_pass += 1
-                        t_step = time.perf_counter()
-                        data_time = t_step - t_data
                         self.skips.add(getattr(batch, "skipped", None))
-                        out = self.model(batch.to(acc.device))
-                        loss = out.loss
-                        # One tiny all-reduce per step: every rank must agree to skip and to stop.
-                        flags = torch.tensor(
-                            [0.0 if torch.isfinite(loss.detach()).item() else 1.0, 1.0 if stop.requested else 0.0],
-                            device=acc.device,
-                        )
-                        bad_loss, stop_now = (bool(v) for v in _all_reduce(flags, "max").tolist())
-                        # Backward even on a bad loss (grads are zeroed below) so DDP ranks stay in lockstep.
-                        acc.backward(loss)
-                        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.optim.grad_clip or math.inf)
-                        bad_grad = acc.scaler is None and grad_norm is not None and not math.isfinite(_scalar(grad_norm))
-                        if bad_loss or bad_grad:
-                            self.nonfinite_total += 1
-                            consecutive_nonfinite += 1
-                            if acc.scaler is not None:
-                                acc.scaler.update()  # unscale_ ran in clip_grad_norm_; close the fp16 iteration
-                            log.warning("step %d: non-finite %s, update skipped (%d in a row)", self.step + 1,
-                                        "loss" if bad_loss else "gradient", consecutive_nonfinite)
-                        else:
-                            self.optimizer.step()
-                            consecutive_nonfinite = 0
-                        self.optimizer.zero_grad(set_to_none=True)
-                        lr = float(self.optimizer.param_groups[0]["lr"])  # the lr of this step, logged below
-                        with warnings.catch_warnings():
-                            # torch warns when a skipped (non-finite) first step leaves the optimizer unstepped
-                            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-                            self.scheduler.step()
+                        out, grad_norm, lr = self._train_step(batch)
                         self.step += 1
                         bar.update(1)
-                        step_time = time.perf_counter() - t_step
-
-                        if self.step % cfg.log_every == 0 or self.step == self.total_steps or stop_now:
-                            last = self._metrics(out, loss, grad_norm, lr, data_time, step_time, len(batch))
+                        window.add(len(batch))
+                        done = self.step >= self.total_steps
+                        log_now = self.step % cfg.log_every == 0 or done
+                        ckpt_now = done or bool(cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+                        eval_now = bool(cfg.eval.every and self.step % cfg.eval.every == 0) and not done
+                        stop_now = stop.requested is not None and not distributed
+                        if log_now or ckpt_now or eval_now or stop_now:
+                            if distributed:
+                                stop_now = self._agree_stop(stop.requested)
+                            self._read_flags()
+                        if log_now or stop_now:
+                            last = self._metrics(out, grad_norm, lr, feed, window)
                             logger.log(last, self.step)
                             postfix = {"loss": f"{last['loss']:.4f}"}
                             if math.isfinite(last["concept_accuracy"]):  # nan without concepts (LiT)
                                 postfix["acc"] = f"{last['concept_accuracy']:.3f}"
                             bar.set_postfix(postfix)
 
-                        if consecutive_nonfinite >= cfg.max_nonfinite:
+                        if self.peak_nonfinite >= cfg.max_nonfinite:
                             last_ckpt = self.save_checkpoint()
                             raise NonFiniteLossError(
-                                f"{consecutive_nonfinite} consecutive non-finite losses/gradients at step {self.step} "
+                                f"{self.peak_nonfinite} consecutive non-finite losses/gradients by step {self.step} "
                                 f"(max_nonfinite={cfg.max_nonfinite}); checkpoint {last_ckpt}. Lower optim.lr, set "
                                 "optim.grad_clip, or check the data."
                             )
-                        done = self.step >= self.total_steps
                         if stop_now:
                             stopped = stop.requested or "signal"
-                        if (done or stop_now or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
+                        if done or stop_now or ckpt_now:
                             last_ckpt = self.save_checkpoint()
-                        if cfg.eval.every and self.step % cfg.eval.every == 0 and not done and not stop_now:
+                        if eval_now and not stop_now:
                             eval_results = self.evaluate(logger)
                         if done or stop_now:
                             if restarted and batches_this_pass == self.steps_per_epoch:
                                 self._epoch_done(time.perf_counter() - t_epoch)
                             break
-                        t_data = time.perf_counter()
                     else:
                         if restarted and batches_this_pass == 0:
                             raise RuntimeError(f"the training stream yielded no batch in epoch {self.epoch}; "
@@ -640,6 +757,7 @@ class Trainer:
             bar.close()
             if stopped is None:
                 if last_ckpt is None or last_ckpt.name != ckpt_io.checkpoint_name(self.step):
+                    self._read_flags()
                     last_ckpt = self.save_checkpoint()
                 eval_results = self.evaluate(logger) or eval_results
                 if self.is_main:
@@ -663,6 +781,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_total,
             "skipped": dict(self.skips.by_reason),
             "epoch_times": list(self.epoch_times),
+            "data_wait_seconds": feed.wait_seconds,
             "metrics": last,
             "eval": eval_results,
         }
@@ -672,27 +791,36 @@ class Trainer:
         self.epoch_times.append(seconds)
         log.info("epoch %d: %d steps in %.1fs", self.epoch, self.steps_per_epoch, seconds)
 
-    def _metrics(self, out: Any, loss: torch.Tensor, grad_norm: Any, lr: float, data_time: float, step_time: float,
-                 batch_len: int) -> Dict[str, Any]:
-        """The per-step log row; the skipped-sample count is summed over ranks (all ranks call this)."""
-        skipped = _all_reduce(torch.tensor([float(self.skips.total)], device=self.accelerator.device), "sum")
+    def _metrics(self, out: Any, grad_norm: Any, lr: float, feed: DeviceFeed,
+                 window: ThroughputWindow) -> Dict[str, Any]:
+        """The log row of a check step: the step's values read in one host sync, then the window's wall-clock
+        throughput (all ranks call this; the skipped-sample count is summed over ranks)."""
+        acc = self.accelerator
+        skipped = _all_reduce(torch.tensor([float(self.skips.total)], device=acc.device), "sum")
+        nan = torch.full((), float("nan"), device=acc.device)
+        device_values = [out.loss, out.global_loss, out.concept_loss, out.concept_accuracy, out.logit_scale,
+                         grad_norm if isinstance(grad_norm, torch.Tensor) else nan, skipped,
+                         torch.as_tensor(out.num_concepts, device=acc.device),
+                         torch.as_tensor(out.num_classes, device=acc.device)]
+        (loss, global_loss, concept_loss, concept_accuracy, logit_scale, norm, skipped_total, num_concepts,
+         num_classes) = torch.stack([v.detach().float().reshape(()).to(acc.device) for v in device_values]).tolist()
         metrics: Dict[str, Any] = {
-            "loss": _scalar(loss),
-            "global_loss": _scalar(out.global_loss),
-            "concept_loss": _scalar(out.concept_loss),
-            "concept_accuracy": _scalar(out.concept_accuracy),
-            "concepts_per_batch": int(out.num_concepts),
-            "classes_per_batch": int(out.num_classes),
-            "logit_scale": _scalar(out.logit_scale),
+            "loss": loss,
+            "global_loss": global_loss,
+            "concept_loss": concept_loss,
+            "concept_accuracy": concept_accuracy,
+            "concepts_per_batch": int(num_concepts),
+            "classes_per_batch": int(num_classes),
+            "logit_scale": logit_scale,
             "lr": lr,
-            "grad_norm": _scalar(grad_norm) if grad_norm is not None else float("nan"),
-            "samples_per_s_per_gpu": batch_len / max(step_time + data_time, 1e-9),
-            "data_time": data_time,
-            "step_time": step_time,
+            "grad_norm": norm if grad_norm is not None else float("nan"),
+            **window.close(feed.wait_seconds, acc.num_processes),  # after the sync: the window's work is done
             "epoch": self.step / self.steps_per_epoch,
-            "skipped_samples": int(skipped.item()),
+            "skipped_samples": int(skipped_total),
             "nonfinite_steps": self.nonfinite_total,
         }
+        if acc.device.type == "cuda":
+            metrics["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         metrics.update({f"skipped/{k}": v for k, v in self.skips.by_reason.items()})
         return metrics
 

@@ -58,7 +58,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from simzss.data.convert.benchmarks import raw_download_hint
 from simzss.data.shards import ShardReadError, expand_urls, iter_samples
@@ -132,9 +132,10 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def read_image(path: Path) -> Image.Image:
-    """Decode an image file as RGB (fully loaded, file closed; under the decode pixel cap, never reduced)."""
+    """Decode an image file as RGB with its EXIF orientation applied, as training, segment and serve do (fully
+    loaded, file closed; under the decode pixel cap, never reduced)."""
     with open_image(path, reduce=False) as im:
-        return im.convert("RGB")
+        return ImageOps.exif_transpose(im).convert("RGB")
 
 
 def _lut_reduce_zero() -> np.ndarray:
@@ -458,7 +459,7 @@ RetrievalRecord = Tuple[str, Callable[[], Image.Image], List[str]]
 def _decode_bytes(data: bytes) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
         with open_image(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+            return ImageOps.exif_transpose(im).convert("RGB")
 
     return load
 

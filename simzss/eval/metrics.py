@@ -15,46 +15,56 @@ from torch import Tensor
 IGNORE_INDEX = 255
 
 
-def confusion_matrix(
-    pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
-) -> tuple[Tensor, int]:
-    """Accumulate a ``[num_classes, num_classes]`` int64 confusion matrix (rows = ground truth, cols = prediction).
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """A ``[num_classes + 1, num_classes]`` int64 confusion matrix: rows = ground truth, cols = prediction.
 
-    Pixels whose target is ``ignore_index`` are excluded. Target values that are neither a valid class nor
-    ``ignore_index`` are excluded too and counted in the returned ``invalid`` number, so the caller can log them
-    instead of silently losing them.
+    Pixels whose target is ``ignore_index`` are excluded. The last row counts, by predicted class, the pixels
+    whose target is neither a class id nor ``ignore_index``: mmsegmentation's ``IoUMetric`` keeps those pixels,
+    so their predictions count as false positives of the predicted class while they add to no class's ground
+    truth (:func:`segmentation_scores` does the same). One ``bincount`` (a scatter-add off the CPU) on the tensors' device, no host sync
+    (the prediction range is checked on CPU tensors only; on a GPU predictions come from an argmax).
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     pred = pred.reshape(-1).long()
     target = target.reshape(-1).long()
-    keep = target != ignore_index
-    valid = keep & (target >= 0) & (target < num_classes)
-    invalid = int((keep & ~valid).sum())
-    if ((pred[valid] < 0) | (pred[valid] >= num_classes)).any():
+    if pred.device.type == "cpu" and pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_classes):
         raise ValueError(f"prediction contains a class id outside [0, {num_classes})")
-    idx = target[valid] * num_classes + pred[valid]
-    conf = torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-    return conf, invalid
+    cells = (num_classes + 1) * num_classes
+    row = torch.where((target >= 0) & (target < num_classes), target, num_classes)
+    idx = torch.where(target != ignore_index, row * num_classes + pred, cells)  # ignored pixels: one extra bin
+    if idx.device.type == "cpu":
+        counts = torch.bincount(idx, minlength=cells + 1)
+    else:  # CUDA's bincount reads the maximum back to the host; a scatter-add of fixed size does not
+        counts = torch.zeros(cells + 1, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+    return counts[:cells].reshape(num_classes + 1, num_classes)
 
 
 def segmentation_scores(conf: Tensor, classnames: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    """Turn a dataset-total confusion matrix into mIoU (nan-mean x100), pixel accuracy (x100) and per-class IoU.
+    """Turn a dataset-total confusion matrix into mIoU (nan-mean x100), pixel accuracy (x100) and per-class IoU,
+    exactly as mmsegmentation's ``IoUMetric`` (``intersect_and_union`` + ``total_area_to_metrics``).
 
-    IoU of class c = TP / (TP + FP + FN) summed over the whole dataset; a class absent from both the ground
-    truth and the predictions has an undefined IoU (NaN, reported as ``None`` in ``per_class``) and is left
-    out of the mean, as in mmseg.
+    ``conf`` is ``[C, C]`` or :func:`confusion_matrix`'s ``[C + 1, C]`` (last row: pixels whose label is no class
+    id). IoU of class c = TP / (TP + FP + FN) summed over the whole dataset, FP including the predictions on
+    out-of-range labels; pixel accuracy = TP / labelled pixels of the C classes (out-of-range labels are in no
+    class's area). A class absent from both the ground truth and the predictions has an undefined IoU (NaN,
+    ``None`` in ``per_class``) and is left out of the mean.
     """
     conf = conf.double().cpu()
-    tp = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - tp
+    c = conf.shape[1]
+    if conf.shape[0] not in (c, c + 1):
+        raise ValueError(f"confusion matrix of shape {tuple(conf.shape)}: expected [C, C] or [C + 1, C]")
+    labelled = conf[:c]
+    tp = labelled.diag()
+    area_label = labelled.sum(1)
+    union = conf.sum(0) + area_label - tp
     iou = tp / union  # 0/0 -> nan
-    total = conf.sum()
+    total = area_label.sum()
     miou = float(torch.nanmean(iou)) * 100 if not torch.isnan(iou).all() else float("nan")
     pixel_acc = float(tp.sum() / total) * 100 if total > 0 else float("nan")
-    names = list(classnames) if classnames is not None else [str(i) for i in range(conf.shape[0])]
-    if len(names) != conf.shape[0]:
-        raise ValueError(f"{len(names)} class names for a {conf.shape[0]}-class confusion matrix")
+    names = list(classnames) if classnames is not None else [str(i) for i in range(c)]
+    if len(names) != c:
+        raise ValueError(f"{len(names)} class names for a {c}-class confusion matrix")
     per_class = {n: (None if math.isnan(v) else v * 100) for n, v in zip(names, iou.tolist())}
     return {"mIoU": miou, "pixel_acc": pixel_acc, "per_class": per_class}
 

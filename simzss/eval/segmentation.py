@@ -31,8 +31,8 @@ import torch
 from simzss.eval.datasets import SegmentationDataset, build_segmentation_dataset
 from simzss.eval.metrics import confusion_matrix, segmentation_scores
 from simzss.models.zeroshot import (
-    FALLBACK_BG_THRESHOLD, ZeroShotModel, get_logit_scale, get_mean_std, model_device,
-    normalize_image, segment_image, text_classifier,
+    FALLBACK_BG_THRESHOLD, ZeroShotModel, get_logit_scale, get_mean_std, model_device, model_variant,
+    normalize_image, segment_images, text_classifier,
 )
 from simzss.logs import progress as progress_bar
 
@@ -135,14 +135,22 @@ def evaluate_segmentation(
     return_confusion: bool = False,
     num_samples: int = 0,
     pamr: bool = False,
+    image_batch: int = 8,
 ) -> Dict[str, Any]:
     """Zero-shot segmentation of a whole dataset; returns ``{"mIoU", "pixel_acc", "per_class", "num_images", ...}``.
 
     mIoU / pixel accuracy are x100 from the dataset-total confusion matrix (ignore index 255). With an
     ``accelerator`` every rank segments its share of the images (rank::world_size) and the confusion matrices
     are summed across ranks; all ranks return the same result. Unreadable samples are skipped, counted
-    (``"skipped"``) and logged; mask values that are no class id are counted in ``"invalid_pixels"``.
-    For reports: ``return_confusion`` adds ``"confusion"`` (the ``[C, C]`` matrix as lists, rows = ground truth);
+    (``"skipped"``) and logged. Mask values that are neither a class id nor the ignore index are counted in
+    ``"invalid_pixels"`` and, as in mmsegmentation's ``IoUMetric``, the predictions there are false positives.
+    ``image_batch`` images are segmented together: their windows share the vision tower's batches of
+    ``window_batch``, and predictions and confusion counts stay on the device until the end (no host sync per
+    image). ``"model_variant"`` names what produced the predictions (:func:`simzss.models.zeroshot.model_variant`),
+    so that results of different baseline variants are never mixed silently.
+    For reports: ``return_confusion`` adds ``"confusion"`` (the ``[C, C]`` matrix as lists, rows = ground truth)
+    and ``"confusion_invalid"`` (the predictions on out-of-range mask values, by predicted class: the false
+    positives that :func:`segmentation_scores` adds, so the two reproduce the mIoU);
     ``num_samples`` adds ``"samples"``: up to that many ``{"key", "image" uint8 [H,W,3], "mask", "pred"}``
     (numpy, class ids) of the first images of rank 0 (not JSON: pop it before writing).
     ``pamr`` turns on PAMR mask refinement (see the module docstring); the result's ``"protocol"`` records it
@@ -150,11 +158,15 @@ def evaluate_segmentation(
     """
     ds = dataset_spec if isinstance(dataset_spec, SegmentationDataset) else build_segmentation_dataset(dataset_spec)
     mode, thr = resolve_background(ds, background, bg_threshold)
+    if image_batch < 1:
+        raise ValueError(f"image_batch must be >= 1, got {image_batch}")
     run = EvalRun.start(model, accelerator)
     net, device, rank, world, autocast = run.net, run.device, run.rank, run.world, run.autocast
 
     n = len(ds) if max_images is None else min(len(ds), max_images)
     names = ds.classnames
+    num_classes = len(names)
+    num_images = skipped = 0
     try:
         with torch.no_grad():
             with autocast():
@@ -162,43 +174,59 @@ def evaluate_segmentation(
                 classifier = text_classifier(net, text_names, templates).to(device)
             mean, std = get_mean_std(net)
             scale = get_logit_scale(net)
-            conf = torch.zeros(len(names), len(names), dtype=torch.long, device=device)
-            stats = torch.zeros(3, dtype=torch.long, device=device)  # images, skipped, invalid pixels
+            conf = torch.zeros(num_classes + 1, num_classes, dtype=torch.long, device=device)  # last row: no class id
             samples: List[Dict[str, Any]] = []
             loader = torch.utils.data.DataLoader(
-                _Samples(ds, range(rank, n, world)), batch_size=None, num_workers=workers
+                _Samples(ds, range(rank, n, world)), batch_size=None, num_workers=workers,
+                pin_memory=device.type == "cuda",  # so the copies to the device below are asynchronous
             )
             it = loader
             if progress and rank == 0:
                 it = progress_bar(loader, desc=f"{ds.name}", unit="img")
-            for sample in it:
-                if "error" in sample:
-                    stats[1] += 1
-                    log.warning("%s: skipped %s: %s", ds.name, sample["key"], sample["error"])
-                    continue
-                img = normalize_image(sample["image"].to(device), mean, std)
+            pending: List[Dict[str, Any]] = []
+
+            def flush() -> None:
+                """Segment the pending images together (their windows share the tower's batches) and add their
+                confusion, all on the device."""
+                nonlocal conf
+                images = [normalize_image(smp["image"].to(device, non_blocking=True), mean, std) for smp in pending]
                 with autocast():
-                    probs = segment_image(
-                        net, img, classifier, short_side=short_side, crop=crop, stride=stride,
+                    preds = segment_images(
+                        net, images, classifier, short_side=short_side, crop=crop, stride=stride,
                         window_batch=window_batch, background=mode, bg_threshold=thr, max_long=max_long,
                         logit_scale=scale, pamr=pamr,
                     )
-                pred = probs.argmax(dim=0)
-                if rank == 0 and len(samples) < num_samples:
-                    samples.append({"key": sample["key"], "image": sample["image"].permute(1, 2, 0).numpy(),
-                                    "mask": sample["mask"].numpy(), "pred": pred.to(torch.uint8).cpu().numpy()})
-                c, invalid = confusion_matrix(pred, sample["mask"].to(device), len(names), ds.ignore_index)
-                conf += c
-                stats[0] += 1
-                stats[2] += invalid
+                for smp, pred in zip(pending, preds):
+                    if rank == 0 and len(samples) < num_samples:
+                        samples.append({"key": smp["key"], "image": smp["image"].permute(1, 2, 0).numpy(),
+                                        "mask": smp["mask"].numpy(), "pred": pred.to(torch.uint8).cpu().numpy()})
+                    conf += confusion_matrix(pred, smp["mask"].to(device, non_blocking=True), num_classes,
+                                             ds.ignore_index)
+                pending.clear()
+
+            for sample in it:
+                if "error" in sample:
+                    skipped += 1
+                    log.warning("%s: skipped %s: %s", ds.name, sample["key"], sample["error"])
+                    continue
+                pending.append(sample)
+                num_images += 1
+                if len(pending) >= image_batch:
+                    flush()
+            if pending:
+                flush()
+            stats = torch.tensor([num_images, skipped], dtype=torch.long, device=device)
             if accelerator is not None and world > 1:
                 conf = accelerator.reduce(conf, reduction="sum")
                 stats = accelerator.reduce(stats, reduction="sum")
     finally:
         run.finish()
-    num_images, skipped, invalid_pixels = (int(v) for v in stats.tolist())
+    num_images, skipped = (int(v) for v in stats.tolist())
+    invalid_pixels = int(conf[num_classes].sum())
     if invalid_pixels:
-        log.warning("%s: %d mask pixels had values that are no class id (ignored)", ds.name, invalid_pixels)
+        log.warning("%s: %d mask pixels had values that are neither a class id nor %d: counted as false positives "
+                    "of the class predicted there, as mmsegmentation's IoUMetric does", ds.name, invalid_pixels,
+                    ds.ignore_index)
     result: Dict[str, Any] = segmentation_scores(conf, names)
     result.update(
         dataset=ds.name,
@@ -208,6 +236,7 @@ def evaluate_segmentation(
         background=mode,
         bg_threshold=thr,
         templates=templates if isinstance(templates, str) else list(templates),
+        model_variant=model_variant(net),
         protocol={
             "background": mode,
             "bg_threshold": thr,
@@ -219,7 +248,8 @@ def evaluate_segmentation(
         },
     )
     if return_confusion:
-        result["confusion"] = conf.cpu().tolist()
+        result["confusion"] = conf[:num_classes].cpu().tolist()
+        result["confusion_invalid"] = conf[num_classes].cpu().tolist()  # with it the JSON reproduces the mIoU
     if num_samples:
         result["samples"] = samples
     return result

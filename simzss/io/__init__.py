@@ -1,8 +1,9 @@
 """Models in and out: writing exports, loading exports and trainer checkpoints, importing foreign checkpoints.
 
-:mod:`~simzss.io.export` (``simzss export``, ``save_pretrained``), :mod:`~simzss.io.checkpoint` (trainer
-checkpoints as models), :mod:`~simzss.io.load` (``load_model``: whatever a command is given), :mod:`~simzss.io.card`
-(model cards), :mod:`~simzss.io.hub` (Hugging Face Hub upload). The folder format itself is
+:mod:`~simzss.io.export` (``save_pretrained``, ``export_checkpoint``; the command is :mod:`simzss.cli.export`),
+:mod:`~simzss.io.official` (the release's checkpoints; the command is :mod:`simzss.cli.import_official`),
+:mod:`~simzss.io.checkpoint` (trainer checkpoints as models), :mod:`~simzss.io.load` (``load_model``: whatever a
+command is given), :mod:`~simzss.io.card` (model cards), :mod:`~simzss.io.hub` (Hugging Face Hub upload). The folder format itself is
 :mod:`simzss.models.pretrained`, so that ``SimZSS.from_pretrained`` needs nothing from this package.
 """
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Tuple
 
 from simzss import __version__
 from simzss.config import ModelConfig, TrainConfig, to_yaml
@@ -41,6 +42,14 @@ def _format_results(results: Any) -> str:
     return "\n".join(out)
 
 
+def _source_line(source: Mapping[str, Any]) -> str:
+    """``- Training step N: exported from checkpoint `RUN/checkpoints/step-N` `` (only the last three parts of the
+    path: the card may be published, the rest of the path is the user's)."""
+    ckpt = Path(str(source.get("checkpoint", "")))
+    shown = "/".join(ckpt.parts[-3:]) if ckpt.parts else "?"
+    return f"- Training step {source.get('step')}: exported from checkpoint `{shown}`"
+
+
 def model_card(
     cfg: ModelConfig,
     *,
@@ -48,8 +57,10 @@ def model_card(
     vision_included: bool,
     train_config: Optional[TrainConfig] = None,
     eval_results: Optional[Any] = None,
+    source: Optional[Mapping[str, Any]] = None,
 ) -> str:
-    """Text of the export's README.md: what the model is, how to load it, evaluation results, training config."""
+    """Text of the export's README.md: what the model is, where it came from (``source``: the trainer
+    checkpoint and its step), how to load it, evaluation results, training config."""
     v, t = cfg.vision, cfg.text
     if vision_included:
         vision_src = "weights included in `model.safetensors` (`vision.` prefix)"
@@ -81,6 +92,7 @@ def model_card(
         + f" — {vision_src}",
         f"- Text tower: {text_desc}, {t.pooling} pooling, context {t.context_length}",
         f"- Exported by simzss {__version__} (export format {FORMAT_VERSION})",
+        *([_source_line(source)] if source is not None else []),
         "",
         "## Usage",
         "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -10,12 +11,14 @@ import torch
 from transformers import AutoTokenizer
 
 from simzss.config import ConfigError, ModelConfig, TrainConfig, load_config
-from simzss.engine.checkpoint import CheckpointError, resolve_resume
+from simzss.engine.checkpoint import CKPT_RE, CheckpointError, checkpoint_step, resolve_resume
 from simzss.models.pretrained import (
     TEXT_CONFIG_DIR, TOKENIZER_DIR, VISION_PREFIX, WEIGHTS_NAME, ExportError, config_to_build, load_safetensors, load_state,
     load_tokenizer_dir, text_config_from,
 )
 from simzss.models.simzss import SimZSS
+
+logger = logging.getLogger(__name__)
 
 # Names a trainer checkpoint may use for the resolved TrainConfig, in order of preference.
 CHECKPOINT_CONFIG_NAMES = ("config.yaml", "config.json")
@@ -25,26 +28,32 @@ LATEST = "latest"
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """Resolve a trainer checkpoint: ``RUN/checkpoints/step-N`` itself, or the newest complete one in a run or
-    checkpoints folder; ``RUN/checkpoints/latest`` (or ``RUN/latest``) names the newest complete one."""
+    """Resolve a trainer checkpoint: ``RUN/checkpoints/step-N`` itself, or the newest valid one in a run or
+    checkpoints folder; ``RUN/checkpoints/latest`` (or ``RUN/latest``) names the newest valid one.
+
+    Every candidate passes :func:`simzss.engine.checkpoint.validate_checkpoint` (the files a model needs, the
+    same check as resume): a folder or ``latest`` skips damaged checkpoints with the resume's "skipping damaged
+    checkpoint" warning and logs the step it took; a damaged step folder named explicitly is an
+    :class:`ExportError` naming the bad file.
+    """
     p = Path(path)
     if p.name == LATEST and not p.exists() and p.parent.is_dir():
         p = p.parent  # an alias, not a folder: the newest complete checkpoint of the folder above
     if not p.exists():
         raise ExportError(f"{p}: no such checkpoint")
-    explicit = (p / "trainer_state.json").exists()  # a step folder named as such is taken as is
+    explicit = (p / "trainer_state.json").exists() or bool(CKPT_RE.match(p.name))
     try:
-        # A run / checkpoints folder (or `latest`) means the newest checkpoint that validates completely, as for
-        # resume: a damaged newest one is skipped with a warning naming it.
-        ckpt = resolve_resume(str(p), p, validate=not explicit, full=False)
+        ckpt = resolve_resume(str(p), p, validate=True, full=False)
     except FileNotFoundError:
         ckpt = None
     except CheckpointError as e:
-        raise ExportError(str(e)) from None
+        hint = ("; a damaged checkpoint: name an earlier one, or the run's checkpoints/latest for the newest valid one"
+                if explicit else "")
+        raise ExportError(f"{e}{hint}") from None
     if ckpt is None:
         raise ExportError(f"{p}: not a complete checkpoint (no trainer_state.json), nor a folder with checkpoints")
-    if not (ckpt / WEIGHTS_NAME).is_file():
-        raise ExportError(f"{ckpt}: checkpoint has no {WEIGHTS_NAME}")
+    if not explicit:
+        logger.info("%s: using the newest valid checkpoint, step %d (%s)", path, checkpoint_step(ckpt), ckpt)
     return ckpt
 
 

@@ -1,22 +1,26 @@
-"""Writing exports: ``save_pretrained``, ``export_checkpoint`` and the ``simzss export`` command.
+"""Writing exports: ``save_pretrained`` (an in-memory model) and ``export_checkpoint`` (a trainer checkpoint).
 
 The folder format is :mod:`simzss.models.pretrained`. The frozen vision weights are included automatically when
 the tower cannot be recreated from its name: a random-init tower (``pretrained: false``) or one loaded from a
 local weights file. Exports are built in a hidden sibling folder and renamed into place, so ``OUT_DIR`` is either
 absent, the previous export, or the complete new one. The hidden folders carry the writer's pid; those of dead
 processes (a killed export) are removed by the next export to the same place. Files and folders get the modes of
-the user's umask.
+the user's umask. A failed write (a full disk) removes the hidden folder and raises
+:class:`simzss.engine.checkpoint.DiskFullError`, whose message starts with ``OUT_DIR``.
+
+An export of a trainer checkpoint records where it came from (``config.json`` ``source``: checkpoint folder and
+training step; the model card says the step) and shows the evaluation results of that step only. The
+``simzss export`` command is :mod:`simzss.cli.export`.
 """
 
 from __future__ import annotations
 
-import argparse
+import errno
 import glob
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -27,21 +31,33 @@ from safetensors.torch import save_file
 from simzss import __version__
 from simzss.config import ModelConfig, TrainConfig, to_dict
 from simzss.data.shards import follow_umask, pid_alive
+from simzss.engine.checkpoint import DiskFullError, checkpoint_step, is_disk_full
 from simzss.io.card import model_card
 from simzss.io.checkpoint import (
     EVAL_RESULTS_NAME, checkpoint_weights, load_checkpoint_tokenizer, read_checkpoint_config, resolve_checkpoint,
 )
-from simzss.io.hub import push_to_hub
 from simzss.models.pretrained import (
     CARD_NAME, CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, TEXT_CONFIG_DIR, TOKENIZER_DIR, VISION_PREFIX, WEIGHTS_NAME,
-    ExportError, is_export, load_state, read_export_config, text_config_from,
+    ExportError, is_export, load_state, text_config_from,
 )
 from simzss.models.simzss import SimZSS
 from simzss.models.vision import build_vision_tower
-from simzss.helpformat import HelpFormatter
-from simzss.logs import setup_logging
 
 logger = logging.getLogger(__name__)
+
+#: The name of the run's per-evaluation log (one JSON row per evaluation: step and ``eval/SPEC/mIoU``).
+EVAL_HISTORY_NAME = "eval_history.jsonl"
+
+
+class NotWritableError(OSError):
+    """The export's destination folder cannot be written (read-only file system, permissions); ``str()`` is one
+    line naming the folder and the reason."""
+
+    def __init__(self, folder: Path, reason: str) -> None:
+        super().__init__(errno.EACCES, reason, str(folder))
+
+    def __str__(self) -> str:
+        return f"{self.filename}: cannot write the export there ({self.strerror}); choose another OUT_DIR"
 
 
 def vision_weights_required(cfg: ModelConfig) -> bool:
@@ -113,6 +129,30 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out} exists and is not a simzss export; refusing to replace it even with --overwrite")
 
 
+def check_writable(out: Path) -> None:
+    """Raise :class:`NotWritableError` unless a folder can be created next to ``out`` (in its nearest existing
+    ancestor): a read-only destination fails before anything is loaded."""
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=_hidden_prefix(out, "tmp"), dir=folder))
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFullError(out, "the export") from None
+        raise NotWritableError(folder, e.strerror or type(e).__name__) from None
+
+
+def check_export_destination(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Everything about ``out_dir`` that can be checked before loading a model: it does not exist (or
+    ``overwrite`` and it is an export: ``FileExistsError`` / :class:`ExportError`), and it can be written
+    (:class:`NotWritableError`). Returns the absolute path."""
+    out = Path(out_dir).absolute()
+    _check_out_dir(out, overwrite)
+    check_writable(out)
+    return out
+
+
 def write_export(
     out_dir: str | os.PathLike,
     *,
@@ -124,15 +164,17 @@ def write_export(
     eval_results: Optional[Any] = None,
     overwrite: bool = False,
     text_config: Optional[Any] = None,
+    source: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """Write an export folder atomically from its parts; ``vision_state`` (un-prefixed) includes the vision tower.
 
     ``text_config`` (the ``transformers`` config of a pretrained-kind text tower, ``TextTower.hf_config``)
-    is saved so that loading needs no hub access. Everything is written to a hidden sibling folder,
-    ``config.json`` last, then renamed to ``out_dir``.
+    is saved so that loading needs no hub access. ``source`` (``{"checkpoint": PATH, "step": N}`` for a trainer
+    checkpoint) is recorded in ``config.json`` and the model card. Everything is written to a hidden sibling
+    folder, ``config.json`` last, then renamed to ``out_dir``; a full disk removes it and raises
+    :class:`DiskFullError` naming ``out_dir``.
     """
-    out = Path(out_dir).absolute()
-    _check_out_dir(out, overwrite)
+    out = check_export_destination(out_dir, overwrite)
     if vision_state is None and vision_weights_required(config):
         raise ExportError(
             f"the vision tower ({config.vision.name}) is "
@@ -166,6 +208,7 @@ def write_export(
                 vision_included=vision_state is not None,
                 train_config=train_config,
                 eval_results=eval_results,
+                source=source,
             ),
             encoding="utf-8",
         )
@@ -180,6 +223,7 @@ def write_export(
             "vision_weights_included": vision_state is not None,
             "tokenizer_dir": TOKENIZER_DIR,
             **({"text_config_dir": TEXT_CONFIG_DIR} if text_config is not None else {}),
+            **({"source": dict(source)} if source is not None else {}),
             "files": files,
         }
         # config.json is the completeness marker: written last, itself via temp file + rename.
@@ -191,8 +235,10 @@ def write_export(
         os.replace(part, tmp / CONFIG_NAME)
         follow_umask(tmp)  # mkdtemp made it 0700, safetensors writes 0600
         _replace_dir(tmp, out, overwrite)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):  # also one raised deeper, naming a temporary file: name the target
+            raise DiskFullError(out, "the export") from None
         raise
     logger.info("wrote export %s (vision weights %s)", out, "included" if vision_state is not None else "referenced by name")
     return out
@@ -244,16 +290,57 @@ def save_pretrained(
     )
 
 
-def find_eval_results(ckpt: Path) -> Optional[Any]:
-    """``eval.json`` of the checkpoint folder or of its run folder (``RUN/checkpoints/step-N`` -> ``RUN``), if any."""
+def _results_step(results: Any) -> Optional[int]:
+    step = results.get("step") if isinstance(results, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def _history_results(run: Path, step: int) -> Optional[Dict[str, Any]]:
+    """The mIoU of each dataset that ``RUN/eval_history.jsonl`` logged at ``step`` (the last row of that step)."""
+    path = run / EVAL_HISTORY_NAME
+    if not path.is_file():
+        return None
+    found: Optional[Dict[str, Any]] = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if isinstance(row, dict) and row.get("step") == step:
+            found = {key[len("eval/"):-len("/mIoU")]: {"mIoU": value} for key, value in row.items()
+                     if key.startswith("eval/") and key.endswith("/mIoU")}
+    return {"step": step, "results": found} if found else None
+
+
+def find_eval_results(ckpt: Path, step: Optional[int] = None) -> Optional[Any]:
+    """Evaluation results of checkpoint ``ckpt``, trained for ``step`` steps (None: whatever is recorded).
+
+    In order: ``eval.json`` of the checkpoint folder or of its run (``RUN/checkpoints/step-N`` -> ``RUN``) when it
+    is of ``step``; else the mIoU that ``RUN/eval_history.jsonl`` logged at ``step``. Results of another step are
+    never returned (an export of step 50 does not show step 60's results): None, with a log line.
+    """
+    newer: Optional[Path] = None
     for d in (ckpt, ckpt.parent, ckpt.parent.parent):
         f = d / EVAL_RESULTS_NAME
         if f.is_file():
-            return _read_json(f)
+            results = read_eval_results(f)
+            if step is None or _results_step(results) in (None, step):
+                return results
+            newer = f
+            break
+    if step is not None:
+        history = _history_results(ckpt.parent.parent, step)
+        if history is not None:
+            return history
+        if newer is not None:
+            logger.info("no evaluation results recorded at step %d (%s is of step %s): the model card has none",
+                        step, newer, _results_step(read_eval_results(newer)))
     return None
 
 
-def _read_json(path: Path) -> Any:
+def read_eval_results(path: str | os.PathLike) -> Any:
+    """Evaluation results from a JSON file (``eval.json``, ``simzss eval --out``); :class:`ExportError` naming
+    the file when it is missing or not JSON."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -270,15 +357,17 @@ def export_checkpoint(
     eval_results: Optional[Any] = None,
     overwrite: bool = False,
 ) -> Path:
-    """Export a trainer checkpoint; evaluation results default to the run's ``eval.json``.
+    """Export a trainer checkpoint (a step folder, or ``RUN/checkpoints/latest``, a run or checkpoints folder:
+    the newest checkpoint that validates, see :func:`resolve_checkpoint`).
 
-    The vision weights, when included, come from the checkpoint if it holds them, else from the tower
-    built by its config (hub download or local weights file); a random-init tower that the checkpoint
-    does not hold is an error.
+    The export records the checkpoint folder and its training step (``config.json`` ``source``, model card).
+    Evaluation results default to those recorded for that step (:func:`find_eval_results`). The vision weights,
+    when included, come from the checkpoint if it holds them, else from the tower built by its config (hub
+    download or local weights file); a random-init tower that the checkpoint does not hold is an error.
     """
     ckpt = resolve_checkpoint(checkpoint)
-    out = Path(out_dir).absolute()
-    _check_out_dir(out, overwrite)  # fail before loading anything
+    step = checkpoint_step(ckpt)
+    out = check_export_destination(out_dir, overwrite)  # fail before loading anything
     train_cfg = read_checkpoint_config(ckpt)
     cfg = train_cfg.model
     trainable, vision_state = checkpoint_weights(ckpt)
@@ -301,7 +390,10 @@ def export_checkpoint(
     if not include:
         vision_state = None
     if eval_results is None:
-        eval_results = find_eval_results(ckpt)
+        eval_results = find_eval_results(ckpt, step)
+    elif _results_step(eval_results) not in (None, step):
+        logger.warning("the evaluation results given are of step %s, the checkpoint of step %d",
+                       _results_step(eval_results), step)
     return write_export(
         out,
         config=cfg,
@@ -312,50 +404,5 @@ def export_checkpoint(
         eval_results=eval_results,
         overwrite=overwrite,
         text_config=model.text.hf_config,
+        source={"checkpoint": str(ckpt.absolute()), "step": step},
     )
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        formatter_class=HelpFormatter,
-        prog="simzss export",
-        description="Export a training checkpoint to a self-contained inference folder (safetensors + tokenizer + model card).",
-    )
-    p.add_argument("checkpoint", help="checkpoint folder (RUN/checkpoints/step-N); RUN/checkpoints/latest, a run folder or a "
-                   "checkpoints folder mean its newest complete checkpoint")
-    p.add_argument("out_dir", help="export folder to create")
-    p.add_argument(
-        "--include-vision",
-        action="store_true",
-        help="include the frozen vision tower's weights (automatic when it is random-init or from a local file)",
-    )
-    p.add_argument("--eval-results", metavar="JSON", help="evaluation results for the model card (default: the run's eval.json)")
-    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the export to this Hugging Face model repo")
-    p.add_argument("--private", action="store_true", help="create the hub repo as private")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export at OUT_DIR")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``simzss export CHECKPOINT OUT_DIR [...]``."""
-    args = _parser().parse_args(argv)
-    setup_logging()
-    try:
-        results = _read_json(Path(args.eval_results)) if args.eval_results else None
-        out = export_checkpoint(
-            args.checkpoint,
-            args.out_dir,
-            include_vision=True if args.include_vision else None,
-            eval_results=results,
-            overwrite=args.overwrite,
-        )
-        meta = read_export_config(out)
-        print(f"exported {args.checkpoint} -> {out} (vision weights {'included' if meta['vision_weights_included'] else 'referenced by name'})")
-        if args.push_to_hub:
-            url = push_to_hub(out, args.push_to_hub, private=True if args.private else None)
-            print(f"pushed to {args.push_to_hub}: {url}")
-    except (ExportError, OSError, ValueError) as e:  # FileExistsError, unwritable OUT_DIR, bad model config
-        print(f"simzss export: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-

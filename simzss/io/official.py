@@ -1,4 +1,4 @@
-"""``simzss import-official``: turn a checkpoint of the SimZSS release (tileb1/simzss) into a simzss export.
+"""Importing the SimZSS release (tileb1/simzss): its checkpoints turned into simzss exports.
 
 The release is an open_clip fork; its checkpoints are state dicts of its ``SimZSS(CustomTextCLIP)`` model:
 
@@ -11,20 +11,21 @@ The release is an open_clip fork; its checkpoints are state dicts of its ``SimZS
   ``classification_weights_ema``, ``beta_ema``, ``logit_bias*``).
 
 The checkpoint is read with ``torch.load(weights_only=True)`` (pickled code is refused), as a bare state dict or
-``{"state_dict": ...}``, with or without ``module.`` prefixes. Every key is accounted for: unknown or missing
-keys are errors naming them. The tokenizer is CLIP's BPE with open_clip's exact ids
+``{"state_dict": ...}``, with or without ``module.`` prefixes. A file that is not a PyTorch checkpoint at all (an
+image, text, random bytes) is recognised from its first bytes and refused in one line saying what file is
+expected, without handing it to the unpickler (whose messages advise ``weights_only=False``, an unsafe step).
+Every key is accounted for: unknown or missing keys are errors naming them. The tokenizer is CLIP's BPE with open_clip's exact ids
 (:mod:`simzss.data.clip_tokenizer`), saved into the export, so nothing is downloaded, now or when loading.
+The ``simzss import-official`` command is :mod:`simzss.cli.import_official`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import pickle
 import re
-import sys
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -42,8 +43,6 @@ from simzss.models.denoiser import DVT_GRID, DVTDenoiser
 from simzss.models.pretrained import ExportError
 from simzss.models.simzss import SimZSS
 from simzss.models.vision import vision_state_shapes
-from simzss.helpformat import HelpFormatter
-from simzss.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ __all__ = [
     "read_official_checkpoint",
     "convert_official",
     "import_official",
-    "main",
+    "EXPECTED_FILE",
 ]
 
 RELEASE_VISION = "vit_base_patch14_reg4_dinov2.lvd142m"  # the released checkpoints' frozen tower
@@ -83,6 +82,23 @@ _BLOCK_MAP = {
 }
 _IN_PROJ = ("attn.in_proj_weight", "attn.in_proj_bias")
 _LIST_LIMIT = 20
+#: What a refusal tells the user to give instead.
+EXPECTED_FILE = ("expected a release checkpoint: a .pt file holding a state dict of tensors (torch.save) "
+                 "or a .safetensors file")
+# First bytes of files people hand over by mistake -> what to call them.
+_MAGIC = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"RIFF", "a RIFF file (WebP image, WAV audio...)"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip file"),
+    (b"BZh", "a bzip2 file"),
+    (b"\xfd7zXZ", "an xz file"),
+)
+_ZIP = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_PICKLE_PROTOCOLS = (2, 3, 4, 5)  # torch.save(_use_new_zipfile_serialization=False) writes protocol 2
+_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
 
 
 class OfficialCheckpointError(ValueError):
@@ -111,6 +127,8 @@ def read_official_checkpoint(path: str | Path) -> Dict[str, Tensor]:
     mapping of names to tensors, is an :class:`OfficialCheckpointError` with a one-line message.
     """
     p = Path(path)
+    if p.is_dir():
+        raise OfficialCheckpointError(f"{p}: a folder, not a file; {EXPECTED_FILE}")
     if not p.is_file():
         raise OfficialCheckpointError(f"{p}: no such checkpoint file")
     if p.suffix == ".safetensors":
@@ -122,19 +140,7 @@ def read_official_checkpoint(path: str | Path) -> Dict[str, Tensor]:
         except (SafetensorError, OSError) as e:
             raise OfficialCheckpointError(f"{p}: unreadable safetensors file ({_one_line(e)})") from None
     else:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if not _needs_code(e):
-                raise OfficialCheckpointError(f"{p}: not a readable torch checkpoint ({_unsafe_global(e)})") from None
-            raise OfficialCheckpointError(
-                f"{p}: refusing to load: the checkpoint needs pickled code to be unpickled ({_unsafe_global(e)}); "
-                "re-save its state dict (torch.save(model.state_dict(), ...)) where you trust the file"
-            ) from None
-        except Exception as e:  # torch's unpickler raises anything (KeyError, TypeError, ...) on foreign bytes
-            raise OfficialCheckpointError(
-                f"{p}: not a readable torch checkpoint ({type(e).__name__}: {_one_line(e)})"
-            ) from None
+        obj = _load_torch_file(p)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         others = sorted(k for k in obj if k != "state_dict")
         if others:
@@ -160,18 +166,59 @@ def _strip_module(key: str) -> str:
     return key
 
 
-def _needs_code(e: Exception) -> bool:
-    """Whether torch's weights-only refusal is about code to import (a GLOBAL), not about unreadable bytes."""
-    return "global" in str(e).lower()
+def _not_torch(head: bytes) -> Optional[str]:
+    """What a file is when its first bytes say it is not a PyTorch checkpoint (zip or protocol 2-5 pickle);
+    None when it may be one."""
+    if head.startswith(_ZIP) or (len(head) > 1 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS):
+        return None
+    if not head:
+        return "an empty file"
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "a safetensors file (give it the .safetensors suffix)"
+    for cut in range(4):  # the 64 bytes read may end inside a multi-byte character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if all(c.isprintable() or c in "\t\n\r\f" for c in text):
+            return "a text file"
+        break
+    return "unrecognised bytes"
 
 
-def _unsafe_global(e: Exception) -> str:
-    """The line of torch's weights-only error that names what needs unpickling, else its first line."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for ln in lines:
-        if "global" in ln.lower():
-            return ln.rstrip(".")[:300]
-    return lines[0][:300] if lines else type(e).__name__
+def _load_torch_file(p: Path) -> Any:
+    """``torch.load(weights_only=True)`` of ``p``, each failure one line naming ``p`` and the file expected.
+
+    Files that are not PyTorch checkpoints are refused from their first bytes; pickles that need code are
+    refused naming the code; torch's own messages (which advise ``weights_only=False``) are never quoted.
+    """
+    try:
+        with open(p, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise OfficialCheckpointError(f"{p}: cannot read it ({e.strerror or type(e).__name__})") from None
+    kind = _not_torch(head)
+    if kind is not None:
+        raise OfficialCheckpointError(f"{p}: not a PyTorch checkpoint ({kind}); {EXPECTED_FILE}")
+    try:
+        with warnings.catch_warnings():  # torch warns about unusual pickles in words that advise weights_only=False
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        code = _GLOBAL.search(str(e))
+        if code is not None:
+            raise OfficialCheckpointError(
+                f"{p}: refusing to load a pickle that needs code ({code.group(1)}), which could run anything; "
+                f"{EXPECTED_FILE} (re-save it with torch.save(model.state_dict(), PATH) where you trust the file)"
+            ) from None
+        raise OfficialCheckpointError(f"{p}: not a PyTorch checkpoint (a pickle without torch's layout); "
+                                      f"{EXPECTED_FILE}") from None
+    except Exception:  # torch's unpickler raises anything (KeyError, RuntimeError, EOFError...) on foreign bytes
+        kind = "a damaged or foreign zip archive" if head.startswith(_ZIP) else "a damaged or foreign pickle"
+        raise OfficialCheckpointError(f"{p}: not a PyTorch checkpoint ({kind}); {EXPECTED_FILE}") from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -437,14 +484,12 @@ def import_official(
     """
     if Path(out_dir).exists() and not overwrite:  # before the (slow) conversion
         raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
-    conv = convert_official(
-        read_official_checkpoint(checkpoint),
-        vision_name=vision_name,
-        vision_kwargs=vision_kwargs,
-        text_heads=text_heads,
-        quick_gelu=quick_gelu,
-        ignore_unknown=ignore_unknown,
-    )
+    state = read_official_checkpoint(checkpoint)
+    try:
+        conv = convert_official(state, vision_name=vision_name, vision_kwargs=vision_kwargs, text_heads=text_heads,
+                                quick_gelu=quick_gelu, ignore_unknown=ignore_unknown)
+    except OfficialCheckpointError as e:  # the conversion does not know the file: name it
+        raise OfficialCheckpointError(f"{checkpoint}: {e}") from None
     tokenizer = build_openclip_tokenizer(bpe_path)
     if len(tokenizer) != CLIP_VOCAB_SIZE:
         raise OfficialCheckpointError(f"the BPE file gives {len(tokenizer)} tokens, not CLIP's {CLIP_VOCAB_SIZE}")
@@ -466,65 +511,3 @@ def import_official(
         overwrite=overwrite,
     )
     return out, conv
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        formatter_class=HelpFormatter,
-        prog="simzss import-official",
-        description="Turn a checkpoint of the SimZSS release (tileb1/simzss) into a simzss export folder "
-        "(SimZSS.from_pretrained, simzss eval / segment work on it). Nothing is downloaded.",
-    )
-    p.add_argument("checkpoint", help="the release's .pt file (a state dict or {'state_dict': ...}; 'module.' prefixes ok)")
-    p.add_argument("--out", required=True, help="export folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
-    p.add_argument("--vision-name", default=RELEASE_VISION, help="timm architecture of visual.vit.model.*")
-    p.add_argument("--vision-kwargs", metavar="JSON",
-                   help="timm model_kwargs overriding those inferred from the checkpoint's shapes")
-    p.add_argument("--text-heads", type=int,
-                   help="attention heads of the text tower (default: width / 64, 8 for the release)")
-    p.add_argument("--quick-gelu", action="store_true",
-                   help="the checkpoint was trained with --force-quick-gelu (the release was not)")
-    p.add_argument("--ignore-unknown", action="store_true", help="leave out (and list) unknown keys instead of failing")
-    p.add_argument("--bpe", help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: the copy open_clip_torch ships)")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``simzss import-official CHECKPOINT --out DIR [...]``; exit 0, or 2 with a one-line error."""
-    args = _parser().parse_args(argv)
-    setup_logging()
-    try:
-        kwargs = json.loads(args.vision_kwargs) if args.vision_kwargs else None
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise ValueError("--vision-kwargs must be a JSON object, e.g. '{\"depth\": 12}'")
-        out, conv = import_official(
-            args.checkpoint,
-            args.out,
-            overwrite=args.overwrite,
-            vision_name=args.vision_name,
-            vision_kwargs=kwargs,
-            text_heads=args.text_heads,
-            quick_gelu=args.quick_gelu,
-            ignore_unknown=args.ignore_unknown,
-            bpe_path=args.bpe,
-        )
-    except json.JSONDecodeError as e:
-        print(f"simzss import-official: error: --vision-kwargs is not valid JSON ({e})", file=sys.stderr)
-        return 2
-    except (OfficialCheckpointError, ExportError, OSError, ValueError) as e:  # FileExistsError, bad input
-        print(f"simzss import-official: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    t, v = conv.config.text, conv.config.vision
-    print(
-        f"imported {args.checkpoint} -> {out}\n"
-        f"  vision: {v.name} {json.dumps(v.model_kwargs) if v.model_kwargs else ''} denoiser={v.denoiser}\n"
-        f"  text: {t.layers} layers x {t.width} wide, {t.heads} heads, context {t.context_length}, {t.activation}\n"
-        f"  training-only keys left out: {', '.join(conv.unused) or 'none'}"
-        + (f"\n  unknown keys left out: {_names(conv.ignored_unknown)}" if conv.ignored_unknown else "")
-    )
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -16,12 +16,11 @@ from simzss.config import ModelConfig
 from simzss.data.batch import Batch
 from simzss.data.transforms import image_to_tensor
 from simzss.losses import (
-    ConceptTargets,
-    class_prototypes,
-    concept_loss,
-    concept_targets,
     contrastive_loss,
     pool_visual_concepts,
+    slot_classes,
+    slot_concept_loss,
+    slot_prototypes,
 )
 from simzss.models.pretrained import WEIGHTS_NAME, load_state, read_export
 from simzss.models.text import TextTower, is_right_padded
@@ -44,19 +43,9 @@ class SimZSSOutput:
     global_loss: Tensor
     concept_loss: Tensor
     concept_accuracy: Tensor  # argmax == true label over concepts; nan when none (or LiT)
-    num_concepts: int
-    num_classes: int
+    num_concepts: int | Tensor  # 0-d tensors from the concept branch (read them when logging: no sync in the step)
+    num_classes: int | Tensor
     logit_scale: Tensor  # exp of the clamped learned logit scale
-
-
-@dataclass
-class _StepPlan:
-    """Host-side facts of a batch, read in one sync before the towers run (see ``SimZSS._plan``)."""
-
-    right_padded: bool | None  # None: not needed (the text tower is not causal-scratch)
-    slots: Tensor | None = None  # [n] flat (b*K + k) index of every valid concept slot, on the device
-    labels: Tensor | None = None  # [n] their class ids, on the device
-    targets: ConceptTargets | None = None
 
 
 class SimZSS(nn.Module):
@@ -69,6 +58,14 @@ class SimZSS(nn.Module):
     ``equal_batch_sizes`` (attribute, default False): set it when every rank always gets batches of
     the same size (the webdataset training stream only yields full batches); the contrastive loss
     then skips exchanging batch sizes under ``torch.distributed``.
+
+    ``right_padded_inputs`` (attribute, default False): set it when every batch's text is padded on
+    the right (``tokenize_batch`` / ``Batch.cat`` batches are); the causal scratch tower then runs
+    without a mask without checking the mask first (the check is a host sync on an accelerator).
+    ``concept_classes`` (attribute, default None): the concept bank's size (labels are bank ids below
+    it); the concept branch then indexes its class table by label, with no host sync. Unset, the table
+    has one row per class present in the global batch, counted with one host read (see
+    :func:`simzss.losses.slot_classes`). Neither changes a number.
     """
 
     def __init__(
@@ -115,6 +112,8 @@ class SimZSS(nn.Module):
         self.config: ModelConfig | None = None
         self.tokenizer: Any = None
         self.equal_batch_sizes = False
+        self.right_padded_inputs = False
+        self.concept_classes: int | None = None
 
     @classmethod
     def from_config(
@@ -173,8 +172,7 @@ class SimZSS(nn.Module):
             raise ValueError("the model has no vision tower and the batch carries no cached vision features")
         if batch.images is None:
             raise ValueError("the batch has neither images nor cached vision features")
-        cls, patches = self.vision(batch.images)
-        return cls.float(), patches.float()
+        return self.vision(batch.images, dtype=torch.float32)
 
     @staticmethod
     def _concept_mask(batch: Batch) -> Tensor:
@@ -182,94 +180,72 @@ class SimZSS(nn.Module):
         outputs are not defined when the causal tower runs without a mask)."""
         return batch.concept_mask.bool() & batch.attention_mask.bool().unsqueeze(1)
 
-    def _plan(self, batch: Batch, concepts: bool) -> _StepPlan:
-        """Everything the step needs on the host, read with one device->host copy before any heavy work.
+    def _right_padded(self, attention_mask: Tensor) -> bool | None:
+        """Whether the scratch (causal) tower may drop the mask; ``None`` for other towers (not needed)."""
+        if self.text.kind != "scratch":
+            return None
+        if self.right_padded_inputs:
+            return True
+        return bool(is_right_padded(attention_mask))  # a host sync, unless the caller promised right padding
 
-        Reading it here, while little is queued on the device, replaces the syncs the concept branch
-        and the padding check would otherwise cause in the middle of the forward pass. Valid concept
-        slots have a label >= 0 and at least one real (non-pad) token: a concept without tokens
-        cannot be pooled.
-        """
-        flags = []
-        if self.text.kind == "scratch":  # the causal tower can drop the mask when padding is on the right
-            flags.append(is_right_padded(batch.attention_mask).long().reshape(1))
-        slot_labels = None
-        if concepts:
-            labels = batch.concept_labels
-            valid = (labels >= 0) & self._concept_mask(batch).any(-1)
-            slot_labels = torch.where(valid, labels, torch.full_like(labels, -1)).reshape(-1)
-            flags.append(slot_labels.long())
-        if not flags:
-            return _StepPlan(right_padded=None)
-        host = torch.cat(flags).cpu()  # the one sync
-        right_padded = bool(host[0]) if self.text.kind == "scratch" else None
-        if slot_labels is None:
-            return _StepPlan(right_padded=right_padded)
-        host_labels = host[host.numel() - slot_labels.shape[0] :]
-        slots = torch.nonzero(host_labels >= 0).reshape(-1)
-        labels_host = host_labels[slots]
-        device = batch.concept_labels.device
-        # concept_targets gathers under torch.distributed; on one process it stays on the host
-        targets = concept_targets(labels_host, device=device)
-        # one host->device copy; non_blocking: from a host tensor nothing writes to, it needs no stream sync
-        slots_labels = torch.stack([slots, labels_host]).to(device, non_blocking=True)
-        return _StepPlan(right_padded, slots_labels[0], slots_labels[1], targets)
-
-    def _text_concepts(self, tokens: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
-        """Projected text concepts c_t [n, D] of the valid slots (``slots``: flat b*K + k indices).
+    def _text_concepts(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Projected text concepts c_t [B*K, D] of every concept slot (flat index b*K + k).
 
         ``tokens`` [B, L, width] are the text tower's outputs, ``mask`` [B, K, L] the concept spans
         (real tokens only). ``concept_pooling="mean"``: g(mean of the span's tokens);
         ``"sum_normalized"``: sum over the span of normalize(g(token)), as the official release does.
+        An empty slot gives g(0) or 0; its weight in the loss is 0.
         """
         b, k, _ = mask.shape
         mask = mask.to(tokens.dtype)
         if self.concept_pooling == "mean":
             counts = mask.sum(-1, keepdim=True).clamp(min=1)
-            span_mean = torch.einsum("bkl,bld->bkd", mask, tokens) / counts  # [B, K, width]
-            # only the valid slots are projected; index_select needs no host sync (boolean masks do)
-            return self.text.proj(span_mean.reshape(b * k, tokens.shape[-1]).index_select(0, slots))
-        projected = F.normalize(self.text.proj(tokens), dim=-1)  # [B, L, D]
-        summed = torch.einsum("bkl,bld->bkd", mask, projected)  # [B, K, D]
-        return summed.reshape(b * k, projected.shape[-1]).index_select(0, slots)
+            span_mean = torch.bmm(mask, tokens) / counts  # [B, K, width]
+            pooled = self.text.proj(span_mean.reshape(b * k, tokens.shape[-1]))
+        else:
+            projected = F.normalize(self.text.proj(tokens), dim=-1)  # [B, L, D]
+            pooled = torch.bmm(mask, projected).reshape(b * k, projected.shape[-1])  # [B*K, D]
+        return pooled
 
     def forward(self, batch: Batch) -> SimZSSOutput:
-        """Losses for one (per-rank) batch; negatives and prototypes come from the global batch."""
+        """Losses for one (per-rank) batch; negatives and prototypes come from the global batch.
+
+        The concept branch works on the fixed [B, K] grid of concept slots with masks (no data-dependent
+        shape; no host sync when ``concept_classes`` is set; see :mod:`simzss.losses`).
+        """
         use_concepts = self.concept_weight > 0
-        plan = self._plan(batch, use_concepts)
         cls, patches = self._vision_features(batch)
-        tokens, pooled = self.text(batch.input_ids, batch.attention_mask, right_padded=plan.right_padded)
+        tokens, pooled = self.text(batch.input_ids, batch.attention_mask,
+                                   right_padded=self._right_padded(batch.attention_mask))
         scale = self.scale()
         global_loss = contrastive_loss(cls, self.text.proj(pooled), scale, equal_sizes=self.equal_batch_sizes)
         if not use_concepts:  # LiT: no concept work at all
             zero = global_loss.new_zeros(())
             nan = torch.full((), float("nan"), device=zero.device)
             return SimZSSOutput(global_loss, global_loss, zero, nan, 0, 0, scale.detach())
-        assert plan.slots is not None and plan.labels is not None and plan.targets is not None
 
-        b, k, _ = batch.concept_mask.shape
-        text_concepts = self._text_concepts(tokens, self._concept_mask(batch), plan.slots)  # c_t, [n, D]
-        if self.query == "concept":
-            picked = text_concepts
-        else:  # each concept queries with its class prototype over the global batch
-            protos, _, index = class_prototypes(
-                text_concepts, plan.labels, targets=plan.targets, normalize_members=self.prototype_member_norm
-            )
-            picked = protos[index]
-        # invalid slots get a zero query: their (uniform) pooling is computed in the batched op, then dropped
+        mask = self._concept_mask(batch)
+        b, k, _ = mask.shape
+        # a slot holds a concept when it has a label and at least one real token to pool
+        valid = (batch.concept_labels >= 0) & mask.any(-1)
+        labels = torch.where(valid, batch.concept_labels, torch.full_like(batch.concept_labels, -1)).reshape(-1)
+        # K (the most concepts of a caption) differs between ranks' batches: under torch.distributed the slot
+        # counts are exchanged even with equal batch sizes
+        classes = slot_classes(labels, self.concept_classes)
+        text_concepts = self._text_concepts(tokens, mask)  # c_t, [B*K, D]
+        protos, present = slot_prototypes(text_concepts, classes, normalize_members=self.prototype_member_norm)
+        # each concept queries with its class prototype over the global batch, or with itself
+        queries = protos.index_select(0, classes.index[classes.local]) if self.query == "prototype" else text_concepts
         _, h, w, d = patches.shape
-        queries = picked.new_zeros((b * k, d)).index_copy(0, plan.slots, picked)
+        queries = torch.where(valid.reshape(-1, 1), queries, queries.new_zeros(()))  # empty slots: a zero query
         visual = pool_visual_concepts(patches.reshape(b, h * w, d), queries.reshape(b, k, d), self.tau)
-        visual = visual.reshape(b * k, d).index_select(0, plan.slots)
-        stats = concept_loss(
-            text_concepts,
-            visual,
-            plan.labels,
+        stats = slot_concept_loss(
+            visual.reshape(b * k, d),
+            classes,
+            protos,
+            present,
             scale=scale if self.concept_scale is None else self.concept_scale,
             target=self.concept_target,
-            return_stats=True,
-            targets=plan.targets,
-            normalize_members=self.prototype_member_norm,
         )
         loss = global_loss + self.concept_weight * stats.loss
         return SimZSSOutput(
@@ -281,8 +257,8 @@ class SimZSS(nn.Module):
         """L2-normalised CLS [B, D] and patch grid [B, h, w, D] (fp32) of ImageNet-normalised images."""
         if self.vision is None:
             raise ValueError("this model was built without a vision tower (build_vision=False)")
-        cls, patches = self.vision(images)
-        return F.normalize(cls.float(), dim=-1), F.normalize(patches.float(), dim=-1)
+        cls, patches = self.vision(images, dtype=torch.float32)
+        return F.normalize(cls, dim=-1), F.normalize(patches, dim=-1)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """L2-normalised projected pooled text features [B, D]."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import Tensor, nn
 
@@ -18,7 +19,7 @@ from simzss.models.denoiser import DENOISERS, DVTDenoiser, read_denoiser_state
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FrozenVisionTower", "build_vision_tower", "vision_embed_dim", "vision_state_shapes"]
+__all__ = ["FrozenVisionTower", "build_vision_tower", "vision_embed_dim", "vision_state_shapes", "weights_file_kind"]
 
 
 #: The weights file looked for when ``weights`` names a folder (timm's hub repositories hold model.safetensors).
@@ -142,14 +143,23 @@ class FrozenVisionTower(nn.Module):
             path = str(found)
         if not Path(path).is_file():
             raise FileNotFoundError(f"vision weights file not found: {path}")
+        kind = weights_file_kind(path)
+        if kind == "unknown":
+            raise ValueError(f"cannot load vision weights {path}: not a torch or safetensors weights file (its bytes "
+                             "are neither); give a state dict saved as .safetensors or with torch.save")
         try:
             load_checkpoint(self.model, path, strict=True, filter_fn=checkpoint_filter_fn, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError, AttributeError, TypeError) as e:
+        except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError, AttributeError, TypeError, EOFError,
+                IndexError, OSError, SafetensorError) as e:
             # RuntimeError: missing/unexpected keys or shapes, or (timm wraps it) a blocked pickle;
-            # AttributeError/TypeError: not a state dict
-            if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
-                raise ValueError(f"cannot load vision weights {path}: the file holds a pickle with objects other than plain "
-                                 "tensors (refused: unpickling can run code); save the state dict as .safetensors"
+            # AttributeError/TypeError: not a state dict; EOFError/IndexError/SafetensorError: a cut or damaged file
+            if kind != "safetensors" and (isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e)):
+                raise ValueError(f"cannot load vision weights {path}: the pickle holds objects other than plain "
+                                 "tensors (refused: unpickling can run code); save its state dict as .safetensors"
+                                 ) from None
+            if isinstance(e, (EOFError, IndexError, OSError, SafetensorError, pickle.UnpicklingError)):
+                raise ValueError(f"cannot load vision weights {path}: the {kind} file is damaged or cut short "
+                                 f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); download or save it again"
                                  ) from None
             raise ValueError(f"cannot load vision weights {path} into {self.name}: {str(e)[:2000]}") from e
         log.info("loaded vision weights from %s", path)
@@ -158,23 +168,49 @@ class FrozenVisionTower(nn.Module):
         """Always eval mode: the tower is frozen (dropout / drop-path must never be active)."""
         return super().train(False)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``images`` [B, 3, H, W] (H, W multiples of the patch size) -> (cls [B, D], patches [B, h, w, D])."""
+    def forward(self, images: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``images`` [B, 3, H, W] (H, W multiples of the patch size) -> (cls [B, D], patches [B, h, w, D]).
+
+        Runs under ``torch.inference_mode`` and, on CUDA, in bf16 autocast. The outputs are ordinary tensors
+        (usable by autograd ops of the trainable side) in ``dtype``, by default the compute dtype: the one copy
+        out of inference mode is the conversion the caller needs anyway.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B,3,H,W], got {tuple(images.shape)}")
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         if h * self.patch_size != images.shape[-2] or w * self.patch_size != images.shape[-1]:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
-        # no_grad rather than inference_mode: the outputs feed autograd ops of the trainable side
-        # (inference tensors cannot be saved for backward). bf16 autocast only on CUDA; elsewhere
-        # the input dtype is used as is.
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
             tokens = self.model.forward_features(images)  # [B, prefix + h*w, D], final norm applied
             cls = tokens[:, 0]
             patches = tokens[:, self.num_prefix_tokens :].reshape(tokens.shape[0], h, w, -1)
             if self.denoiser is not None:
                 patches = self.denoiser(patches)
-        return cls, patches
+        # out of inference mode: inference tensors cannot be saved for backward, so hand out normal copies
+        if torch.is_inference_mode_enabled():
+            return (cls, patches) if dtype is None else (cls.to(dtype), patches.to(dtype))
+        return _ordinary(cls, dtype), _ordinary(patches, dtype)
+
+
+def _ordinary(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """A non-inference copy of an inference tensor, converted to ``dtype`` on the way."""
+    return t.to(dtype or t.dtype, copy=True)
+
+
+def weights_file_kind(path: str | Path) -> str:
+    """What a weights file's first bytes say it is: ``"torch-zip"`` (torch.save's zip), ``"pickle"`` (torch's
+    legacy format or a raw pickle), ``"safetensors"`` (a length-prefixed JSON header that fits the file) or
+    ``"unknown"``. Nothing is unpickled."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode, protocol 2-5
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
+    return "unknown"
 
 
 def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:

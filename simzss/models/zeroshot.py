@@ -14,6 +14,11 @@ Protocol (GroupViT / TCL / CLIP-DINOiser, mmseg 0.x slide inference):
 4. The averaged cosine map is resized bilinearly to the original image size; probabilities =
    softmax(logit_scale * cosine) over classes; prediction = argmax.
 
+Steps 3-4 are linear up to the softmax and act on the two axes separately, so :func:`assemble_windows` computes
+them as two small matrix products per class from the windows' patch-level logits (:func:`slide_cosine` is the
+direct canvas form; both agree to float rounding). :func:`segment_images` segments several images at once: their
+windows share the vision tower's batches and the label maps never leave the device.
+
 Background handling (``background``): ``"none"``; ``"threshold"`` (background wherever the highest foreground
 probability is below ``bg_threshold``); ``"class"`` ("background" is embedded like any other class name).
 Optional ``pamr=True`` (off by default): the probabilities are refined with PAMR (:mod:`simzss.models.pamr`, TCL's
@@ -23,8 +28,10 @@ Dataset evaluation (defaults per benchmark, mIoU) is :mod:`simzss.eval.segmentat
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Any, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
@@ -159,7 +166,11 @@ def slide_cosine(
     window_batch: int = 16,
     patch_size: Optional[int] = None,
 ) -> Tensor:
-    """Window-averaged cosine map ``[C, H, W]`` of a normalised ``[1,3,H,W]`` image (no resizing)."""
+    """Window-averaged cosine map ``[C, H, W]`` of a normalised ``[1,3,H,W]`` image (no resizing).
+
+    The direct form of step 3: every window's logits upsampled to the window and summed into a canvas, divided by
+    the per-pixel window count. :func:`segment_image` computes the same map in the separable form
+    (:func:`assemble_windows`), which never materialises per-window full-resolution logits."""
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected one image [1,3,H,W], got {tuple(image.shape)}")
     _, _, h, w = image.shape
@@ -183,6 +194,151 @@ def slide_cosine(
             canvas[:, y1:y2, x1:x2] += logits[k]
             count[:, y1:y2, x1:x2] += 1
     return canvas / count
+
+
+# --------------------------------------------------------------------------- the separable (fast) form
+
+
+def interp_matrix(n_in: int, n_out: int) -> Tensor:
+    """``[n_out, n_in]`` float64 weights of torch's 1-D bilinear resize (``align_corners=False``, no antialias),
+    read off ``F.interpolate`` itself (each input position as a unit impulse), so they are exactly its weights."""
+    if n_in == n_out:
+        return torch.eye(n_in, dtype=torch.float64)
+    eye = torch.eye(n_in, dtype=torch.float64).view(1, n_in, n_in, 1)  # channel c = impulse at row c
+    return F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)[0, :, :, 0].T
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """The sliding windows of one (resized) ``h`` x ``w`` image: window starts per axis (the windows are their
+    product, row-major, as :func:`slide_windows`), the window size, its patch-padded size and its patch grid."""
+
+    h: int
+    w: int
+    ys: Tuple[int, ...]
+    xs: Tuple[int, ...]
+    wh: int
+    ww: int
+    ph: int
+    pw: int
+    patch: int
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return self.ph // self.patch, self.pw // self.patch
+
+    @property
+    def windows(self) -> List[Tuple[int, int, int, int]]:
+        return [(y, y + self.wh, x, x + self.ww) for y in self.ys for x in self.xs]
+
+
+def plan_windows(h: int, w: int, crop: int, stride: int, patch: int) -> WindowPlan:
+    """The :class:`WindowPlan` of an ``h`` x ``w`` image (same windows as :func:`slide_windows`)."""
+    windows = slide_windows(h, w, crop, stride)
+    ys = tuple(sorted({y1 for y1, _, _, _ in windows}))
+    xs = tuple(sorted({x1 for _, _, x1, _ in windows}))
+    wh, ww = min(crop, h), min(crop, w)
+    return WindowPlan(h, w, ys, xs, wh, ww, math.ceil(wh / patch) * patch, math.ceil(ww / patch) * patch, patch)
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_operator(starts: Tuple[int, ...], win: int, padded: int, grid: int, length: int, out_len: int) -> Tensor:
+    """``[out_len, len(starts) * grid]`` float64: one axis of steps 3-4 as one matrix. Window i's patch logits
+    are upsampled to the padded window (bilinear), cropped to the window, placed at ``starts[i]``, summed and
+    divided by the number of windows covering each position, then resized from ``length`` to ``out_len``.
+    Cached: a dataset's images share few sizes."""
+    up = interp_matrix(grid, padded)[:win]  # [win, grid]
+    op = torch.zeros(length, len(starts) * grid, dtype=torch.float64)
+    count = torch.zeros(length, dtype=torch.float64)
+    for i, s in enumerate(starts):
+        op[s : s + win, i * grid : (i + 1) * grid] = up
+        count[s : s + win] += 1
+    op /= count[:, None]
+    return op if out_len == length else interp_matrix(length, out_len) @ op
+
+
+@functools.lru_cache(maxsize=64)
+def _operators(plan: WindowPlan, size: Tuple[int, int], scale: float, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """The two axis operators of :func:`assemble_windows` in fp32 on ``device`` (``scale`` folded into the first),
+    cached so that images of a size seen before cost no host-to-device copy."""
+    gh, gw = plan.grid
+    a_h = _axis_operator(plan.ys, plan.wh, plan.ph, gh, plan.h, size[0]) * scale
+    a_w = _axis_operator(plan.xs, plan.ww, plan.pw, gw, plan.w, size[1])
+    return a_h.to(device, torch.float32), a_w.to(device, torch.float32)
+
+
+def assemble_windows(logits: Tensor, plan: WindowPlan, size: Tuple[int, int], scale: float = 1.0) -> Tensor:
+    """``scale`` times the window-averaged cosine map of :func:`slide_cosine`, resized to ``size`` (step 4's
+    resize), from the windows' patch-level logits ``[n_windows, C, gh, gw]`` (row-major, as ``plan.windows``):
+    ``[C, *size]``.
+
+    Upsampling, placement, overlap averaging and the final resize are linear and act on the two axes separately
+    (the windows form a grid, so the window count is a product too), so the whole chain is ``A_h · L · A_wᵀ`` per
+    class with two small matrices (the logit scale folded into ``A_h``): equal to the direct form up to float
+    rounding, without its per-window ``C x crop x crop`` maps, canvas and extra full-resolution passes. The
+    result is a ``[C, H, W]`` view of channels-last memory."""
+    gh, gw = plan.grid
+    ny, nx = len(plan.ys), len(plan.xs)
+    c = logits.shape[1]
+    grid = logits.float().view(ny, nx, c, gh, gw).permute(2, 0, 3, 1, 4).reshape(c, ny * gh, nx * gw)
+    a_h, a_w = _operators(plan, (int(size[0]), int(size[1])), float(scale), logits.device)
+    with torch.autocast(device_type=logits.device.type, enabled=False):  # fp32 under mixed precision
+        # the cheaper order (the last product costs C*H*W*(inner size)); either way the result is laid out
+        # [H, W, C], so that the per-pixel reductions over classes (softmax, argmax) read contiguous memory
+        if a_h.shape[1] <= a_w.shape[1]:
+            tmp = torch.matmul(grid, a_w.T).permute(1, 2, 0).reshape(ny * gh, -1)  # [gy, W*C]
+            out = torch.matmul(a_h, tmp).view(size[0], size[1], c)
+        else:
+            tmp = torch.matmul(a_h, grid).permute(1, 2, 0)  # [H, gx, C]
+            out = torch.matmul(a_w, tmp)  # [H, W, C]
+        return out.permute(2, 0, 1)
+
+
+def window_crops(image: Tensor, plan: WindowPlan) -> Tensor:
+    """The windows of a normalised ``[1,3,h,w]`` image, zero-padded to the patch multiple: ``[n, 3, ph, pw]``."""
+    crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in plan.windows])
+    if (plan.ph, plan.pw) != (plan.wh, plan.ww):
+        crops = F.pad(crops, (0, plan.pw - plan.ww, 0, plan.ph - plan.wh))
+    return crops
+
+
+@torch.no_grad()
+def window_logits(model: ZeroShotModel, crops: Sequence[Tensor], classifier: Tensor, window_batch: int = 16) -> List[Tensor]:
+    """Patch-level logits ``[n_i, C, gh, gw]`` of each image's window crops (``crops[i]``: ``[n_i, 3, ph, pw]``).
+
+    Windows of all the images go through the vision tower together, ``window_batch`` at a time (windows of one
+    padded size per forward), so small images still fill the batch."""
+    cls = classifier.float()
+    groups: dict = {}
+    for i, c in enumerate(crops):
+        for k in range(c.shape[0]):
+            groups.setdefault(tuple(c.shape[-2:]), []).append((i, k))
+    out: List[List[Optional[Tensor]]] = [[None] * c.shape[0] for c in crops]
+    for members in groups.values():
+        for s in range(0, len(members), window_batch):
+            chunk = members[s : s + window_batch]
+            batch = torch.stack([crops[i][k] for i, k in chunk])
+            _, patches = model.encode_image(batch)  # [b, gh, gw, D]
+            with torch.autocast(device_type=batch.device.type, enabled=False):  # scores in fp32 under mixed precision
+                logits = torch.einsum("bhwd,cd->bchw", patches.float(), cls.to(batch.device))
+            for (i, k), lg in zip(chunk, logits):
+                out[i][k] = lg
+    return [torch.stack(o) for o in out]  # type: ignore[arg-type]
+
+
+def _resize_for_windows(image: Tensor, short_side: Optional[int], max_long: int) -> Tensor:
+    """Step 1: the keep-ratio bilinear resize (no antialias), on the image's device."""
+    _, _, h, w = image.shape
+    nh, nw = resized_shape(h, w, short_side, max_long)
+    return image if (nh, nw) == (h, w) else F.interpolate(image, size=(nh, nw), mode="bilinear", align_corners=False)
+
+
+def _probabilities(x: Tensor, logits: Tensor, plan: WindowPlan, size: Tuple[int, int], scale: float) -> Tensor:
+    """Steps 3-4 with PAMR: probabilities on the resized grid, refined by PAMR, resized to ``size``: ``[C, *size]``."""
+    probs = pamr_refine(x, torch.softmax(assemble_windows(logits, plan, (plan.h, plan.w), scale), dim=0).unsqueeze(0))
+    if (plan.h, plan.w) != tuple(size):
+        probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+    return probs[0]
 
 
 @torch.no_grad()
@@ -212,23 +368,90 @@ def segment_image(
     """
     if background not in BACKGROUND_MODES:
         raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {background!r}")
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"expected one image [1,3,H,W], got {tuple(image.shape)}")
     _, _, h, w = image.shape
-    nh, nw = resized_shape(h, w, short_side, max_long)
-    x = image if (nh, nw) == (h, w) else F.interpolate(image, size=(nh, nw), mode="bilinear", align_corners=False)
-    cos = slide_cosine(model, x, classifier, crop=crop, stride=stride, window_batch=window_batch)
+    x = _resize_for_windows(image, short_side, max_long)
+    plan = plan_windows(x.shape[-2], x.shape[-1], crop, stride, get_patch_size(model))
+    (logits,) = window_logits(model, [window_crops(x, plan)], classifier.to(image.device), window_batch)
     scale = get_logit_scale(model) if logit_scale is None else logit_scale
     if pamr:
-        probs = pamr_refine(x, torch.softmax(cos * scale, dim=0).unsqueeze(0))
-        if (nh, nw) != (h, w):
-            probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-        probs = probs[0]
+        probs = _probabilities(x, logits, plan, (h, w), scale)
     else:
-        if (nh, nw) != (h, w):
-            cos = F.interpolate(cos.unsqueeze(0), size=(h, w), mode="bilinear", align_corners=False)[0]
-        probs = torch.softmax(cos * scale, dim=0)
+        probs = torch.softmax(assemble_windows(logits, plan, (h, w), scale), dim=0)
     if background == "threshold":
         thr = FALLBACK_BG_THRESHOLD if bg_threshold is None else float(bg_threshold)
         probs = torch.cat([probs.new_full((1, h, w), thr), probs])
     return probs
 
 
+def labels_from_probs(probs: Tensor, background: str, bg_threshold: Optional[float]) -> Tensor:
+    """The label map ``[H, W]`` (int64) that ``segment_image(...).argmax(0)`` gives, from the class probabilities
+    ``[C, H, W]`` *without* the background channel: with ``"threshold"``, 0 where no class probability exceeds the
+    threshold (ties go to background), else 1 + the first most probable class; otherwise the first most
+    probable class."""
+    if background != "threshold":
+        return probs.argmax(dim=0)
+    thr = FALLBACK_BG_THRESHOLD if bg_threshold is None else float(bg_threshold)
+    best, idx = probs.max(dim=0)
+    return torch.where(best > thr, idx + 1, torch.zeros_like(idx))
+
+
+def labels_from_scores(scores: Tensor, background: str, bg_threshold: Optional[float]) -> Tensor:
+    """:func:`labels_from_probs` of ``softmax(scores)`` without materialising the probabilities: the softmax keeps
+    the order of the classes, and the top probability is ``1 / sum(exp(scores - max))``, as softmax computes it."""
+    if background != "threshold":
+        return scores.argmax(dim=0)
+    thr = FALLBACK_BG_THRESHOLD if bg_threshold is None else float(bg_threshold)
+    best, idx = scores.max(dim=0)
+    top = 1.0 / torch.exp(scores - best).sum(dim=0)
+    return torch.where(top > thr, idx + 1, torch.zeros_like(idx))
+
+
+@torch.no_grad()
+def segment_images(
+    model: ZeroShotModel,
+    images: Sequence[Tensor],
+    classifier: Tensor,
+    *,
+    short_side: Optional[int] = 448,
+    crop: int = 448,
+    stride: int = 224,
+    window_batch: int = 16,
+    background: str = "none",
+    bg_threshold: Optional[float] = None,
+    max_long: int = 2048,
+    logit_scale: Optional[float] = None,
+    pamr: bool = False,
+) -> List[Tensor]:
+    """Label maps ``[H_i, W_i]`` (int64, on the images' device) of several normalised ``[1,3,H_i,W_i]`` images,
+    equal to ``segment_image(...).argmax(0)`` for each: the windows of all images share the vision tower's
+    batches, and nothing leaves the device (no host sync)."""
+    if background not in BACKGROUND_MODES:
+        raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {background!r}")
+    if not images:
+        return []
+    resized = [_resize_for_windows(im, short_side, max_long) for im in images]
+    patch = get_patch_size(model)
+    plans = [plan_windows(x.shape[-2], x.shape[-1], crop, stride, patch) for x in resized]
+    logits = window_logits(model, [window_crops(x, pl) for x, pl in zip(resized, plans)],
+                           classifier.to(images[0].device), window_batch)
+    scale = get_logit_scale(model) if logit_scale is None else logit_scale
+    out = []
+    for im, x, pl, lg in zip(images, resized, plans, logits):
+        size = (int(im.shape[-2]), int(im.shape[-1]))
+        if pamr:
+            out.append(labels_from_probs(_probabilities(x, lg, pl, size, scale), background, bg_threshold))
+        else:
+            out.append(labels_from_scores(assemble_windows(lg, pl, size, scale), background, bg_threshold))
+    return out
+
+
+def model_variant(model: Any) -> str:
+    """What produced the predictions, recorded with every result: the model's (or its vision tower's) ``variant``
+    (baselines name their pathway and options, e.g. ``maskclip`` vs ``maskclip-nores``), else its class name."""
+    for obj in (model, getattr(model, "vision", None)):
+        v = getattr(obj, "variant", None) if obj is not None else None
+        if isinstance(v, str) and v:
+            return v
+    return type(model).__name__

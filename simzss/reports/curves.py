@@ -1,5 +1,6 @@
 """Training curves from ``RUN/metrics.jsonl`` (the trainer's :class:`simzss.engine.tracking.MetricLogger` rows):
-losses, concept accuracy, learning rate, logit scale, throughput and eval mIoU against the step, runs overlaid."""
+losses, concept accuracy, learning rate, logit scale, wall-clock throughput, the data-wait fraction, peak GPU memory
+and eval mIoU against the step, runs overlaid. Steps are whole numbers, so the x axis only has integer ticks."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from simzss.reports.figures import plt, save_figure
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-# (metrics.jsonl key, panel title); "eval/*/mIoU" expands to one line per evaluated dataset
+# (metrics.jsonl key, panel title); "eval/*/mIoU" expands to one line per evaluated dataset; "a|b": key a, or key b
+# in runs that lack a (throughput: the wall-clock rate of all GPUs; runs logged before it had only a per-GPU rate)
 PANELS: Tuple[Tuple[str, str], ...] = (
     ("loss", "total loss"),
     ("global_loss", "global loss (image-text InfoNCE)"),
@@ -26,7 +30,9 @@ PANELS: Tuple[Tuple[str, str], ...] = (
     ("concept_accuracy", "concept accuracy"),
     ("lr", "learning rate"),
     ("logit_scale", "logit scale"),
-    ("samples_per_s_per_gpu", "throughput (samples/s per GPU)"),
+    ("samples_per_s|samples_per_s_per_gpu", "throughput (samples/s, wall clock)"),
+    ("data_wait_fraction", "fraction of wall time waiting for data"),
+    ("gpu_mem_peak_gib", "peak GPU memory (GiB)"),
     ("eval/*/mIoU", "eval mIoU"),
 )
 
@@ -72,6 +78,9 @@ def read_metrics(run_dir: str | os.PathLike, label: Optional[str] = None) -> Run
 
 def _panel_series(run: RunMetrics, key: str) -> List[Tuple[str, np.ndarray, np.ndarray]]:
     """(legend suffix, steps, values) of a panel key; ``eval/*/mIoU`` expands to every evaluated dataset."""
+    if "|" in key:
+        present = [k for k in key.split("|") if k in run.series]
+        return [("", *run.series[present[0]])] if present else []
     if "*" not in key:
         return [("", *run.series[key])] if key in run.series else []
     head, tail = key.split("*")
@@ -81,11 +90,16 @@ def _panel_series(run: RunMetrics, key: str) -> List[Tuple[str, np.ndarray, np.n
 
 def plot_training_curves(runs: Sequence[RunMetrics], path: str | os.PathLike, title: str = "") -> Path:
     """One PNG with a panel per metric of :data:`PANELS`, every run overlaid in its own colour."""
+    return save_figure(draw_training_curves(runs, title), path)
+
+
+def draw_training_curves(runs: Sequence[RunMetrics], title: str = "") -> Figure:
+    """The figure of :func:`plot_training_curves` (not saved)."""
     if not runs:
         raise ValueError("no runs to plot")
     if not any(run.series for run in runs):
         raise ValueError("no metrics in " + ", ".join(str(r.path) for r in runs))
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    fig, axes = plt.subplots(2, 5, figsize=(21, 7.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     last_step = max((int(steps[-1]) for run in runs for steps, _ in run.series.values() if len(steps)), default=1)
     for ax, (key, panel_title) in zip(axes.flat, PANELS):
@@ -100,6 +114,7 @@ def plot_training_curves(runs: Sequence[RunMetrics], path: str | os.PathLike, ti
         ax.set_title(panel_title, fontsize=11)
         ax.set_xlabel("step")
         ax.set_xlim(0, last_step * 1.03)  # the same step range in every panel (eval points are sparse)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a 3-step run has no step 1.5
         ax.grid(alpha=0.3)
         if key.startswith("eval/") and drawn:
             ax.set_ylim(bottom=0)
@@ -109,10 +124,12 @@ def plot_training_curves(runs: Sequence[RunMetrics], path: str | os.PathLike, ti
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         elif key.startswith("eval/") or len(runs) > 1 or drawn > 1:
             ax.legend(fontsize=8)
+        if key == "data_wait_fraction" and drawn:
+            ax.set_ylim(0, 1.02)
     if title:
         fig.suptitle(title, fontsize=13)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
-__all__ = ["METRICS_FILE", "PANELS", "RunMetrics", "read_metrics", "plot_training_curves"]
+__all__ = ["METRICS_FILE", "PANELS", "RunMetrics", "read_metrics", "plot_training_curves", "draw_training_curves"]

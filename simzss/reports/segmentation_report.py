@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import matplotlib.ticker
 import numpy as np
 from matplotlib.patches import Patch
 
@@ -103,10 +104,13 @@ def _iou_items(per_class: Mapping[str, Optional[float]]) -> List[tuple]:
 
 def plot_per_class_iou(per_class: Mapping[str, Optional[float]], miou: float, path: str | os.PathLike,
                        title: str = "") -> Path:
-    """Horizontal bar chart of per-class IoU (x100), sorted best first, with the mIoU as a dashed line."""
+    """Horizontal bar chart of per-class IoU (x100), sorted best first, with the mIoU as a dashed line.
+
+    The value of each bar is printed in a column right of the plot area and the mIoU is named above its line, so
+    no label can sit on the line or on a bar."""
     items = _iou_items(per_class)
     n_undefined = len(per_class) - len(items)
-    height = max(2.5, 0.24 * len(items) + 1.3)
+    height = max(2.5, 0.24 * len(items) + 1.5)
     fig, ax = plt.subplots(figsize=(7.5, height))
     if items:
         names, vals = zip(*items)
@@ -114,41 +118,49 @@ def plot_per_class_iou(per_class: Mapping[str, Optional[float]], miou: float, pa
         ax.barh(y, vals, color=plt.cm.viridis(np.asarray(vals) / 100.0), edgecolor="black", linewidth=0.3)
         ax.set_yticks(y, labels=names, fontsize=9)
         ax.invert_yaxis()
+        column = ax.get_yaxis_transform()  # x in axes fraction, y in data: a column right of the axes
         for yi, v in zip(y, vals):
-            ax.text(min(v + 1, 92), yi, f"{v:.1f}", va="center", fontsize=7.5)
+            ax.text(1.01, yi, f"{v:.1f}", transform=column, va="center", ha="left", fontsize=7.5)
     if miou is not None and math.isfinite(miou):
-        ax.axvline(miou, color="crimson", linestyle="--", linewidth=1.5, label=f"mIoU {miou:.1f}")
-        ax.legend(loc="lower right", fontsize=9)
+        ax.axvline(miou, color="crimson", linestyle="--", linewidth=1.5)
+        ax.annotate(f"mIoU {miou:.1f}", xy=(miou, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", color="crimson", fontsize=8.5)
     ax.set_xlim(0, 100)
     ax.set_xlabel("IoU (%)")
-    note = f" ({n_undefined} classes absent from GT and predictions)" if n_undefined else ""
-    ax.set_title((title + "\n" if title else "") + "per-class IoU" + note, fontsize=10)
+    ax.set_ylabel("class")
+    plural = "class" if n_undefined == 1 else "classes"
+    note = f" ({n_undefined} {plural} absent from GT and predictions)" if n_undefined else ""
+    ax.set_title((title + "\n" if title else "") + "per-class IoU" + note, fontsize=10, pad=16)
     ax.grid(axis="x", alpha=0.3)
     return save_figure(fig, path)
 
 
 def plot_confusion_summary(pairs: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
-    """Bar chart of the most confused class pairs ("ground truth → predicted"), length = share of the
-    ground-truth class's pixels predicted as the other class, annotated with the pixel count."""
-    height = max(2.2, 0.32 * len(pairs) + 1.2)
+    """Bar chart of the most confused class pairs ("ground truth → predicted"), most pixels first: bar length =
+    pixels of the ground-truth class predicted as the other class (the quantity the pairs are chosen and sorted
+    by), annotated with that count and its share of the ground-truth class's pixels."""
+    height = max(2.2, 0.32 * len(pairs) + 1.4)
     fig, ax = plt.subplots(figsize=(7.5, height))
     if pairs:
+        pairs = sorted(pairs, key=lambda p: p["pixels"], reverse=True)
         labels = [f"{p['gt']} → {p['pred']}" for p in pairs]
-        shares = [100 * p["share"] for p in pairs]
+        pixels = [int(p["pixels"]) for p in pairs]
         y = np.arange(len(pairs))
-        ax.barh(y, shares, color="indianred", edgecolor="black", linewidth=0.3)
+        ax.barh(y, pixels, color="indianred", edgecolor="black", linewidth=0.3)
         ax.set_yticks(y, labels=labels, fontsize=9)
         ax.invert_yaxis()
-        top = max(shares)
-        for yi, p, s in zip(y, pairs, shares):
-            ax.text(s + top * 0.01, yi, f"{s:.1f}%  ({p['pixels']:,} px)", va="center", fontsize=7.5)
-        ax.set_xlim(0, min(100, top * 1.35 + 1))
+        top = max(pixels)
+        for yi, p, n in zip(y, pairs, pixels):
+            ax.text(n + top * 0.01, yi, f"{n:,} px ({100 * p['share']:.1f}% of {p['gt']})", va="center", fontsize=7.5)
+        ax.set_xlim(0, top * 1.5)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     else:
         ax.text(0.5, 0.5, "no confusion: every labelled pixel is correct", ha="center", va="center",
                 transform=ax.transAxes)
         ax.set_yticks([])
-    ax.set_xlabel("% of the ground-truth class's pixels")
-    ax.set_title((title + "\n" if title else "") + "most confused class pairs (ground truth → predicted)", fontsize=10)
+    ax.set_xlabel("pixels of the ground-truth class predicted as the other class")
+    ax.set_ylabel("ground truth → predicted")
+    ax.set_title((title + "\n" if title else "") + "most confused class pairs, by pixels", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return save_figure(fig, path)
 
@@ -192,6 +204,11 @@ def plot_samples(samples: Sequence[Mapping[str, Any]], names: Sequence[str], pal
 # ------------------------------------------------------------------------------------------------- report
 
 
+#: Results written before variants were recorded: what a spec kind meant then, when it differs from now.
+LEGACY_VARIANTS = {"maskclip": "maskclip-nores (before 2026-12-04, `maskclip:` was the residual-free value path)"}
+UNRECORDED = "not recorded"
+
+
 @dataclass
 class ModelRun:
     """One model's results as the report sees them: a label and ``{dataset spec: result}``."""
@@ -200,6 +217,15 @@ class ModelRun:
     results: Dict[str, Dict[str, Any]]
     source: str = ""
     failed: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        """What produced the predictions (each result's ``"model_variant"``); for files written before variants
+        were recorded, what the spec meant then (:data:`LEGACY_VARIANTS`), else ``"not recorded"``."""
+        found = sorted({str(r["model_variant"]) for r in self.results.values() if r.get("model_variant")})
+        if found:
+            return " / ".join(found)
+        return LEGACY_VARIANTS.get(self.label.split(":", 1)[0], UNRECORDED)
 
 
 def load_results(path: str | os.PathLike) -> List[ModelRun]:
@@ -240,8 +266,8 @@ def comparison_table(runs: Sequence[ModelRun]) -> str:
         return -1.0 if v is None or math.isnan(v) else float(v)
 
     best = {d: max(score(r, d) for r in runs) for d in datasets}
-    head = "| model | " + " | ".join(f"{d} mIoU" for d in datasets) + " | mean |"
-    lines = [head, "|" + "---|" * (len(datasets) + 2)]
+    head = "| model | variant | " + " | ".join(f"{d} mIoU" for d in datasets) + " | mean |"
+    lines = [head, "|" + "---|" * (len(datasets) + 3)]
     for run in runs:
         cells, vals = [], []
         for d in datasets:
@@ -253,8 +279,25 @@ def comparison_table(runs: Sequence[ModelRun]) -> str:
             if v is not None:
                 vals.append(float(v))
         mean = _fmt(sum(vals) / len(vals)) if len(vals) == len(datasets) and vals else "—"
-        lines.append(f"| `{run.label}` | " + " | ".join(cells) + f" | {mean} |")
+        lines.append(f"| `{run.label}` | {run.variant} | " + " | ".join(cells) + f" | {mean} |")
     return "\n".join(lines)
+
+
+def variant_warnings(runs: Sequence[ModelRun]) -> List[str]:
+    """Lines for ``report.md`` when a comparison could mix variants: a run whose variant is not recorded (or only
+    inferred from an old spec), and one spec kind (``maskclip``, ``gem``, ...) present in different variants."""
+    out = []
+    for run in runs:
+        if not any(r.get("model_variant") for r in run.results.values()):
+            out.append(f"`{run.label}`: its results do not record the model variant (written before 2026-12-04); "
+                       f"taken as: {run.variant}")
+    kinds: Dict[str, set] = {}
+    for run in runs:
+        kinds.setdefault(run.label.split(":", 1)[0] if ":" in run.label else "", set()).add(run.variant)
+    for kind, variants in kinds.items():
+        if kind and len(variants) > 1:
+            out.append(f"`{kind}:` appears in {len(variants)} variants: " + "; ".join(sorted(variants)))
+    return out
 
 
 def write_report(out_dir: str | os.PathLike, runs: Sequence[ModelRun], *, top_pairs: int = 10) -> Path:
@@ -268,12 +311,15 @@ def write_report(out_dir: str | os.PathLike, runs: Sequence[ModelRun], *, top_pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = ["# Segmentation report", "", comparison_table(runs), ""]
+    warnings = variant_warnings(runs)
+    if warnings:
+        md += ["Variants to check before comparing:", ""] + [f"- {w}" for w in warnings] + [""]
     failed = [(r.label, d, why) for r in runs for d, why in r.failed.items()]
     if failed:
         md += ["Failed datasets:", ""] + [f"- `{m}` / `{d}`: {why}" for m, d, why in failed] + [""]
     for mi, run in enumerate(runs):
         model_dir = f"{mi:02d}-{slug(run.label)}"
-        md += [f"## `{run.label}`", ""]
+        md += [f"## `{run.label}`", "", f"Variant: {run.variant}", ""]
         for spec, res in run.results.items():
             names = _dataset_names(res)
             name = str(res.get("dataset") or spec.split(":", 1)[0])
@@ -308,5 +354,6 @@ def write_report(out_dir: str | os.PathLike, runs: Sequence[ModelRun], *, top_pa
 
 __all__ = [
     "CITYSCAPES_PALETTE", "voc_colormap", "distinct_colors", "dataset_palette", "colorize", "confused_pairs", "plot_per_class_iou",
-    "plot_confusion_summary", "plot_samples", "ModelRun", "load_results", "comparison_table", "write_report",
+    "plot_confusion_summary", "plot_samples", "ModelRun", "LEGACY_VARIANTS", "load_results", "comparison_table",
+    "variant_warnings", "write_report",
 ]

@@ -49,7 +49,8 @@ CASES = {
     "negative workers": (["data.workers=-1"], "data.workers"),
     "missing concept bank": (["data.concept_bank=/nonexistent.txt"], "/nonexistent.txt"),
     "README brace override": (["data.shards=[/data/…/{00000..00059}.tar]"], "/data/…/00000.tar"),
-    "unparseable override": (["run_name={oops"], "run_name"),
+    # text fields (run_name, mixed_precision ...) take any value literally (issue 19); other fields are YAML
+    "unparseable override": (["optim.lr={oops"], "optim.lr"),
 }
 
 

@@ -14,13 +14,17 @@ Conversions (label ids remapped with a lookup table; images are linked, never co
   other labels, 1..59 in mmseg's alphabetical order) and ``ImageSets/SegmentationContext/val.txt`` (VOC2010
   ``ImageSets/Main/val.txt`` images that have an annotation). Needs scipy to read the ``.mat`` files.
 * ``voc`` / ``voc20`` / ``ade20k``: read as downloaded (VOCtrainval_11-May-2012.tar, ADEChallengeData2016.zip).
+
+A source pixel whose value is no label of its label space (a Cityscapes labelId above 33, a stuffthingmap value
+that is no COCO category) becomes 255 like every unevaluated label, and is counted (``unknown_label_values`` in
+the result, one warning line): the evaluation never sees a value that is neither a class nor 255 from a converter.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -37,6 +41,8 @@ IGNORE = 255
 #: cityscapesscripts labels.py: labelId -> trainId for the 19 evaluated classes (all other ids -> 255).
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                         26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+#: cityscapesscripts labels.py: the labelIds a ``*_gtFine_labelIds.png`` can hold (0 unlabeled .. 33 bicycle).
+CITYSCAPES_LABEL_IDS = range(0, 34)
 #: COCO category ids (1-based) that no thing uses; the 80 things are the other ids in 1..90.
 COCO_UNUSED_THING_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 #: COCO-Stuff stuff classes: category ids 92..182 (91 classes).
@@ -64,6 +70,12 @@ def cityscapes_lut() -> np.ndarray:
 
 def _coco_thing_ids() -> List[int]:
     return [i for i in range(1, 91) if i not in COCO_UNUSED_THING_IDS]
+
+
+def coco_stuffthingmaps_values() -> List[int]:
+    """The values a COCO-Stuff 164k stuffthingmap holds: category id - 1 of the 80 things and the 91 stuff
+    classes, and 255 (unlabeled)."""
+    return [cat - 1 for cat in _coco_thing_ids() + list(COCO_STUFF_IDS)] + [IGNORE]
 
 
 def coco_stuff_lut() -> np.ndarray:
@@ -131,27 +143,60 @@ def _first_dir(candidates: Sequence[Path], what: str, name: str) -> Path:
 
 @dataclass
 class ConversionResult:
-    """What a conversion wrote."""
+    """What a conversion wrote, and the source pixels whose value is no label of the source's label space
+    (``unknown_values``: value -> pixels). Those become 255 (ignored), as the official converters do, and are
+    counted and logged rather than silently lost."""
 
     name: str
     out: Path
     written: int = 0
     existing: int = 0
+    unknown_values: Dict[int, int] = field(default_factory=dict)
+
+    @property
+    def unknown_pixels(self) -> int:
+        return sum(self.unknown_values.values())
 
     def to_json(self) -> Dict[str, object]:
         return {"dataset": self.name, "out": str(self.out), "masks_written": self.written,
-                "masks_existing": self.existing}
+                "masks_existing": self.existing, "unknown_label_pixels": self.unknown_pixels,
+                "unknown_label_values": {str(k): v for k, v in sorted(self.unknown_values.items())}}
+
+
+def known_values(values: Iterator[int] | Sequence[int]) -> np.ndarray:
+    """bool[256]: which stored source values are labels of the source's label space."""
+    known = np.zeros(256, dtype=bool)
+    known[list(values)] = True
+    return known
+
+
+def _lut_converter(lut: np.ndarray, known: np.ndarray, res: ConversionResult) -> Callable[[Path], np.ndarray]:
+    """Map a source mask through ``lut``, counting into ``res`` the pixels whose value is not ``known``."""
+
+    def convert(path: Path) -> np.ndarray:
+        ids = _read_ids(path)
+        counts = np.bincount(ids.ravel(), minlength=256)
+        for value in np.flatnonzero((counts > 0) & ~known):
+            res.unknown_values[int(value)] = res.unknown_values.get(int(value), 0) + int(counts[value])
+        return lut[ids]
+
+    return convert
 
 
 def _convert_masks(name: str, jobs: Sequence[Tuple[Path, Path]], convert: Callable[[Path], np.ndarray],
-                   out: Path, overwrite: bool, show_progress: bool) -> ConversionResult:
-    res = ConversionResult(name, out)
+                   out: Path, overwrite: bool, show_progress: bool, res: Optional[ConversionResult] = None
+                   ) -> ConversionResult:
+    res = res or ConversionResult(name, out)
     for src, dst in progress(jobs, desc=name, unit="mask", enabled=show_progress):
         if dst.is_file() and not overwrite:
             res.existing += 1
             continue
         _save_mask(convert(src), dst)
         res.written += 1
+    if res.unknown_values:
+        shown = ", ".join(f"{v}: {n:,} px" for v, n in sorted(res.unknown_values.items())[:10])
+        log.warning("%s: %d source pixels had values that are no label of the source (%s); they are ignored (255) "
+                    "in the converted masks", name, res.unknown_pixels, shown)
     return res
 
 
@@ -170,10 +215,11 @@ def convert_cityscapes(raw: Path, out: Path, *, split: str = "val", overwrite: b
         raise ConversionError(f"{name}: no *_gtFine_labelIds.png in {gt}/<city>/ (gtFine_trainvaltest.zip)")
     if out.resolve() != raw.resolve():
         _link(images, out / "leftImg8bit" / split)
-    lut = cityscapes_lut()
+    res = ConversionResult(name, out)
+    convert = _lut_converter(cityscapes_lut(), known_values(CITYSCAPES_LABEL_IDS), res)
     jobs = [(p, out / "gtFine" / split / p.parent.name / p.name.replace("_labelIds.png", "_labelTrainIds.png"))
             for p in sources]
-    return _convert_masks(name, jobs, lambda p: lut[_read_ids(p)], out, overwrite, show_progress)
+    return _convert_masks(name, jobs, convert, out, overwrite, show_progress, res)
 
 
 def _coco_sources(raw: Path, split: str, name: str) -> Tuple[Path, List[Path]]:
@@ -198,7 +244,9 @@ def _convert_coco(name: str, suffix: str, lut: np.ndarray, raw: Path, out: Path,
     if target.resolve() != images.resolve():
         _link(images, target)
     jobs = [(p, out / "annotations" / split / f"{p.stem}{suffix}") for p in masks]
-    return _convert_masks(name, jobs, lambda p: lut[_read_ids(p)], out, overwrite, show_progress)
+    res = ConversionResult(name, out)
+    convert = _lut_converter(lut, known_values(coco_stuffthingmaps_values()), res)
+    return _convert_masks(name, jobs, convert, out, overwrite, show_progress, res)
 
 
 def convert_coco_stuff(raw: Path, out: Path, *, split: str = "val2017", overwrite: bool = False,
@@ -304,7 +352,7 @@ def raw_download_hint(name: str, path: str | os.PathLike) -> Optional[str]:
     return f"{root} looks like the raw download; convert it with: {convert_command(name, root)}"
 
 
-__all__ = ["AS_DOWNLOADED", "BENCHMARKS", "CITYSCAPES_TRAIN_IDS", "CONTEXT59_LABEL_IDS", "CONVERTERS",
+__all__ = ["AS_DOWNLOADED", "BENCHMARKS", "CITYSCAPES_LABEL_IDS", "CITYSCAPES_TRAIN_IDS", "CONTEXT59_LABEL_IDS", "CONVERTERS",
            "ConversionError", "ConversionResult", "cityscapes_lut", "coco_object_lut", "coco_stuff_lut",
-           "context59_lut", "convert_cityscapes", "convert_coco_object", "convert_coco_stuff", "convert_command",
-           "convert_context", "raw_download_hint"]
+           "coco_stuffthingmaps_values", "context59_lut", "convert_cityscapes", "convert_coco_object", "convert_coco_stuff", "convert_command",
+           "convert_context", "known_values", "raw_download_hint"]

@@ -1,9 +1,12 @@
 """Write image-caption records (from COCO Captions, a CSV/parquet table, ...) as img2dataset-layout shards.
 
-Each record becomes one sample: ``KEY.jpg|png|webp`` (the image file's bytes, unchanged), ``KEY.txt`` (the
+Each record becomes one sample: ``KEY.jpg|png|webp`` (the image file's bytes, unchanged, or with ``resize``
+its short side brought down to N and re-encoded as JPEG, see :mod:`simzss.data.convert.resize`), ``KEY.txt`` (the
 caption), ``KEY.json`` (ids and source path). Shards hold a fixed number of records (``00000.tar``, ...), are
 written in parallel, atomically and resumably, and ``sizes.json`` is kept up to date, so ``simzss prepare``
-and ``simzss train`` read the output as is. With ``prepare`` the concepts are added in the same pass.
+and ``simzss train`` read the output as is. With ``prepare`` the concepts are added in the same pass. Each shard's
+fingerprint (``fingerprints.json``) holds a digest of its records (key, caption, image path, size and mtime): a
+rerun redoes a shard whose records changed and keeps the others.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import os
 import re
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -26,16 +28,21 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from PIL import Image, UnidentifiedImageError
 
 from simzss.concepts import ConceptExtractor
-from simzss.data.pool import PoolInterrupted, exit_with_parent, sigterm_raises, stop_pool, worker_environment
+from simzss.data.convert.resize import ResizeOptions, resize_image
+from simzss.data.pool import PoolInterrupted, exit_with_parent, run_jobs, sigterm_raises
 from simzss.data.prepare import CONCEPTS_EXT, CONCEPTS_VERSION
-from simzss.data.shards import atomic_write_bytes, clean_stale_temps, iter_samples, read_sizes, write_shard, write_sizes
+from simzss.data.shards import (
+    DiskFullError, atomic_write_bytes, clean_stale_temps, file_fingerprint, read_fingerprints, read_sizes,
+    write_shard, write_sizes,
+)
+from simzss.data.transforms import ImageTooLargeError
 from simzss.logs import progress, setup_logging
 
 log = logging.getLogger(__name__)
 
 #: Reasons a record is skipped, in the order they are checked.
 SKIP_REASONS = ("duplicate_key", "empty_caption", "image_is_url", "missing_image", "unreadable_image",
-                "unsupported_image_format")
+                "unsupported_image_format", "image_too_large")
 MANIFEST = "shards_manifest.json"
 MANIFEST_VERSION = 1
 #: Pillow format -> the member extension the training stream and ``prepare`` read.
@@ -156,14 +163,15 @@ class ShardsInterrupted(PoolInterrupted):
     """SIGTERM reached ``write_dataset``; the pool was stopped, finished shards are kept."""
 
 
-def _init_worker(prepare: Optional[PrepareOptions]) -> None:
-    """Load the spaCy pipeline once per process when concepts are annotated in the same pass."""
+def _init_worker(prepare: Optional[PrepareOptions], resize: Optional[ResizeOptions] = None) -> None:
+    """Load the spaCy pipeline once per process when concepts are annotated in the same pass; keep ``resize``."""
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid is not None:
         exit_with_parent(parent.pid)
     if parent is not None and not logging.getLogger().handlers:
         setup_logging(logging.WARNING)
     _STATE.clear()
+    _STATE["resize"] = resize
     if prepare is not None:
         extractor = ConceptExtractor(prepare.spacy_model, batch_size=prepare.batch_size, numpy_gemm=prepare.fast_spacy,
                                      lowercase=prepare.lowercase)
@@ -178,6 +186,16 @@ def build_shard(dst: str, records: Sequence[Record]) -> ShardOutcome:
     def samples() -> Iterator[Dict[str, Any]]:
         for r in records:
             ext, data, reason = read_image_member(r.image)
+            if reason is None and _STATE.get("resize") is not None:
+                try:
+                    resized = resize_image(data, _STATE["resize"])  # type: ignore[arg-type]
+                except ImageTooLargeError:
+                    reason = "image_too_large"
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                    reason = "unreadable_image"
+                else:
+                    if resized is not None:
+                        ext, data = "jpg", resized
             if reason is not None:
                 out.skipped[reason] += 1
                 log.warning("skipping %s (%s): %s", r.key, r.image, reason)
@@ -201,6 +219,8 @@ def build_shard(dst: str, records: Sequence[Record]) -> ShardOutcome:
 
     try:
         out.samples = write_shard(dst, annotated())
+    except DiskFullError:
+        raise  # every other shard would fail alike: the run stops with the one-line reason
     except Exception as e:  # one broken shard must not stop the others; reported as failed
         log.exception("%s: shard failed, no output written", dst)
         out.status, out.error = "failed", f"{type(e).__name__}: {e}"
@@ -222,6 +242,20 @@ def _fingerprint(records: Sequence[Record]) -> str:
     return h.hexdigest()[:16]
 
 
+def _records_digest(records: Sequence[Record]) -> str:
+    """What one shard is made from: each record's key, caption, metadata, image path and the image file's size and
+    mtime (a missing file counts as such), hashed."""
+    h = hashlib.sha256()
+    for r in records:
+        try:
+            fp = file_fingerprint(r.image)
+        except OSError:
+            fp = {"size": -1, "mtime_ns": -1}
+        h.update(json.dumps([r.key, r.caption, r.meta, r.image, fp["size"], fp["mtime_ns"]], sort_keys=True,
+                            ensure_ascii=False, default=str).encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
 def _check_manifest(out: Path, manifest: Dict[str, Any], overwrite: bool) -> None:
     path = out / MANIFEST
     if overwrite or not path.is_file():
@@ -230,7 +264,7 @@ def _check_manifest(out: Path, manifest: Dict[str, Any], overwrite: bool) -> Non
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is unreadable ({e}); delete it or use --overwrite") from None
-    for k in ("source", "samples_per_shard", "records", "keys_sha256", "prepared"):
+    for k in ("source", "samples_per_shard", "records", "keys_sha256", "prepared", "resize"):
         if old.get(k) != manifest.get(k):
             raise ValueError(
                 f"{out} holds shards made with another {k} ({old.get(k)!r}, now {manifest.get(k)!r}); "
@@ -249,13 +283,16 @@ def write_dataset(
     show_progress: bool = True,
     prepare: Optional[PrepareOptions] = None,
     skipped: Optional[Counter] = None,
+    resize: Optional[ResizeOptions] = None,
 ) -> Dict[str, Any]:
     """Write ``records`` (in order) into ``out_dir/00000.tar, ...``; return the run summary.
 
     ``source`` describes the input (stored in ``shards_manifest.json``; a rerun with another input into the
-    same folder is refused unless ``overwrite``). Existing shards are kept unless ``overwrite``. ``skipped``:
-    counts of records the reader already dropped (added to the summary). Raises ``ValueError`` on bad
-    arguments or when no record is left.
+    same folder is refused unless ``overwrite``). An existing shard is kept when its fingerprint says it was made
+    from the same records (keys, captions, image files' size and mtime) with the same settings; otherwise it is
+    rewritten (``overwrite``: all are). ``skipped``: counts of records the reader already dropped (added to the
+    summary). ``resize``: bring every image's short side down to ``resize.short_side`` (JPEG re-encode). Raises
+    ``ValueError`` on bad arguments or when no record is left.
     """
     if samples_per_shard < 1 or processes < 1:
         raise ValueError(f"samples per shard and processes must be >= 1, got {samples_per_shard}, {processes}")
@@ -277,6 +314,7 @@ def write_dataset(
         "records": len(kept),
         "keys_sha256": _fingerprint(kept),
         "prepared": prepare is not None,
+        "resize": resize.made_with() if resize is not None else None,
         "shards": len(chunks),
     }
     _check_manifest(out, manifest, overwrite)
@@ -287,22 +325,31 @@ def write_dataset(
             if _SHARD_NAME.match(p.name) and p.name not in names:
                 p.unlink()
     try:
-        sizes = read_sizes(out)
+        sizes = read_sizes(out, verify=False)  # each shard is checked against its fingerprint below
     except ValueError as e:
         log.warning("%s; rebuilding it", e)
         sizes = {}
     sizes = {k: v for k, v in sizes.items() if k in names and (out / k).is_file()}
 
+    fingerprints = read_fingerprints(out)
+    made_with = {"prepared": prepare is not None, **(resize.made_with() if resize is not None else {})}
+    digests = {name: _records_digest(chunk) for name, chunk in zip(names, chunks)}
     outcomes: List[ShardOutcome] = []
     todo: List[Tuple[str, List[Record]]] = []
+    redone = 0
     for name, chunk in zip(names, chunks):
         if (out / name).is_file() and not overwrite:
-            n = sizes[name] if name in sizes else sum(1 for _ in iter_samples(out / name))
-            sizes[name] = n
-            outcomes.append(ShardOutcome(name, "skipped", samples=n))
-        else:
-            todo.append((str(out / name), chunk))
-    write_sizes(out, sizes)
+            record = fingerprints.get(name, {})
+            if (name in sizes and record.get("source") == {"records_sha256": digests[name]}
+                    and record.get("made_with") == made_with
+                    and {k: record.get(k) for k in ("size", "mtime_ns")} == file_fingerprint(out / name)):
+                outcomes.append(ShardOutcome(name, "skipped", samples=sizes[name]))
+                continue
+            redone += 1
+        todo.append((str(out / name), chunk))
+    write_sizes(out, sizes, refresh=[])
+    if redone:
+        log.warning("%d existing shard(s) are rewritten: their records, image files or settings changed", redone)
     log.info("%d record(s) in %d shard(s): %d to write, %d already done", len(kept), len(names), len(todo),
              len(names) - len(todo))
 
@@ -312,35 +359,17 @@ def write_dataset(
         outcomes.append(res)
         if res.status == "done":
             sizes[res.name] = res.samples
-            write_sizes(out, sizes)
+            write_sizes(out, sizes, refresh=[res.name],
+                        extra={res.name: {"source": {"records_sha256": digests[res.name]}, "made_with": made_with}})
         bar.update(1)
 
     try:
         with sigterm_raises(ShardsInterrupted):
-            if todo and processes == 1:
-                _init_worker(prepare)
-                for dst, chunk in todo:
-                    finished(_run_shard(dst, chunk))
-            elif todo:
-                ctx = multiprocessing.get_context("spawn")
-                pool = ProcessPoolExecutor(min(processes, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                           initargs=(prepare,))
-                try:
-                    with worker_environment():  # workers start during submit() and copy the environment
-                        pending: Dict[Future, str] = {pool.submit(_run_shard, dst, chunk): dst for dst, chunk in todo}
-                    while pending:
-                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in done:
-                            pending.pop(fut)
-                            finished(fut.result())
-                except BaseException:
-                    stop_pool(pool)
-                    clean_stale_temps(out)  # the stopped workers' unfinished shards
-                    raise
-                pool.shutdown(wait=True)
+            run_jobs(_run_shard, todo, finished, processes=processes, initializer=_init_worker,
+                     initargs=(prepare, resize), cleanup=lambda: clean_stale_temps(out))
     finally:
         bar.close()
-    write_sizes(out, sizes)
+    write_sizes(out, sizes, refresh=[])
     for o in outcomes:
         skips.update(o.skipped)
     by = Counter(o.status for o in outcomes)
@@ -355,7 +384,9 @@ def write_dataset(
         "records": len(records) + sum((skipped or {}).values()),
         "skipped": {k: skips[k] for k in sorted(skips, key=_reason_order)},
         "skipped_total": sum(skips.values()),
+        "shards_rewritten_changed": redone,
         "prepared": prepare is not None,
+        "resize": resize.made_with() if resize is not None else None,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if skips:

@@ -1,27 +1,33 @@
-"""Feature-cache format: ``meta.json``, the ``.npy`` members, and the checks that a cache fits a model.
+"""Feature-cache format: ``meta.json``, the feature arrays, the caption shards, and the checks that a cache fits.
 
-A feature cache holds the frozen vision tower's outputs for prepared image-caption shards, per sample:
+A feature cache stores the frozen vision tower's outputs ONCE PER IMAGE, however many captions the image has
+(COCO: 5), and maps every caption to its image:
 
-- ``KEY.cls.npy``      ``[V, D]``      CLS token after the final norm (``np.save``, fp16 by default)
-- ``KEY.patches.npy``  ``[V, h, w, D]`` patch tokens after the final norm, registers dropped
-- ``KEY.txt``          the caption (UTF-8)
-- ``KEY.concepts.json`` copied from the prepared shard when present
+- ``cls.npy``      ``[N, V, D]``       CLS token after the final norm, for N images and V views each
+- ``patches.npy``  ``[N, V, h, w, D]`` patch tokens after the final norm, registers dropped
+- caption shards (the source shards' names): ``KEY.txt``, ``KEY.concepts.json`` (copied when present) and
+  ``KEY.image`` (the image's row in the arrays, ASCII decimal); ``sizes.json`` counts their samples
+- ``meta.json``: vision tower, image size, grid, dim, dtype, views, augmentation, seed, number of images and
+  samples, the source shards and their fingerprint (size + mtime), and ``complete``
 
-plus ``sizes.json`` (samples per shard) and ``meta.json`` (vision tower, image size, grid, dim, dtype, views,
-source shards). Size: ``h * w * D * 2`` bytes per image and view in fp16 (ViT-B/14 at 224 px: 393 KB, many
-times a resized JPEG), so the cache suits COCO-scale data rather than web-scale. Arrays are written with
-``np.save`` and read with ``np.load(allow_pickle=False)``; nothing is ever pickled.
+The arrays are plain ``.npy`` files (``np.save`` header + raw data, never pickled), so the reader memory-maps
+them (``data.feature_cache_device: disk``) or loads them into pinned host RAM or GPU memory (``ram``, ``gpu``).
+Storage dtype ``fp16`` or ``bf16`` (numpy has no bf16: stored as its uint16 bit pattern, the dtype is in
+``meta.json``) or ``fp32``. Size: ``N * V * (1 + h*w) * D * 2`` bytes in fp16/bf16 (:func:`cache_nbytes`);
+COCO train2017 with ViT-B/14 at 224 px: 118,287 x 257 x 768 x 2 B = 46.7 GB per view (docs/feature_cache.md).
+
+An image's identity (which captions share one stored image) is its ``image_id`` from ``KEY.json`` when present
+(COCO shards written by ``simzss shards``), else the SHA-256 of its encoded bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,43 +38,55 @@ log = logging.getLogger(__name__)
 
 
 CACHE_FORMAT = "simzss-feature-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 META_FILE = "meta.json"
-DTYPES: Dict[str, np.dtype] = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
+CLS_FILE = "cls.npy"
+PATCHES_FILE = "patches.npy"
+#: caption-shard member holding the row of the sample's image in the arrays
+IMAGE_ROW_MEMBER = "image"
+#: storage dtype name -> (numpy dtype of the .npy file, torch dtype of the features); bf16 is stored as its bits
+DTYPES: Dict[str, tuple] = {
+    "fp16": (np.dtype(np.float16), torch.float16),
+    "bf16": (np.dtype(np.uint16), torch.bfloat16),
+    "fp32": (np.dtype(np.float32), torch.float32),
+}
 
 
 class CacheError(ValueError):
     """A feature cache that is missing, incomplete, corrupt or made for another model."""
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def npy_load(data: bytes) -> np.ndarray:
-    """Decode an ``np.save`` member; object arrays (which would need pickle) raise ``ValueError``."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def load_meta_file(cache_dir: str | os.PathLike, fix: str) -> Optional[Dict[str, Any]]:
+    """``meta.json`` of ``cache_dir`` parsed and checked to be a feature cache's; None when there is none.
+    :class:`CacheError` (its message ending with ``fix``) when it is unreadable or another tool's file."""
+    path = Path(cache_dir) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheError(f"unreadable {path} ({e}); {fix}") from None
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        raise CacheError(f"{path} is not a simzss feature-cache meta file; {fix}")
+    return meta
 
 
 def read_cache_meta(cache_dir: str | os.PathLike) -> Dict[str, Any]:
     """Load and sanity-check ``meta.json`` of a feature cache (clear :class:`CacheError` when unusable)."""
     path = Path(cache_dir) / META_FILE
-    if not path.is_file():
+    meta = load_meta_file(cache_dir, "rebuild it with `simzss cache-features --overwrite`")
+    if meta is None:
         raise CacheError(f"{cache_dir} is not a feature cache (no {META_FILE}); "
                          "create one with `simzss cache-features`")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CacheError(f"unreadable {path}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
-        raise CacheError(f"{path} is not a simzss feature-cache meta file")
     if meta.get("version") != CACHE_VERSION:
-        raise CacheError(f"{path}: cache version {meta.get('version')} not supported (expected {CACHE_VERSION})")
-    missing = [k for k in ("vision", "image_size", "grid", "dim", "dtype", "views", "shards") if k not in meta]
+        raise CacheError(f"{path}: cache version {meta.get('version')} not supported (expected {CACHE_VERSION}); "
+                         "rebuild it with `simzss cache-features --overwrite`")
+    missing = [k for k in ("vision", "image_size", "grid", "dim", "dtype", "views", "shards", "num_images")
+               if k not in meta]
     if missing:
         raise CacheError(f"{path} lacks {missing}")
+    if meta["dtype"] not in DTYPES:
+        raise CacheError(f"{path}: unknown dtype {meta['dtype']!r} (expected one of {sorted(DTYPES)})")
     return meta
 
 
@@ -157,6 +175,42 @@ def meta_settings(meta: Dict[str, Any]) -> Dict[str, Any]:
     vis = meta.get("vision") or {}
     tower = (vis.get("name"), vis.get("model_kwargs"), weights_source(vis.get("pretrained", True), vis.get("weights")),
              denoiser_source(vis.get("denoiser", "none"), vis.get("denoiser_weights")))
-    keys = ("image_size", "dtype", "views", "augment", "crop_scale", "seed")
+    keys = ("image_size", "dtype", "views", "augment", "crop_scale", "interpolation", "decode", "seed")
     return {"tower": tower, **{k: meta.get(k) for k in keys}}
 
+
+def feature_shapes(meta: Dict[str, Any]) -> Dict[str, tuple]:
+    """The shapes of ``cls.npy`` and ``patches.npy`` that ``meta`` describes."""
+    n, v, d = int(meta["num_images"]), int(meta["views"]), int(meta["dim"])
+    h, w = (int(g) for g in meta["grid"])
+    return {CLS_FILE: (n, v, d), PATCHES_FILE: (n, v, h, w, d)}
+
+
+def cache_nbytes(num_images: int, views: int, grid: Sequence[int], dim: int, dtype: str = "fp16") -> int:
+    """Bytes of a cache's feature arrays: ``num_images * views * (1 + h*w) * dim * itemsize``."""
+    itemsize = DTYPES[dtype][0].itemsize
+    return int(num_images) * int(views) * (1 + int(grid[0]) * int(grid[1])) * int(dim) * itemsize
+
+
+def input_fingerprint(paths: Sequence[str]) -> Dict[str, List[int]]:
+    """``{shard file name: [size, mtime_ns]}`` of the source shards: a rebuilt input changes it."""
+    out: Dict[str, List[int]] = {}
+    for p in paths:
+        st = os.stat(p)
+        out[os.path.basename(p)] = [int(st.st_size), int(st.st_mtime_ns)]
+    return out
+
+
+def image_identity(sample: Dict[str, Any], image_bytes: bytes) -> tuple:
+    """``(kind, id)`` of a source sample's image: ``("image_id", ...)`` from ``KEY.json`` when it has one (COCO
+    shards), else ``("sha256", hex digest of the encoded image)``. Captions with equal identities share one
+    stored image."""
+    raw = sample.get("json")
+    if raw:
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("image_id"), (int, str)) and str(doc["image_id"]).strip():
+            return ("image_id", str(doc["image_id"]))
+    return ("sha256", hashlib.sha256(image_bytes).hexdigest())

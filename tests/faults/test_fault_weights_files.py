@@ -1,0 +1,77 @@
+"""A foreign ``model.vision.weights`` file (issue 18 item 9): random bytes, an empty or cut file and a pickle that
+needs code are each refused with one line that names the file and says what it is, and nothing in them runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from simzss.config import VisionConfig
+from simzss.models.vision import build_vision_tower, weights_file_kind
+
+VIT = "vit_small_patch14_reg4_dinov2"
+TINY = {"depth": 1, "embed_dim": 16, "num_heads": 2, "img_size": 28}
+
+
+class _Payload:
+    """Unpickling this calls ``os.system`` (through ``__reduce__``): it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _load(path: Path) -> str:
+    with pytest.raises(ValueError) as info:
+        build_vision_tower(VisionConfig(name=VIT, pretrained=False, weights=str(path), model_kwargs=TINY))
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+@pytest.mark.parametrize("name", ["random.pth", "random.safetensors", "random.bin", "random"])
+def test_random_bytes_are_not_called_a_pickle(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(os.urandom(4096))
+    assert weights_file_kind(path) == "unknown"
+    message = _load(path)
+    assert "not a torch or safetensors weights file" in message and "pickle" not in message
+
+
+def test_empty_file_is_not_a_weights_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert "not a torch or safetensors weights file" in _load(tmp_path / "empty.pth")
+
+
+def test_pickle_with_code_is_refused_as_such_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    for path in (tmp_path / "evil.pth", tmp_path / "evil_raw.pth"):
+        if path.name == "evil.pth":
+            torch.save({"pos_embed": _Payload(marker)}, path)  # torch's zip format
+        else:
+            path.write_bytes(pickle.dumps({"pos_embed": _Payload(marker)}, protocol=2))
+        assert weights_file_kind(path) in ("torch-zip", "pickle")
+        message = _load(path)
+        assert "pickle holds objects other than plain tensors" in message and "weights_only=False" not in message
+    assert not marker.exists()
+
+
+def test_cut_files_are_called_damaged(tmp_path: Path) -> None:
+    state = {"w": torch.zeros(64, 64)}
+    good_st, good_pt = tmp_path / "good.safetensors", tmp_path / "good.pth"
+    save_file(state, str(good_st))
+    torch.save(state, good_pt)
+    assert (weights_file_kind(good_st), weights_file_kind(good_pt)) == ("safetensors", "torch-zip")
+    for good in (good_st, good_pt):
+        cut = tmp_path / f"cut{good.suffix}"
+        data = good.read_bytes()
+        cut.write_bytes(data[: len(data) // 2])
+        message = _load(cut)
+        assert "damaged or cut short" in message or "not a torch or safetensors" in message, message
