@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import signal
 from dataclasses import replace
@@ -501,6 +502,7 @@ def test_real_stream_with_two_workers_resumes_exactly(toy_world: Dict[str, Path]
     epoch 1 after an odd number of its batches gives the uninterrupted run's weights."""
     common = ["batch_size=16", "data.num_samples=48", "data.workers=2", "data.crop_scale=[0.3, 1.0]", "max_steps=6",
               "checkpoint_every=4", "keep_checkpoints=0", "eval.datasets=[]", "optim.lr=1e-3"]
+    before = set(multiprocessing.active_children())
     straight = trainer_mod.train(load_config(TrainConfig, None, toy_overrides(toy_world, "run_name=w2_straight", *common)))
     mid = Path(straight["run_dir"]) / "checkpoints" / "step-000000004"
     state = json.loads((mid / "trainer_state.json").read_text())
@@ -509,6 +511,7 @@ def test_real_stream_with_two_workers_resumes_exactly(toy_world: Dict[str, Path]
     resumed = trainer_mod.train(load_config(TrainConfig, None, toy_overrides(
         toy_world, "run_name=w2_resumed", *common, f"resume={mid}")))
     assert resumed["step"] == 6
+    assert set(multiprocessing.active_children()) <= before  # each run ended its data workers when it finished
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
     for k in a:

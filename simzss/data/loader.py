@@ -15,7 +15,7 @@ import signal
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -72,6 +72,36 @@ def _close_at_exit(ref: "weakref.ReferenceType[TrainLoader]") -> None:
     loader = ref()
     if loader is not None:
         loader.close()
+
+
+#: Every worker pass started here: (weak reference to torch's iterator, its worker processes).
+_PASSES: List[Tuple["weakref.ReferenceType[Any]", List[Any]]] = []
+
+
+def _end_abandoned_workers(*, at_exit: bool = False) -> None:
+    """Kill the workers of passes whose iterator is gone (``at_exit``: of every pass) and that are still alive.
+
+    torch ends a pass's workers from the iterator's ``__del__``: it sends each one a stop message, waits 5 s and
+    then falls back on SIGTERM, which these workers ignore. When a loader dies inside a reference cycle (say, held
+    by a caught exception's traceback), the garbage collector has already closed the iterator's queues by then,
+    the stop message never arrives, and the workers would wait for it forever; at interpreter exit
+    ``multiprocessing`` would then wait for them forever too. SIGKILL is safe for them: they only read.
+    """
+    keep = []
+    for ref, workers in _PASSES:
+        if ref() is not None and not at_exit:
+            keep.append((ref, workers))
+            continue
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=10)
+    _PASSES[:] = keep
+
+
+# Registered at import, after multiprocessing's own exit hook, so it runs before that hook waits for the workers
+# (and after the per-loader hooks, registered later, that close live loaders in order).
+atexit.register(_end_abandoned_workers, at_exit=True)
 
 
 def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
@@ -146,16 +176,16 @@ class TrainLoader:
     def close(self) -> None:
         """Stop the data workers now, in order (each finishes its piece and exits); the next batch starts new ones at
         the current position, so nothing is lost or repeated."""
-        pieces = self._pieces
         self._restart(self._position)
+
+    def _restart(self, position: int) -> None:
+        """End the current worker pass; the next batch starts a new one at output position ``position``."""
+        pieces = self._pieces
+        self._pieces, self._head, self._row = None, None, 0
+        self._position = position
         shutdown = getattr(pieces, "_shutdown_workers", None)  # torch's multi-process iterator
         if shutdown is not None:
             shutdown()
-
-    def _restart(self, position: int) -> None:
-        """Drop the current worker pass; the next batch starts a new one at output position ``position``."""
-        self._pieces, self._head, self._row = None, None, 0
-        self._position = position
 
     def set_epoch(self, epoch: int) -> None:
         """Select ``epoch``; restarts it from its first batch unless it is already the current epoch."""
@@ -174,7 +204,11 @@ class TrainLoader:
     def _next_piece(self) -> Piece:
         if self._pieces is None:
             self.dataset.state.set(self.epoch, self.seed, self._position)
+            _end_abandoned_workers()
             self._pieces = iter(self.loader)
+            workers = list(getattr(self._pieces, "_workers", []))
+            if workers:
+                _PASSES.append((weakref.ref(self._pieces), workers))
             if self.num_workers > 0 and not self._closes_at_exit:
                 # registered after multiprocessing's own exit hook, so it runs first: the workers ignore SIGTERM,
                 # which is how multiprocessing would end them

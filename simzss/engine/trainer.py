@@ -770,6 +770,9 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
+            close_loader = getattr(self.loader, "close", None)  # its data workers would idle until exit
+            if close_loader is not None:
+                close_loader()
         return {
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,  # epochs done (fraction)

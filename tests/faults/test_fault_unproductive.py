@@ -118,3 +118,52 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+_CYCLE_SCRIPT = """
+import gc, sys
+sys.path[:0] = [{tests!r}, {faults!r}]
+from conftest import tiny_tokenizer
+from simzss.concepts import ConceptBank
+from simzss.config import DataConfig
+from simzss.data.stream import build_train_loader
+cfg = DataConfig(shards={shards!r}, image_size=16, workers=2, shuffle_buffer=1000)
+loader = build_train_loader(cfg, tiny_tokenizer({tok!r}), ConceptBank.from_names(["cat"]), batch_size=4,
+                            context_length=16)
+next(iter(loader))
+loader.myself = loader  # a reference cycle, as a caught exception's traceback makes one
+del loader
+gc.collect()  # the collector closes the worker queues before torch's clean-up can use them
+{after}
+print("done", flush=True)
+"""
+
+
+_NEXT_PASS = """
+import multiprocessing
+second = build_train_loader(cfg, tiny_tokenizer({tok!r}), ConceptBank.from_names(["cat"]), batch_size=4,
+                            context_length=16)
+next(iter(second))
+print("workers alive", len(multiprocessing.active_children()), flush=True)
+"""
+
+
+@pytest.mark.parametrize("after", ["", _NEXT_PASS], ids=["at exit", "at the next pass"])
+def test_workers_of_a_loader_lost_in_a_reference_cycle_do_not_outlive_it(tmp_path: Path, after: str) -> None:
+    """The workers ignore SIGTERM (torch's fallback for workers that miss the stop message); those of a loader
+    collected in a cycle must still end, or the process hangs at exit waiting for them (a CI run did)."""
+    shards = write_uneven_shards(tmp_path / "shards", [40, 40])
+    tok = str(tmp_path / "tok")
+    script = _CYCLE_SCRIPT.format(tests=str(ROOT / "tests"), faults=str(ROOT / "tests" / "faults"), shards=shards,
+                                  tok=tok, after=after.format(tok=tok))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the process did not exit: its data workers outlived the loader")
+    assert proc.returncode == 0 and "done" in out, err[-2000:]
+    if after:
+        assert "workers alive 2" in out  # only the second loader's: the lost ones ended when it started
