@@ -374,3 +374,24 @@ def test_cli_oserror_from_one_dataset_does_not_stop_the_others(monkeypatch, tmp_
     assert list(payload["results"]) == ["folder:z"]
     assert payload["failed"]["bad:x"].startswith("ShardReadError: cannot read shard")
     assert "Permission denied" in payload["failed"]["io:y"] and "Traceback" not in caplog.text
+
+
+def test_cli_image_batch_gives_the_same_results(exported_tiny: Path, tmp_path: Path, capsys) -> None:
+    """``--image-batch`` only changes how many images share the forward passes, never the results; 0 is a usage
+    error named by its option."""
+    from simzss.cli import main
+    from simzss.data.synthetic import generate_toy_world
+
+    info = generate_toy_world(tmp_path / "toy", num_train=0, num_val=5, image_size=64)
+    results = []
+    for n in ("1", "3"):
+        out = tmp_path / f"res{n}.json"
+        assert main(["eval", str(exported_tiny), "--datasets", f"folder:{info['val_dir']}", "--short-side", "56",
+                     "--crop", "56", "--stride", "28", "--workers", "0", "--device", "cpu", "--no-progress",
+                     "--image-batch", n, "--out", str(out)]) == 0
+        results.append(json.loads(out.read_text())["results"][f"folder:{info['val_dir']}"])
+    assert results[0]["num_images"] == 5 and results[0]["per_class"] == results[1]["per_class"]
+    assert results[0]["mIoU"] == results[1]["mIoU"]
+    capsys.readouterr()
+    assert main(["eval", str(exported_tiny), "--datasets", f"folder:{info['val_dir']}", "--image-batch", "0"]) == 2
+    assert "--image-batch must be at least 1" in capsys.readouterr().err

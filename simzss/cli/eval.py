@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop", type=int, default=448, help="sliding window size")
     g.add_argument("--stride", type=int, default=224, help="sliding window stride")
     g.add_argument("--window-batch", type=int, default=16, help="windows per forward pass")
+    g.add_argument("--image-batch", type=int, default=8,
+                   help="images segmented together (their windows share the forward passes; same results for any "
+                        "value, more memory for larger ones)")
     g.add_argument("--background", choices=("threshold", "class"), default=None,
                    help="background handling for datasets with a background class (default: threshold)")
     g.add_argument("--bg-threshold", type=float, default=None,
@@ -256,7 +259,8 @@ def run_task(model: Any, task: str, spec: str, args: argparse.Namespace, acceler
     if task == "segmentation":
         return evaluate_segmentation(
             model, spec, templates=templates, short_side=args.short_side or None, crop=args.crop,
-            stride=args.stride, window_batch=args.window_batch, background=args.background,
+            stride=args.stride, window_batch=args.window_batch, image_batch=args.image_batch,
+            background=args.background,
             bg_threshold=args.bg_threshold, max_long=args.max_long, return_confusion=bool(args.report),
             num_samples=args.report_samples if args.report else 0, pamr=args.pamr, **common,
         )
@@ -269,6 +273,9 @@ def run_task(model: Any, task: str, spec: str, args: argparse.Namespace, acceler
 
 def _usage_problem(args: argparse.Namespace) -> Optional[str]:
     """The first usage problem of the options, found before anything is loaded or computed, or None."""
+    for flag in ("window_batch", "image_batch", "batch_size"):
+        if getattr(args, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
     if args.report_to_run and len(args.model) > 1:
         return f"--report-to-run takes one model, got {len(args.model)}"
     if args.report and args.task != "segmentation":
