@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence
 
+import pytest
 import torch
 
+from simzss import logs
 from simzss.config import ModelConfig, TextConfig, TrainConfig, VisionConfig, load_config
 from simzss.data.batch import Batch
 
@@ -15,6 +17,15 @@ TINY_VISION = "vit_small_patch14_reg4_dinov2"
 VOCAB = 64  # token ids of MemoryStream batches
 CLASSES = 4  # concept classes of MemoryStream batches
 TINY_CAPTIONS = ("a photo of a cat on the grass", "a dog under a blue sky", "a red car on a road", "two birds in a tree")
+
+
+@pytest.fixture(autouse=True)
+def _progress_setting_per_test() -> Iterator[None]:
+    """A command run in-process with ``--no-progress`` turns progress off for the whole process (as it should for a
+    command); each test starts from the default instead of from the last such command of an earlier test."""
+    saved = logs._progress_enabled
+    yield
+    logs._progress_enabled = saved
 
 
 def tiny_tokenizer(out_dir: Path, captions: Sequence[str] = TINY_CAPTIONS):
