@@ -41,7 +41,6 @@ from simzss.data.outputs import (
 from simzss.data.pool import PoolInterrupted, exit_with_parent, sigterm_raises, stop_pool, worker_environment
 from simzss.data.shards import (
     IMAGE_EXTENSIONS,
-    DiskFullError,
     MAX_CAPTION_CHARS,
     ShardReadError,
     clean_stale_temps,
@@ -51,7 +50,7 @@ from simzss.data.shards import (
     shard_keys,
     source_fingerprint,
     update_sizes,
-    write_shard,
+    write_one_of_many,
 )
 from simzss.logs import progress as progress_bar, setup_logging
 
@@ -236,15 +235,9 @@ def process_shard(src: str, dst: str, extractor: "ConceptExtractor", bank: "Conc
                 hashes.append(key_hash(sample["__key__"]))
                 yield out
 
-    try:
-        res.samples = write_shard(dst, annotated())
-    except ShardReadError as e:
-        res.status, res.error = "failed", str(e)
-    except DiskFullError:
-        raise  # every other shard would fail alike: the run stops with the one-line reason
-    except Exception as e:  # one broken shard must not stop the others; reported as failed
-        log.exception("%s: unexpected error", src)
-        res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+    res.samples, res.error = write_one_of_many(dst, annotated(), src)
+    if res.error is not None:
+        res.status = "failed"
     res.seconds = time.perf_counter() - t0
     res.cpu_seconds = time.process_time() - c0
     res.key_hashes = np.asarray(hashes, dtype=np.uint64).tobytes() if res.status == "done" else b""

@@ -516,6 +516,22 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any
     return n
 
 
+def write_one_of_many(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any]],
+                      source: str | os.PathLike[str]) -> tuple[int, Optional[str]]:
+    """:func:`write_shard` for a job that writes many shards (``prepare``, ``shards``, ``shards resize``): returns
+    ``(samples written, None)``, or ``(0, one-line reason)`` when this shard failed, because one broken shard must
+    not stop the others. A full disk (:class:`DiskFullError`) still raises: every other shard would fail alike."""
+    try:
+        return write_shard(path, samples), None
+    except ShardReadError as e:  # the source shard is unreadable: its own one-line reason
+        return 0, str(e)
+    except DiskFullError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything else is reported as this shard's failure, with the traceback
+        log.exception("%s: unexpected error", source)
+        return 0, f"{type(e).__name__}: {e}"
+
+
 def read_sizes(directory: str | os.PathLike[str], missing_ok: bool = True, verify: bool = True) -> dict[str, int]:
     """Read ``directory/sizes.json`` (``{"shard-000000.tar": 1000, ...}``); ``{}`` if absent and allowed.
 
@@ -745,6 +761,7 @@ __all__ = [
     "clean_stale_temps",
     "current_umask",
     "expand_shards",
+    "write_one_of_many",
     "expand_urls",
     "file_fingerprint",
     "follow_umask",

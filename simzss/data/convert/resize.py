@@ -28,7 +28,6 @@ from simzss.data.outputs import drop_stale_outputs, plan_outputs, problems_summa
 from simzss.data.pool import PoolInterrupted, exit_with_parent, run_jobs, sigterm_raises
 from simzss.data.shards import (
     IMAGE_EXTENSIONS,
-    DiskFullError,
     ShardReadError,
     clean_stale_temps,
     iter_samples,
@@ -36,7 +35,7 @@ from simzss.data.shards import (
     reuse_problem,
     source_fingerprint,
     update_sizes,
-    write_shard,
+    write_one_of_many,
 )
 from simzss.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, decode_image
 from simzss.logs import progress, setup_logging
@@ -159,16 +158,9 @@ def resize_shard(src: str, dst: str, options: ResizeOptions) -> ResizeResult:
             res.truncated = e.reason
             log.warning("%s: %s; keeping the %d complete sample(s) before the damage", src, e.reason, e.samples_read)
 
-    try:
-        res.samples = write_shard(dst, samples())
-    except ShardReadError as e:
-        res.status, res.error = "failed", str(e)
-    except DiskFullError:
-        raise  # every other shard would fail alike: the run stops with the one-line reason
-    except Exception as e:  # one broken shard must not stop the others; reported as failed
-        log.exception("%s: unexpected error", src)
-        res.status, res.error = "failed", f"{type(e).__name__}: {e}"
-    if res.status == "failed":
+    res.samples, res.error = write_one_of_many(dst, samples(), src)
+    if res.error is not None:
+        res.status = "failed"
         log.error("%s: shard failed, no output written: %s", src, res.error)
     return res
 

@@ -32,8 +32,8 @@ from simzss.data.convert.resize import ResizeOptions, resize_image
 from simzss.data.pool import PoolInterrupted, exit_with_parent, run_jobs, sigterm_raises
 from simzss.data.prepare import CONCEPTS_EXT, CONCEPTS_VERSION
 from simzss.data.shards import (
-    DiskFullError, atomic_write_bytes, clean_stale_temps, file_fingerprint, read_fingerprints, read_sizes,
-    write_shard, write_sizes,
+    atomic_write_bytes, clean_stale_temps, file_fingerprint, read_fingerprints, read_sizes, write_one_of_many,
+    write_sizes,
 )
 from simzss.data.transforms import ImageTooLargeError
 from simzss.logs import progress, setup_logging
@@ -217,13 +217,9 @@ def build_shard(dst: str, records: Sequence[Record]) -> ShardOutcome:
                 sample[CONCEPTS_EXT] = json.dumps(payload, ensure_ascii=False)
                 yield sample
 
-    try:
-        out.samples = write_shard(dst, annotated())
-    except DiskFullError:
-        raise  # every other shard would fail alike: the run stops with the one-line reason
-    except Exception as e:  # one broken shard must not stop the others; reported as failed
-        log.exception("%s: shard failed, no output written", dst)
-        out.status, out.error = "failed", f"{type(e).__name__}: {e}"
+    out.samples, out.error = write_one_of_many(dst, annotated(), dst)
+    if out.error is not None:
+        out.status = "failed"
     return out
 
 
