@@ -1,11 +1,17 @@
-"""Decode(+crop) cost and bytes per image before and after pre-resizing (``simzss shards --resize-short``).
+"""Decode(+crop) cost and bytes per image, before and after pre-resizing (``simzss shards --resize-short``).
 
-Makes photo-like 640x480 JPEGs (smooth shading, edges, texture and sensor-like noise, ~100-120 KB at quality 90),
+Makes the photo-like 640x480 JPEGs of ``bench_e2e.py`` (``photo_shards.photo_jpeg``, about 100 KB at quality 90),
 resizes each with :func:`simzss.data.convert.resize.resize_image` (short side 288 by default, JPEG quality 95), and
-times, on one core, what a training worker does per image: decode (:func:`simzss.data.transforms.decode_image`
-with the draft-mode floor of a 224 px crop at scale 0.9) plus a bicubic random-resized crop to 224. Prints one JSON
-object: KB per image, CPU ms per image before / after, and the ratios. CPU time (``process_time``) is used so the
-ratio holds on a shared machine; absolute times depend on the CPU.
+times, on one core, what a training worker does per image:
+
+- ``train_decode_crop``: :func:`simzss.data.decode.decode_crop`, the default ``data.decode=cpu`` path
+  (torchvision decode, DCT-scaled when the crop allows, bicubic crop on the uint8 tensor), and its parts:
+  ``train_decode`` (the decode alone) and ``train_crop`` (the crop of already decoded pixels);
+- ``decode`` and ``decode_crop``: the former PIL path (``data.decode=pil``): :func:`simzss.data.transforms.decode_image`
+  with the draft-mode floor of a 224 px crop at scale 0.9, then a bicubic ``RandomResizedCrop``.
+
+Prints one JSON object: KB per image, CPU ms per image before / after resizing, and the ratios. CPU time
+(``process_time``) is used so the ratios hold on a shared machine; absolute times depend on the CPU.
 
   python benchmarks/bench_decode.py --images 64 --repeats 3
 """
@@ -21,37 +27,19 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info  # noqa: E402
+from photo_shards import photo_jpeg  # noqa: E402
 
 from simzss.data.convert.resize import ResizeOptions, resize_image  # noqa: E402
+from simzss.data.decode import crop_box, decode_crop, resized_crop  # noqa: E402
 from simzss.data.transforms import decode_image, decode_min_size  # noqa: E402
-
-
-def photo_like_jpeg(rng: np.random.Generator, width: int = 640, height: int = 480, quality: int = 90) -> bytes:
-    """A JPEG with the statistics that matter for decoding cost: smooth gradients, a few hard-edged regions,
-    mid-frequency texture and fine noise (pure noise or flat colour would compress unrealistically)."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    coarse = rng.normal(size=(6, 8, 3)).astype(np.float32)
-    smooth = np.asarray(Image.fromarray(((coarse - coarse.min()) / np.ptp(coarse) * 255).astype(np.uint8))
-                        .resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
-    img = 0.7 * smooth + 40 * np.sin(xx / rng.uniform(20, 60))[..., None] * np.cos(yy / rng.uniform(20, 60))[..., None]
-    for _ in range(6):  # hard-edged objects
-        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(30, 140)
-        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
-        img[mask] = img[mask] * 0.4 + rng.uniform(0, 255, size=3) * 0.6
-    texture = np.asarray(Image.fromarray(rng.integers(0, 255, (height // 3, width // 3, 3), dtype=np.uint8))
-                         .resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
-    img = img + 0.25 * (texture - 128) + rng.normal(0, 4, size=img.shape)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def cpu_ms_per_image(images: List[bytes], work: Callable[[bytes], object], repeats: int) -> float:
@@ -74,8 +62,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224, help="training crop size")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one data worker = one core
-    rng = np.random.default_rng(0)
-    originals = [photo_like_jpeg(rng) for _ in range(args.images)]
+    originals = [photo_jpeg(seed) for seed in range(args.images)]
     options = ResizeOptions(args.short_side, args.quality)
     t0 = time.process_time()
     resized = [resize_image(data, options) or data for data in originals]
@@ -96,8 +83,21 @@ def main() -> None:
         "kb_before": round(statistics.mean(len(d) for d in originals) / 1024, 1),
         "kb_after": round(statistics.mean(len(d) for d in resized) / 1024, 1),
     }
+    def train_decode_crop(data: bytes) -> object:
+        return decode_crop(data, args.image_size, (0.9, 1.0), "bicubic")
+
+    def train_decode(data: bytes) -> object:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+    decoded = {data: train_decode(data) for data in originals + resized}
+
+    def train_crop(data: bytes) -> object:
+        pixels = decoded[data]
+        return resized_crop(pixels, crop_box(pixels.shape[1], pixels.shape[2], (0.9, 1.0)), args.image_size, "bicubic")
+
     cost = {}
-    for name, work in (("decode", decode), ("decode_crop", decode_and_crop)):
+    for name, work in (("train_decode_crop", train_decode_crop), ("train_decode", train_decode),
+                       ("train_crop", train_crop), ("decode", decode), ("decode_crop", decode_and_crop)):
         before = cpu_ms_per_image(originals, work, args.repeats)
         after = cpu_ms_per_image(resized, work, args.repeats)
         cost[name] = {"ms_before": round(before, 3), "ms_after": round(after, 3), "ratio": round(before / after, 2)}
@@ -114,6 +114,8 @@ def main() -> None:
         **sizes,
         "bytes_ratio": round(sizes["kb_before"] / sizes["kb_after"], 2),
         "cpu_ms_per_image": cost,
+        # one core's images/s for the default path against the former PIL path (same images, same run)
+        "train_vs_pil_decode_crop": round(cost["decode_crop"]["ms_before"] / cost["train_decode_crop"]["ms_before"], 2),
         "resize_cost_ms_per_image_once": round(resize_ms, 2),
         "machine": machine_info(torch.device("cpu")),
     }, indent=1))

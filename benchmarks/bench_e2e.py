@@ -9,9 +9,16 @@
 3. In the same run, the model-only rate: the same trainer and model fed one batch that is already on the device,
    so the loop never waits for data (what ``bench_train_step.py`` measures, through the trainer's own step).
 
+``--variants`` adds runs of the same shards through other input paths (each at every ``--batch``): ``cpu`` (the
+default: ``data.decode=cpu`` on the original JPEGs), ``resized`` (the shards pre-resized by ``simzss shards resize``
+to ``--resize-short``, decoded on the CPU), ``gpu`` (``data.decode=gpu``: nvJPEG on the device) and ``pil`` (the
+former PIL decode + crop). Each finished run is also written to stderr as one JSON line, so a run cut short by a
+time limit still leaves its figures in the log.
+
 On a lent GPU (random-init ViT-B/14 at 224 px, text 12x512; bf16 by the trainer's ``mixed_precision: auto``):
 
     python benchmarks/bench_e2e.py --device cuda --batch 256 1024 --samples 8192 --workers 14
+    python benchmarks/bench_e2e.py --device cuda --batch 1024 --samples 8192 --workers 14 --variants resized gpu
 
 On the CPU, a small model (ViT-S/14 cut to 2 blocks at 112 px, text 2x64):
 
@@ -37,6 +44,7 @@ from common import machine_info, resolve_device  # benchmarks/ is on sys.path wh
 from photo_shards import make_photo_shards
 
 from simzss.config import TrainConfig, load_config
+from simzss.data.convert.resize import DEFAULT_SHORT_SIDE, ResizeOptions, resize_shards
 from simzss.data.device import to_device
 from simzss.data.tokenize import train_bpe_tokenizer
 from simzss.engine.trainer import Trainer
@@ -54,10 +62,13 @@ def model_overrides(small: bool) -> List[str]:
             "model.text.context_length=77"]
 
 
+VARIANTS = ("cpu", "resized", "gpu", "pil")
+
+
 def run_config(shards: Path, tokenizer: Path, out: Path, *, name: str, batch: int, epochs: int, workers: int,
-               device: torch.device, small: bool, log_every: int) -> TrainConfig:
+               device: torch.device, small: bool, log_every: int, decode: str = "cpu") -> TrainConfig:
     """The training config of one measured run (no checkpoints but the last, no evaluation)."""
-    return load_config(TrainConfig, None, [
+    return load_config(TrainConfig, None, [f"data.decode={decode}",
         f"output_dir={out}", f"run_name={name}", f"batch_size={batch}", f"epochs={epochs}",
         f"log_every={log_every}", "checkpoint_every=0", "keep_checkpoints=1", "eval.datasets=[]",
         f"data.shards=['{shards}']", f"data.workers={workers}", "data.shuffle_buffer=1000",
@@ -169,6 +180,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="data workers (default: cores - 2)")
     p.add_argument("--small", action="store_true", help="small model (ViT-S/14 cut to 2 blocks at 112 px) for the CPU")
     p.add_argument("--model-only-steps", type=int, default=None, help="steps of the model-only run (default: 12)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["cpu"],
+                   help="input paths to run at each batch size (default: cpu)")
+    p.add_argument("--resize-short", type=int, default=DEFAULT_SHORT_SIDE,
+                   help=f"short side of the 'resized' variant's shards (default: {DEFAULT_SHORT_SIDE})")
     p.add_argument("--data", default=None, help="shards folder (made there if missing; default: a temp folder)")
     p.add_argument("--out", default=None, help="write the JSON here too")
     args = p.parse_args(argv)
@@ -177,6 +192,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     batches = args.batch or ([32] if args.small else [256, 1024])
     samples = args.samples or (512 if args.small else 8192)
     workers = args.workers if args.workers is not None else max(0, (os.cpu_count() or 2) - 2)
+    if "gpu" in args.variants and device.type != "cuda":
+        raise SystemExit("--variants gpu decodes with nvJPEG: it needs --device cuda")
     if samples < max(batches):
         raise SystemExit(f"--samples {samples} is less than one batch of {max(batches)}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,13 +207,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         captions = [c for c, _ in synthetic_captions(2000, class_names(60), seed=0)]
         tokenizer = Path(tmp) / "tokenizer"
         train_bpe_tokenizer(captions, tokenizer, vocab_size=1024, min_frequency=1)
+        folders = {variant: data for variant in args.variants}
+        resize_seconds = None
+        if "resized" in args.variants:
+            t0 = time.perf_counter()
+            folders["resized"] = data.with_name(f"{data.name}_resized{args.resize_short}")
+            resize_shards(shards, folders["resized"], ResizeOptions(short_side=args.resize_short),
+                          processes=max(1, os.cpu_count() or 1), show_progress=False)
+            resize_seconds = round(time.perf_counter() - t0, 1)
         runs = []
-        for batch in batches:
-            steps_per_epoch = samples // batch
-            cfg = run_config(data, tokenizer, Path(tmp) / "runs", name=f"b{batch}", batch=batch, epochs=args.epochs,
-                             workers=workers, device=device, small=args.small,
-                             log_every=max(1, math.ceil(steps_per_epoch * args.epochs / 8)))
-            runs.append(measure(cfg, args.model_only_steps or 12))
+        for variant in args.variants:
+            folder = folders[variant]
+            kb = sum(p.stat().st_size for p in folder.glob("*.tar")) / samples / 1024
+            for batch in batches:
+                steps_per_epoch = samples // batch
+                cfg = run_config(folder, tokenizer, Path(tmp) / "runs", name=f"{variant}_b{batch}", batch=batch,
+                                 epochs=args.epochs, workers=workers, device=device, small=args.small,
+                                 log_every=max(1, math.ceil(steps_per_epoch * args.epochs / 8)),
+                                 decode="cpu" if variant == "resized" else variant)
+                run = {"variant": variant, "mean_jpeg_kb": round(kb, 1), **measure(cfg, args.model_only_steps or 12)}
+                print(json.dumps(run), file=sys.stderr, flush=True)
+                runs.append(run)
         report = {
             "benchmark": "bench_e2e",
             "machine": machine_info(device),
@@ -204,6 +235,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             "samples": samples,
             "mean_jpeg_kb": round(mean_kb, 1),
             "shards_seconds": round(make_seconds, 1),
+            "resize_short": args.resize_short if "resized" in args.variants else None,
+            "resize_seconds": resize_seconds,
             "workers": workers,
             "runs": runs,
         }

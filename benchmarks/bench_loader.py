@@ -1,12 +1,13 @@
 """Training-loader benchmark on the CPU: a consumer takes batches at a set rate (a stand-in for the GPU step) and the
 loader either keeps up or makes it wait; prints JSON.
 
-Before / after in one run: the same script times the training stream of git ``HEAD`` (``--before-ref``, extracted
-with ``git archive`` into a temporary folder: whole batches per worker, float normalisation in the worker, PIL
-decode + crop, a pipeline rebuilt at every epoch) and of the working tree (``data.decode=cpu``: uint8 crops,
+Before / after in one run: the same script times the training stream of git ``5b54402``, the last commit before
+issue 16 (``--before-ref``, extracted with ``git archive`` into a temporary folder: whole batches per worker, float
+normalisation in the worker, PIL decode + crop, a pipeline rebuilt at every epoch) and of the working tree (``data.decode=cpu``: uint8 crops,
 torchvision decode with DCT scaling, chunks of work dealt across workers, prefetch across epochs; and
 ``data.decode=pil``, the new pipeline with the former per-image work), each in its own process, on the same
-generated COCO-like shards (``--width`` x ``--height`` photo-like JPEGs, concepts.json, sizes.json).
+generated COCO-like shards of ``bench_e2e.py`` (``photo_shards.py``: 640x480 photo-like JPEGs of about 100 KB,
+concepts.json, sizes.json).
 
 Reported per variant: delivered img/s over the whole run (wall clock, first batch included), img/s after the first
 batch, the fraction of wall time the consumer waited for data (``wait_fraction``), the longest single wait (epoch
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The last commit before issue 16's input pipeline (whole batches per worker, float32 in the worker, PIL decode).
+BEFORE_ISSUE_16 = "5b54402"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -40,47 +43,23 @@ ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------------
 
 
-def _make_data(folder: Path, num_samples: int, width: int, height: int, shard_size: int) -> Dict[str, Any]:
-    """COCO-like shards: photo-like JPEGs (smooth colour field + grain, ~100 KB at 640x480), a caption naming two
-    bank classes and its concepts.json, sizes.json; plus a BPE tokenizer trained on the captions."""
-    import numpy as np
-    from PIL import Image
-
+def _make_data(folder: Path, num_samples: int, shard_size: int) -> Dict[str, Any]:
+    """The COCO-like shards of ``bench_e2e.py`` (``photo_shards.py``: 640x480 photo-like JPEGs of about 100 KB,
+    captions naming 3-5 bank classes, concepts.json, sizes.json), plus a BPE tokenizer trained on such captions."""
     sys.path.insert(0, str(ROOT))
-    from simzss.concepts import Concept
-    from simzss.data.shards import write_shard, write_sizes
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import class_names, synthetic_captions
+    from photo_shards import make_photo_shards
+
     from simzss.data.tokenize import train_bpe_tokenizer
 
-    classes = ["dog", "cat", "car", "tree", "person", "bicycle", "boat", "bird"]
-    rng = np.random.default_rng(0)
-    (folder / "shards").mkdir(parents=True)
-    sizes: Dict[str, int] = {}
-    captions: List[str] = []
-    samples: List[Dict[str, Any]] = []
-    jpeg_bytes = 0
-    for i in range(num_samples):
-        coarse = rng.integers(0, 255, (height // 40 + 2, width // 40 + 2, 3), dtype=np.uint8)
-        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
-        pixels = np.clip(field + rng.integers(-12, 13, field.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-        jpeg_bytes += buf.tell()
-        a, b = classes[i % len(classes)], classes[(i * 3 + 1) % len(classes)]
-        caption = f"a {a} next to a {b} in the street"
-        concepts = [Concept(text=f"a {w}", concept=w, spans=[(caption.index(w), caption.index(w) + len(w))],
-                            chunk_span=(caption.index(w) - 2, caption.index(w) + len(w))).to_json() for w in (a, b)]
-        captions.append(caption)
-        samples.append({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": caption,
-                        "concepts.json": json.dumps({"version": 1, "concepts": concepts}).encode()})
-        if len(samples) == shard_size or i == num_samples - 1:
-            name = f"shard-{len(sizes):06d}.tar"
-            write_shard(folder / "shards" / name, samples)
-            sizes[name] = len(samples)
-            samples = []
-    write_sizes(folder / "shards", sizes)
-    train_bpe_tokenizer(captions, folder / "tokenizer", vocab_size=512)
-    return {"shards": [str(folder / "shards" / n) for n in sorted(sizes)], "tokenizer": str(folder / "tokenizer"),
-            "classes": classes, "mean_jpeg_kb": round(jpeg_bytes / num_samples / 1024, 1)}
+    shards = make_photo_shards(folder / "shards", num_samples, shard_size=shard_size)
+    classes = class_names(60)
+    train_bpe_tokenizer([c for c, _ in synthetic_captions(2000, classes, seed=0)], folder / "tokenizer",
+                        vocab_size=1024, min_frequency=1)
+    mean_kb = sum(Path(s).stat().st_size for s in shards) / num_samples / 1024
+    return {"shards": shards, "tokenizer": str(folder / "tokenizer"), "classes": classes,
+            "mean_jpeg_kb": round(mean_kb, 1)}
 
 
 def _extract_ref(ref: str, dest: Path) -> Path:
@@ -169,8 +148,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--num-samples", type=int, default=384, help="generated training samples")
-    ap.add_argument("--width", type=int, default=640)
-    ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--shard-size", type=int, default=64)
     ap.add_argument("--crop", type=int, default=224, help="data.image_size")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -179,7 +156,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rate", type=float, default=2000.0, help="img/s the simulated model step consumes")
     ap.add_argument("--shuffle-buffer", type=int, default=1000)
     ap.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear"])
-    ap.add_argument("--before-ref", default="HEAD", help="git ref of the 'before' loader")
+    ap.add_argument("--before-ref", default=BEFORE_ISSUE_16,
+                    help=f"git ref of the 'before' loader (default: {BEFORE_ISSUE_16}, the last commit before issue 16)")
     ap.add_argument("--variants", nargs="+", default=["before", "after", "after_pil"],
                     choices=["before", "after", "after_pil"])
     ap.add_argument("--profile", action="store_true", help="also profile main process and in-process pipeline")
@@ -194,7 +172,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from common import machine_info
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = _make_data(Path(tmp) / "data", args.num_samples, args.width, args.height, args.shard_size)
+        data = _make_data(Path(tmp) / "data", args.num_samples, args.shard_size)
         trees = {"before": str(_extract_ref(args.before_ref, Path(tmp) / "before")), "after": str(ROOT),
                  "after_pil": str(ROOT)}
         decode = {"before": None, "after": "cpu", "after_pil": "pil"}

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU figures of issues 16 and 20 in ONE prepared run of at most 6 minutes on a lent H200 (the device tool):
-# end-to-end training vs the model-only rate, the model step (SimZSS / LiT, cached, profile), the feature cache
-# and the 448 px evaluator. Each benchmark has a hard time limit, so a slow one cannot eat the others' time.
+# The GPU figures of issues 16 and 20 in ONE prepared run of at most 8 minutes on a lent H200 (the device tool):
+# end-to-end training vs the model-only rate (original JPEGs at batch 256 and 1024; pre-resized shards and nvJPEG
+# decoding at 1024), the model step (SimZSS / LiT, cached, profile), the feature cache and the 448 px evaluator.
+# Each benchmark has a hard time limit, so a slow one cannot eat the others' time.
 #
 # On the device (its python3 lacks some of our dependencies; carry them as wheels, see benchmarks/RESULTS.md):
-#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=420)
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=480)
+# A rerun of some benchmarks only (names as below; e.g. those that failed or ran out of time):
+#   run(command="ONLY='e2e_variants eval' bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=240)
 # Dry run on a CPU (tiny models, a minute or two; checks the plumbing, not the speed):
 #   SMALL=1 OUT=/tmp/gpu_session bash benchmarks/gpu_session.sh
 #
@@ -31,6 +34,9 @@ torchvision.__version__, 'timm', timm.__version__, 'transformers', transformers.
 bench() {
     local name=$1 limit=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return
+    fi
     local t0=$SECONDS
     echo "== $name (limit ${limit}s): $*" >> "$LOG"
     timeout -k 5 "$limit" $PY "$@" > "$OUT/$name.json" 2>> "$LOG"
@@ -38,9 +44,12 @@ bench() {
     echo "$name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
+SHARDS=${SHARDS:-/tmp/simzss_e2e_shards}  # made once, shared by the two e2e benchmarks
 if [ "${SMALL:-0}" = 1 ]; then  # the same commands with tiny models on the CPU
     bench e2e 300 benchmarks/bench_e2e.py --device cpu --small --batch 16 --samples 96 --epochs 1 --workers 1 \
-        --model-only-steps 2
+        --model-only-steps 2 --data "$SHARDS"
+    bench e2e_variants 300 benchmarks/bench_e2e.py --device cpu --small --batch 16 --samples 96 --epochs 1 \
+        --workers 1 --model-only-steps 2 --data "$SHARDS" --variants resized pil
     bench train_step 120 benchmarks/bench_train_step.py --device cpu --depth 1 --image-size 56 --batch-size 8 \
         --text-layers 1 --text-width 64 --text-heads 2 --steps 1 --reps 1 --warmup 1 --no-legacy --dynamic-padding \
         --profile "$OUT/profile.json"
@@ -56,7 +65,9 @@ fi
 
 B14=vit_base_patch14_reg4_dinov2
 # issue 16: the trainer end to end against the model-only rate, batch 256 and 1024
-bench e2e 150 benchmarks/bench_e2e.py --device cuda --batch 256 1024 --samples 8192 --workers 14
+bench e2e 150 benchmarks/bench_e2e.py --device cuda --batch 256 1024 --samples 8192 --workers 14 --data "$SHARDS"
+bench e2e_variants 90 benchmarks/bench_e2e.py --device cuda --batch 1024 --samples 8192 --workers 14 --epochs 2 \
+    --data "$SHARDS" --variants resized gpu
 # issue 20 items 1-3: SimZSS / LiT full step with a profile, dynamic padding; then the cached step
 bench train_step 60 benchmarks/bench_train_step.py --device cuda --bf16 --vision $B14 --image-size 224 \
     --batch-size 1024 --steps 5 --reps 3 --no-legacy --dynamic-padding --profile "$OUT/profile.json"

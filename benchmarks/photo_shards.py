@@ -75,20 +75,22 @@ def _write_one(args: tuple) -> tuple:
     return Path(path).name, write_shard(path, samples)
 
 
-def make_photo_shards(out: str | os.PathLike, samples: int, processes: int | None = None) -> List[str]:
-    """``samples`` photo-like samples in ``out`` (shards of 512 + ``sizes.json``); reused when ``out`` already holds
-    exactly that many. Returns the shard paths."""
+def make_photo_shards(out: str | os.PathLike, samples: int, processes: int | None = None,
+                      shard_size: int = SHARD_SIZE) -> List[str]:
+    """``samples`` photo-like samples in ``out`` (shards of ``shard_size`` + ``sizes.json``); reused when ``out``
+    already holds exactly that many in shards of that size. Returns the shard paths."""
     from simzss.data.shards import write_sizes
 
     out = Path(out)
     marker = out / MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("samples") == samples:
+    if marker.is_file() and json.loads(marker.read_text()).get("samples") == samples \
+            and json.loads(marker.read_text()).get("shard_size", SHARD_SIZE) == shard_size:
         return sorted(str(p) for p in out.glob("*.tar"))
     out.mkdir(parents=True, exist_ok=True)
     names = class_names(60)
     captions = synthetic_captions(samples, names, seed=0)
-    jobs = [(str(out / f"photo-{s // SHARD_SIZE:06d}.tar"), s, min(s + SHARD_SIZE, samples),
-             captions[s:min(s + SHARD_SIZE, samples)], names) for s in range(0, samples, SHARD_SIZE)]
+    jobs = [(str(out / f"photo-{s // shard_size:06d}.tar"), s, min(s + shard_size, samples),
+             captions[s:min(s + shard_size, samples)], names) for s in range(0, samples, shard_size)]
     workers = max(1, min(len(jobs), processes or os.cpu_count() or 1))
     if workers == 1:
         sizes = dict(map(_write_one, jobs))
@@ -96,7 +98,8 @@ def make_photo_shards(out: str | os.PathLike, samples: int, processes: int | Non
         with ProcessPoolExecutor(workers) as pool:
             sizes = dict(pool.map(_write_one, jobs))
     write_sizes(out, sizes)
-    marker.write_text(json.dumps({"samples": samples, "width": WIDTH, "height": HEIGHT, "quality": QUALITY}))
+    marker.write_text(json.dumps({"samples": samples, "shard_size": shard_size, "width": WIDTH, "height": HEIGHT,
+                                  "quality": QUALITY}))
     return sorted(str(out / name) for name in sizes)
 
 

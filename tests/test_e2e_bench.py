@@ -67,3 +67,34 @@ def test_cpu_path_reports_consistent_figures(bench, tmp_path: Path) -> None:
     # shards are reused by a second call with the same sample count (the marker records it)
     marker = json.loads((tmp_path / "shards" / "photo_shards.json").read_text())
     assert marker["samples"] == 40 and len(list((tmp_path / "shards").glob("*.tar"))) == 1
+
+
+@pytest.mark.slow
+def test_variants_run_the_same_shards_through_other_input_paths(bench, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "e2e.json"
+    assert bench.main(["--device", "cpu", "--small", "--batch", "16", "--samples", "32", "--epochs", "1",
+                       "--workers", "0", "--model-only-steps", "2", "--data", str(tmp_path / "shards"),
+                       "--variants", "resized", "pil", "--resize-short", "128", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [run["variant"] for run in report["runs"]] == ["resized", "pil"]
+    resized, pil = report["runs"]
+    assert report["resize_short"] == 128 and report["resize_seconds"] >= 0
+    # the resized shards hold the same samples with smaller images; pil reads the originals
+    assert resized["mean_jpeg_kb"] < pil["mean_jpeg_kb"] / 3 and pil["mean_jpeg_kb"] == report["mean_jpeg_kb"]
+    for path in sorted((tmp_path / "shards_resized128").glob("*.tar")):
+        import tarfile
+
+        with tarfile.open(path) as tar:
+            jpgs = [m for m in tar.getmembers() if m.name.endswith(".jpg")]
+            assert len(jpgs) == 32
+            with Image.open(tar.extractfile(jpgs[0])) as img:
+                assert min(img.size) == 128
+    assert resized["steps"] == pil["steps"] == 2
+    # each finished run was written to stderr as it ended (what survives a time limit)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert [line["variant"] for line in lines] == ["resized", "pil"] and lines[0] == resized
+
+
+def test_gpu_variant_needs_a_gpu(bench) -> None:
+    with pytest.raises(SystemExit, match="needs --device cuda"):
+        bench.main(["--device", "cpu", "--small", "--variants", "gpu"])

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHES = ("e2e", "train_step", "train_step_cached", "cache", "eval")
+BENCHES = ("e2e", "e2e_variants", "train_step", "train_step_cached", "cache", "eval")
 
 
 def test_cpu_dry_run_writes_every_result(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, "SMALL": "1", "OUT": str(out), "PYTHON": sys.executable}
+    env = {**os.environ, "SMALL": "1", "OUT": str(out), "PYTHON": sys.executable, "SHARDS": str(tmp_path / "shards")}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
     log = (out / "session.log").read_text() if (out / "session.log").exists() else ""
@@ -28,6 +28,20 @@ def test_cpu_dry_run_writes_every_result(tmp_path: Path) -> None:
         assert result and isinstance(result, dict)
     assert json.loads((out / "profile.json").read_text())
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back
+    variants = json.loads((out / "e2e_variants.json").read_text())
+    assert [run["variant"] for run in variants["runs"]] == ["resized", "pil"]
+    assert (tmp_path / "shards" / "photo_shards.json").is_file()  # made once, for both e2e benchmarks
+
+
+def test_only_reruns_the_named_benchmarks(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "SMALL": "1", "OUT": str(out), "PYTHON": sys.executable, "ONLY": "eval",
+           "SHARDS": str(tmp_path / "shards")}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [line for line in proc.stdout.splitlines() if line.startswith("eval: rc=0")]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "session.log"]
 
 
 def test_toy_annotation_without_spacy_matches_prepare_on_the_bank(tmp_path: Path) -> None:
