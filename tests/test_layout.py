@@ -26,6 +26,7 @@ LAYERS: Dict[str, int] = {
     "simzss.concepts": 0,
     "simzss.logs": 0,
     "simzss.helpformat": 0,
+    "simzss.weights_files": 0,
     "simzss.data": 1,
     "simzss.models": 2,
     "simzss.baselines": 2,

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import pickletools
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Mapping
 
 import torch
 
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
-#: What torch's own checkpoints import: the weights-only unpickler allows these.
-_TORCH_GLOBALS = ("torch.", "collections.OrderedDict", "builtins.set")
-
+from simzss.weights_files import pickled_code
 
 class WeightsFileError(ValueError):
     """A weights file that cannot be used (the message is one line naming the file and the fix)."""
@@ -30,38 +26,6 @@ class WeightsFileError(ValueError):
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:200] if text else type(e).__name__
-
-
-def _imports(stream: Any) -> Iterator[str]:
-    """The ``module.name`` every import opcode (GLOBAL, STACK_GLOBAL, INST) of the first pickle in ``stream``
-    names; the opcodes are only listed, never run."""
-    strings: list = []
-    for op, arg, _ in pickletools.genops(stream):
-        if op.name in _STRING_OPS:
-            strings = (strings + [str(arg)])[-2:]
-        elif op.name in ("GLOBAL", "INST"):
-            yield str(arg).replace(" ", ".")
-        elif op.name == "STACK_GLOBAL":
-            yield ".".join(strings) if len(strings) == 2 else "?"
-
-
-def pickled_code(path: Path) -> Optional[str]:
-    """What a pickle file (raw, or torch's zip with ``data.pkl``) imports beyond torch's own tensor rebuilding,
-    e.g. ``"GLOBAL posix.system"``; None when it imports nothing else or is not a pickle at all."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-                if name is None:
-                    return None
-                with zf.open(name) as f:
-                    found = [g for g in _imports(f) if not g.startswith(_TORCH_GLOBALS)]
-        else:
-            with open(path, "rb") as f:
-                found = [g for g in _imports(f) if not g.startswith(_TORCH_GLOBALS)]
-    except Exception:  # noqa: BLE001 - not a parseable pickle: random bytes, a picture, ...
-        return None
-    return f"GLOBAL {found[0]}" if found else None
 
 
 EXPECTED_FILE = "expected an open_clip state dict saved with torch.save (.pt/.pth/.bin) or safetensors (.safetensors)"

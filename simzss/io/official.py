@@ -40,9 +40,9 @@ from simzss.data.clip_tokenizer import build_openclip_tokenizer
 from simzss.data.tokenize import OPENCLIP_TOKENIZER
 from simzss.io.export import write_export
 from simzss.models.denoiser import DVT_GRID, DVTDenoiser
-from simzss.models.pretrained import ExportError
 from simzss.models.simzss import SimZSS
 from simzss.models.vision import vision_state_shapes
+from simzss.weights_files import HEAD_BYTES, PICKLE, SAFETENSORS, TORCH_ZIP, sniff
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +85,6 @@ _LIST_LIMIT = 20
 #: What a refusal tells the user to give instead.
 EXPECTED_FILE = ("expected a release checkpoint: a .pt file holding a state dict of tensors (torch.save) "
                  "or a .safetensors file")
-# First bytes of files people hand over by mistake -> what to call them.
-_MAGIC = (
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"GIF8", "a GIF image"),
-    (b"RIFF", "a RIFF file (WebP image, WAV audio...)"),
-    (b"%PDF", "a PDF document"),
-    (b"\x1f\x8b", "a gzip file"),
-    (b"BZh", "a bzip2 file"),
-    (b"\xfd7zXZ", "an xz file"),
-)
-_ZIP = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
-_PICKLE_PROTOCOLS = (2, 3, 4, 5)  # torch.save(_use_new_zipfile_serialization=False) writes protocol 2
 _GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
 
 
@@ -169,24 +156,10 @@ def _strip_module(key: str) -> str:
 def _not_torch(head: bytes) -> Optional[str]:
     """What a file is when its first bytes say it is not a PyTorch checkpoint (zip or protocol 2-5 pickle);
     None when it may be one."""
-    if head.startswith(_ZIP) or (len(head) > 1 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS):
+    kind = sniff(head)
+    if kind in (TORCH_ZIP, PICKLE):
         return None
-    if not head:
-        return "an empty file"
-    for magic, kind in _MAGIC:
-        if head.startswith(magic):
-            return kind
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "a safetensors file (give it the .safetensors suffix)"
-    for cut in range(4):  # the 64 bytes read may end inside a multi-byte character
-        try:
-            text = head[: len(head) - cut].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        if all(c.isprintable() or c in "\t\n\r\f" for c in text):
-            return "a text file"
-        break
-    return "unrecognised bytes"
+    return "a safetensors file (give it the .safetensors suffix)" if kind == SAFETENSORS else kind
 
 
 def _load_torch_file(p: Path) -> Any:
@@ -197,7 +170,7 @@ def _load_torch_file(p: Path) -> Any:
     """
     try:
         with open(p, "rb") as f:
-            head = f.read(64)
+            head = f.read(HEAD_BYTES)
     except OSError as e:
         raise OfficialCheckpointError(f"{p}: cannot read it ({e.strerror or type(e).__name__})") from None
     kind = _not_torch(head)
@@ -217,7 +190,7 @@ def _load_torch_file(p: Path) -> Any:
         raise OfficialCheckpointError(f"{p}: not a PyTorch checkpoint (a pickle without torch's layout); "
                                       f"{EXPECTED_FILE}") from None
     except Exception:  # torch's unpickler raises anything (KeyError, RuntimeError, EOFError...) on foreign bytes
-        kind = "a damaged or foreign zip archive" if head.startswith(_ZIP) else "a damaged or foreign pickle"
+        kind = "a damaged or foreign zip archive" if sniff(head) == TORCH_ZIP else "a damaged or foreign pickle"
         raise OfficialCheckpointError(f"{p}: not a PyTorch checkpoint ({kind}); {EXPECTED_FILE}") from None
 
 

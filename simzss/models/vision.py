@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from simzss.config import VisionConfig
 from simzss.models.denoiser import DENOISERS, DVTDenoiser, read_denoiser_state
+from simzss.weights_files import weights_file_kind
 
 log = logging.getLogger(__name__)
 
@@ -195,22 +196,6 @@ class FrozenVisionTower(nn.Module):
 def _ordinary(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     """A non-inference copy of an inference tensor, converted to ``dtype`` on the way."""
     return t.to(dtype or t.dtype, copy=True)
-
-
-def weights_file_kind(path: str | Path) -> str:
-    """What a weights file's first bytes say it is: ``"torch-zip"`` (torch.save's zip), ``"pickle"`` (torch's
-    legacy format or a raw pickle), ``"safetensors"`` (a length-prefixed JSON header that fits the file) or
-    ``"unknown"``. Nothing is unpickled."""
-    size = Path(path).stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head.startswith(b"PK\x03\x04"):
-        return "torch-zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode, protocol 2-5
-        return "pickle"
-    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
-        return "safetensors"
-    return "unknown"
 
 
 def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:

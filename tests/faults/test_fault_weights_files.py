@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from simzss.config import VisionConfig
-from simzss.models.vision import build_vision_tower, weights_file_kind
+from simzss.models.vision import build_vision_tower
+from simzss.weights_files import pickled_code, sniff, weights_file_kind
 
 VIT = "vit_small_patch14_reg4_dinov2"
 TINY = {"depth": 1, "embed_dim": 16, "num_heads": 2, "img_size": 28}
@@ -75,3 +76,27 @@ def test_cut_files_are_called_damaged(tmp_path: Path) -> None:
         cut.write_bytes(data[: len(data) // 2])
         message = _load(cut)
         assert "damaged or cut short" in message or "not a torch or safetensors" in message, message
+
+
+def test_sniff_tells_weights_from_files_handed_over_by_mistake(tmp_path: Path) -> None:
+    """The one sniffer behind the three readers (vision weights, import-official, baseline weights)."""
+    state = {"w": torch.ones(2)}
+    zip_pt, legacy_pt, st = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.safetensors"
+    torch.save(state, zip_pt)
+    torch.save(state, legacy_pt, _use_new_zipfile_serialization=False)
+    save_file(state, str(st))
+    heads = {p: p.read_bytes()[:64] for p in (zip_pt, legacy_pt, st)}
+    assert sniff(heads[zip_pt]) == "torch-zip" and sniff(heads[legacy_pt]) == "pickle"
+    assert sniff(heads[st], st.stat().st_size) == "safetensors"
+    # a safetensors-looking header that claims more bytes than the file has is not taken for one
+    assert sniff(heads[st], 20) != "safetensors"
+    assert sniff(b"") == "an empty file"
+    assert sniff(b"\x89PNG\r\n\x1a\n" + bytes(56)) == "a PNG image"
+    assert sniff(b"\xff\xd8\xff\xe0" + bytes(60)) == "a JPEG image"
+    assert sniff("weights: café\n".encode()) == "a text file"
+    assert sniff(bytes(range(200, 256))) == "unrecognised bytes"
+    # pickled code is named from the opcodes alone; torch's own pickles import nothing else
+    payload = tmp_path / "evil.pt"
+    torch.save({"w": _Payload(tmp_path / "ran")}, payload)
+    assert pickled_code(payload) == "GLOBAL posix.system" and not (tmp_path / "ran").exists()
+    assert pickled_code(zip_pt) is None and pickled_code(legacy_pt) is None and pickled_code(st) is None
