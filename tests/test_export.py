@@ -274,6 +274,22 @@ def test_export_command_from_checkpoint(tiny, tmp_path, capsys) -> None:
     assert "| - | mIoU | 12 |" in (out / "README.md").read_text()
 
 
+def test_export_command_hashes_each_checkpoint_file_once(tiny, tmp_path, monkeypatch) -> None:
+    """With checksums (``checkpoint_checksum: true``) the command resolves the checkpoint, to tell a damaged one
+    from a failed export, and exports it: each file's sha256 is computed once, not once per step."""
+    from simzss.engine import checkpoint as ckpt_io
+
+    model, _, _ = tiny
+    ckpt = _fake_checkpoint(model, tmp_path / "run", with_vision=True)
+    ckpt_io.write_manifest(ckpt, checksum=True)
+    hashed: list = []
+    real = ckpt_io.file_sha256
+    monkeypatch.setattr(ckpt_io, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    assert export_cli.main([str(ckpt), str(tmp_path / "export")]) == 0
+    assert "model.safetensors" in hashed and len(hashed) == len(set(hashed)), hashed
+    _same_embeddings(model, sio.load_pretrained(tmp_path / "export"))
+
+
 def test_checkpoint_without_random_init_vision_is_a_clear_error(tiny, tmp_path, capsys) -> None:
     model, _, _ = tiny
     ckpt = _fake_checkpoint(model, tmp_path / "run", with_vision=False)

@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from simzss.engine.checkpoint import checkpoint_step
     from simzss.io.checkpoint import resolve_checkpoint
-    from simzss.io.export import check_export_destination, export_checkpoint, read_eval_results
+    from simzss.io.export import check_export_destination, export_resolved_checkpoint, read_eval_results
     from simzss.io.hub import push_to_hub
     from simzss.logs import setup_logging
     from simzss.models.pretrained import ExportError, read_export_config
@@ -60,7 +60,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:  # an unwritable or full destination
         return fail(NAME, str(e))
     try:
-        out = export_checkpoint(ckpt, out, include_vision=True if args.include_vision else None,
+        out = export_resolved_checkpoint(ckpt, out, include_vision=True if args.include_vision else None,
                                 eval_results=results, overwrite=args.overwrite)
         meta = read_export_config(out)
         vision = "included" if meta["vision_weights_included"] else "referenced by name"

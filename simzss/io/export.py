@@ -365,7 +365,20 @@ def export_checkpoint(
     when included, come from the checkpoint if it holds them, else from the tower built by its config (hub
     download or local weights file); a random-init tower that the checkpoint does not hold is an error.
     """
-    ckpt = resolve_checkpoint(checkpoint)
+    return export_resolved_checkpoint(resolve_checkpoint(checkpoint), out_dir, include_vision=include_vision,
+                                      eval_results=eval_results, overwrite=overwrite)
+
+
+def export_resolved_checkpoint(
+    ckpt: Path,
+    out_dir: str | os.PathLike,
+    *,
+    include_vision: Optional[bool] = None,
+    eval_results: Optional[Any] = None,
+    overwrite: bool = False,
+) -> Path:
+    """:func:`export_checkpoint` of a step folder that :func:`resolve_checkpoint` already returned (for callers
+    that resolve first to tell a bad checkpoint apart from a failed export, without validating it twice)."""
     step = checkpoint_step(ckpt)
     out = check_export_destination(out_dir, overwrite)  # fail before loading anything
     train_cfg = read_checkpoint_config(ckpt)
