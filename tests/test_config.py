@@ -8,7 +8,7 @@ import pytest
 
 from simzss.config import ConfigError, TrainConfig, load_config, to_dict
 from simzss.cli.train import main
-from simzss.engine.trainer import validate_config
+from simzss.engine.startup_checks import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -54,7 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from simzss.config import ConfigError, TrainConfig, load_config, to_yaml
     from simzss.data.stream import TrainingDataError
-    from simzss.engine.trainer import NonFiniteLossError, first_line, train, validate_config
+    from simzss.engine.startup_checks import validate_config
+    from simzss.engine.trainer import NonFiniteLossError, first_line, train
     from simzss.logs import setup_logging
 
     setup_logging(progress=not args.no_progress)

@@ -9,7 +9,8 @@ position stay aligned).
 With ``data.feature_cache`` set, batches come from ``simzss.data.features.build_cached_loader`` and carry the
 frozen tower's features, so the tower never runs in a training step. It is still built (frozen, cheap to
 hold) for the zero-shot evaluation hook and for exports, and its weights fingerprint must match the
-cache's ``meta.json`` (:func:`check_feature_cache`): features from other weights are refused.
+cache's ``meta.json`` (:func:`simzss.engine.startup_checks.check_feature_cache`): features from other weights are
+refused. The checks that run before training are in :mod:`simzss.engine.startup_checks`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 
 from simzss.concepts import ConceptBank
 from simzss.config import ConfigError, TrainConfig, to_dict, to_yaml
-from simzss.data.features import CacheError, build_cached_loader, check_cache_compatible, read_cache_meta, weights_fingerprint
+from simzss.data.features import CacheError, build_cached_loader
 from simzss.data.padding import trim_padding
 from simzss.data.stream import build_train_loader
 from simzss.data.tokenize import load_tokenizer
@@ -40,7 +41,10 @@ from simzss.engine.epoch_position import loader_state_at, resume_position, steps
 from simzss.engine.optim import build_optimizer, build_scheduler, match_fused_state, step_unless
 from simzss.engine.prefetch import DeviceFeed
 from simzss.engine.signals import GracefulStop
-from simzss.engine.tracking import REPORT_TO, MetricLogger, ThroughputWindow, new_run_id
+from simzss.engine.startup_checks import (
+    check_eval_datasets, check_feature_cache, check_world, missing_eval_path, validate_config,
+)
+from simzss.engine.tracking import MetricLogger, ThroughputWindow, new_run_id
 from simzss.eval import evaluate_segmentation
 from simzss.logs import progress
 from simzss.models.pretrained import write_text_config
@@ -49,80 +53,8 @@ from simzss.models.zeroshot import get_mean_std
 
 log = logging.getLogger(__name__)
 
-MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
-
-
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses; a checkpoint was written before raising."""
-
-
-# --- config checks -------------------------------------------------------------------------------
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    """Reject settings the trainer cannot honour, naming the field (raises :class:`ConfigError`)."""
-    if cfg.grad_accum != 1:
-        raise ConfigError(
-            f"grad_accum={cfg.grad_accum} is not supported: accumulating micro-batches would shrink the contrastive "
-            "negatives to one micro-batch (SimZSS needs the global batch). Use more GPUs or a smaller batch_size "
-            "with grad_accum: 1."
-        )
-    checks = [
-        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.max_steps is not None or cfg.epochs >= 1, f"epochs must be >= 1 (or set max_steps), got {cfg.epochs}"),
-        (cfg.max_steps is None or cfg.max_steps >= 1, f"max_steps must be >= 1 or null, got {cfg.max_steps}"),
-        (cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at the end), got {cfg.checkpoint_every}"),
-        (cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}"),
-        (cfg.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {cfg.max_nonfinite}"),
-        (cfg.report_to in REPORT_TO, f"report_to must be one of {REPORT_TO}, got {cfg.report_to!r}"),
-        (cfg.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}, got {cfg.mixed_precision!r}"),
-        (0.0 <= cfg.optim.warmup < 1.0, f"optim.warmup is a fraction in [0, 1), got {cfg.optim.warmup}"),
-        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
-        (cfg.optim.grad_clip is None or cfg.optim.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {cfg.optim.grad_clip}"),
-        (cfg.eval.every >= 0, f"eval.every must be >= 0, got {cfg.eval.every}"),
-        (bool(cfg.run_name) and "/" not in cfg.run_name, f"run_name must be a non-empty folder name, got {cfg.run_name!r}"),
-        (bool(cfg.data.shards) or cfg.data.feature_cache is not None, "data.shards is empty (and no data.feature_cache)"),
-        (cfg.data.workers >= 0, f"data.workers must be >= 0 (0 = load in the training process), got {cfg.data.workers}"),
-        (cfg.model.vision.normalization == "imagenet",
-         f"model.vision.normalization={cfg.model.vision.normalization!r}: training feeds ImageNet-normalised images "
-         "(DINOv2's statistics); 'clip' exists only to evaluate imported release checkpoints"),
-        (cfg.data.max_image_pixels >= 0, f"data.max_image_pixels must be >= 0 (0 = no cap), got {cfg.data.max_image_pixels}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
-
-
-def _missing_eval_path(spec: str) -> Optional[str]:
-    """The local path of a ``NAME:PATH`` spec when it does not exist (None for URLs and existing paths)."""
-    path = spec.partition(":")[2]
-    return path if "://" not in path and not Path(path).exists() else None
-
-
-def check_eval_datasets(cfg: TrainConfig) -> List[str]:
-    """Check ``eval.datasets`` at start-up, not after training; returns the specs the run will evaluate.
-
-    A spec that is not ``NAME:PATH`` is always an error. A missing path is an error when evaluations run during
-    training (``eval.every > 0``). With ``eval.every: 0`` only the final evaluation would use it: a missing path
-    is then logged as a warning and that dataset is skipped at the end (so a config such as ``configs/demo.yaml``
-    runs on other data without ``eval.datasets=[]``); the trainer looks again at the end, in case it appeared.
-    """
-    for i, spec in enumerate(cfg.eval.datasets):
-        name, sep, path = spec.partition(":")
-        if not sep or not path:
-            raise ConfigError(f"eval.datasets[{i}]={spec!r}: expected NAME:PATH (e.g. folder:demo/data/val)")
-    usable: List[str] = []
-    for i, spec in enumerate(cfg.eval.datasets):
-        missing = _missing_eval_path(spec)
-        if missing is None:
-            usable.append(spec)
-        elif cfg.eval.every > 0:
-            raise ConfigError(f"eval.datasets[{i}]={spec!r}: {missing} does not exist (eval.every={cfg.eval.every} "
-                              "evaluates during training; fix the path or override eval.datasets=[] to skip)")
-        else:
-            log.warning("eval.datasets[%d]=%r: %s does not exist; the final evaluation will skip it "
-                        "(override eval.datasets=[] to silence this)", i, spec, missing)
-    return usable
 
 
 def resolve_mixed_precision(setting: str, use_cuda: bool) -> str:
@@ -187,34 +119,6 @@ def build_loader(cfg: TrainConfig, tokenizer: Any, *, rank: int, world_size: int
         raise ConfigError(f"data.feature_cache={cfg.data.feature_cache!r}: {e}") from None
 
 
-def check_feature_cache(
-    cfg: TrainConfig, model: Optional[nn.Module] = None, meta: Optional[Dict[str, Any]] = None
-) -> Optional[Dict[str, Any]]:
-    """Refuse (:class:`ConfigError`, naming the mismatching setting) a feature cache that the model's vision
-    tower would not have produced; returns the cache's ``meta.json`` (None without ``data.feature_cache``).
-
-    Without ``model`` only the settings are compared (architecture, extra timm kwargs, image size, weights
-    source): cheap, before the tower is built. With ``model`` the fingerprint of ``model.vision``'s weights
-    must also equal the cache's, which catches e.g. a random-init tower drawn with another seed. ``meta``
-    is read from ``cfg.data.feature_cache`` when not given.
-    """
-    if cfg.data.feature_cache is None:
-        return None
-    vision = getattr(model, "vision", None) if model is not None else None
-    try:
-        meta = meta if meta is not None else read_cache_meta(cfg.data.feature_cache)
-        fingerprint = weights_fingerprint(vision) if vision is not None else None
-        if fingerprint is not None and not (meta.get("vision") or {}).get("fingerprint"):
-            log.warning("feature cache %s records no weights fingerprint: cannot verify that it was made with "
-                        "this model's vision weights", cfg.data.feature_cache)
-        check_cache_compatible(meta, cfg.model, cfg.data.image_size, fingerprint=fingerprint)
-    except CacheError as e:
-        raise ConfigError(f"data.feature_cache={cfg.data.feature_cache!r}: {e}") from None
-    if fingerprint is not None:
-        log.info("feature cache %s: vision weights fingerprint %s matches", cfg.data.feature_cache, fingerprint)
-    return meta
-
-
 def run_evaluation(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> Dict[str, Any]:
     """Zero-shot segmentation on every ``cfg.eval.datasets`` spec; ``{spec: {"mIoU", ...}}`` (the trainer passes a
     config whose datasets all exist, see :func:`check_eval_datasets`)."""
@@ -275,17 +179,6 @@ def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
-
-
-def _check_world(num_processes: int) -> None:
-    """Refuse a launch where torch.distributed and accelerate disagree on the number of processes."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != num_processes:
-        raise RuntimeError(
-            f"torch.distributed has {dist.get_world_size()} processes but accelerate sees {num_processes}: "
-            "check the launcher (accelerate launch / torchrun) settings"
-        )
 
 
 def _vision_weights_needed(cfg: TrainConfig) -> bool:
@@ -354,7 +247,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=needs_find_unused(cfg))],
         )
         acc = self.accelerator
-        _check_world(acc.num_processes)
+        check_world(acc.num_processes)
         self.is_main = acc.is_main_process
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -587,10 +480,10 @@ class Trainer:
     def evaluate(self, logger: MetricLogger) -> Dict[str, Any]:
         """Run the eval hook, log ``eval/...`` metrics, write ``RUN/eval.json`` (main process):
         ``{"step": N, "results": {"NAME:PATH": {"mIoU", "pixel_acc", "per_class", ...}, ...}}``."""
-        specs = [spec for spec in self.cfg.eval.datasets if _missing_eval_path(spec) is None]
+        specs = [spec for spec in self.cfg.eval.datasets if missing_eval_path(spec) is None]
         for spec in self.cfg.eval.datasets:
             if spec not in specs:
-                log.warning("evaluation of %s skipped: %s does not exist", spec, _missing_eval_path(spec))
+                log.warning("evaluation of %s skipped: %s does not exist", spec, missing_eval_path(spec))
         if not specs:
             return {}
         if getattr(self.unwrapped, "vision", None) is None:
@@ -845,14 +738,11 @@ __all__ = [
     "NonFiniteLossError",
     "Trainer",
     "train",
-    "validate_config",
-    "check_eval_datasets",
     "needs_find_unused",
     "resolve_mixed_precision",
     "build_tokenizer",
     "build_model",
     "build_loader",
     "build_concept_bank",
-    "check_feature_cache",
     "run_evaluation",
 ]
