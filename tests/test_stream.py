@@ -612,3 +612,87 @@ def test_gpu_decoding_without_a_gpu_is_a_one_line_error(tmp_path, tokenizer, ban
     with pytest.raises(ValueError, match="data.decode=gpu needs a CUDA GPU") as info:
         _loader(_cfg(shards, decode="gpu"), tokenizer, bank)
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# tar reading (simzss.data.tar_members): same batches as webdataset's reader, own samples read only
+# --------------------------------------------------------------------------------------------------
+
+
+def _webdataset_reader(shards, handler, lazy=False):
+    import webdataset as wds
+
+    return wds.tarfile_to_samples(handler=handler)(shards)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_fast_lazy_tar_reading_gives_the_batches_of_webdatasets_reader(tmp_path, tokenizer, bank, monkeypatch,
+                                                                     workers):
+    from simzss.data import stream as stream_mod
+
+    shards = _make_shards(tmp_path / "d", [7, 5, 9])
+    cfg = _cfg(shards, workers=workers, shuffle_buffer=6)
+
+    def two_epochs() -> List[Batch]:
+        loader = _loader(cfg, tokenizer, bank, batch_size=4, seed=3)
+        out = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            out.extend(loader)
+        loader.close()
+        return out
+
+    ours = two_epochs()
+    monkeypatch.setattr(stream_mod, "tar_samples", _webdataset_reader)
+    theirs = two_epochs()
+    assert _keys(ours) == _keys(theirs) and len(ours) == 2 * (21 // 4)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.images, b.images) and torch.equal(a.input_ids, b.input_ids)
+        assert torch.equal(a.concept_mask, b.concept_mask) and a.skipped == b.skipped
+
+
+def test_a_worker_reads_the_bytes_of_its_own_samples_only(tmp_path, tokenizer, bank, monkeypatch):
+    from types import SimpleNamespace
+
+    from simzss.data import stream as stream_mod
+    from simzss.data.tar_members import MemberData
+
+    shards = _make_shards(tmp_path / "d", [12, 12])
+    loader = _loader(_cfg(shards, workers=3), tokenizer, bank, batch_size=4)
+    stream = loader.dataset
+    read: List[str] = []
+    real = MemberData.read
+    monkeypatch.setattr(MemberData, "read", lambda self: read.append(self.path) or real(self))
+    monkeypatch.setattr(stream_mod, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=3))
+    pieces = []
+    for piece in stream._pieces():
+        pieces.append(piece)
+        if piece.start >= stream.samples_per_epoch:  # into the next epoch: the whole of this one has been read
+            break
+    own = sum(len(p.positions) for p in pieces)
+    assert 0 < own < 24 and len(read) == 3 * own  # jpg, txt, concepts.json of each of its samples, no others
+    loader.close()
+
+
+def test_a_shard_cut_after_its_headers_were_read_is_a_counted_skip(tmp_path, tokenizer, bank, monkeypatch, caplog):
+    from simzss.data import tar_members
+
+    shards = _make_shards(tmp_path / "d", [8, 8])
+    scan = tar_members.plain_members
+    cut: List[str] = []
+
+    def scan_then_cut(url: str):
+        members = scan(url)
+        if members is not None and url == shards[0] and not cut:  # once: its samples after the first lose their bytes
+            cut.append(url)
+            Path(url).write_bytes(Path(url).read_bytes()[: members[3][1]])
+        return members
+
+    monkeypatch.setattr(tar_members, "plain_members", scan_then_cut)
+    loader = _loader(_cfg(shards, num_samples=16), tokenizer, bank, batch_size=1)
+    with caplog.at_level(logging.WARNING, logger="simzss.data.stream"):
+        batches = [b for _, b in zip(range(9), loader)]  # the epoch's 9 readable samples
+    loader.close()
+    assert sorted(k for b in batches for k in b.keys) == ["k0-00000"] + [f"k1-{i:05d}" for i in range(8, 16)]
+    assert sum(b.skipped.get("read_error", 0) for b in batches) == 7
+    assert caplog.text.count("cut short since its headers were read") == 7

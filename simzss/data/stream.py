@@ -20,8 +20,11 @@ epoch then covers the samples only approximately once). Every rank yields ``num_
 the shard sizes (no DDP hang); the last ``num_samples % (batch_size * world_size)`` samples (the partial global
 batch) are left out of the epoch.
 
-Workers: each of a rank's data workers reads (cheap: tar members are bytes) the rank's whole sequence and runs the
-same seeded shuffle, so all agree on the output order; output positions are cut into chunks of
+Workers: each of a rank's data workers reads the rank's whole sequence and runs the same seeded shuffle, so all agree
+on the output order. That reading is paid once per worker, so it is kept cheap (:mod:`simzss.data.tar_members`):
+plain local shards are read from their tar headers, and a worker reads the bytes of its own samples only (its
+shuffle buffer holds where the bytes are, not the bytes); other sources go through webdataset's reader with the
+bytes. Output positions are cut into chunks of
 :func:`~simzss.data.sampling.chunk_size` samples, and chunk ``j`` of a pass belongs to worker ``j % workers``, which
 alone decodes, crops and tokenises its samples. The DataLoader returns the workers' pieces strictly round robin, so
 the main process receives the rank's sequence in order, whatever the number of workers. Workers run on into the
@@ -74,6 +77,7 @@ from simzss.data.shards import (
 from simzss.data.batch import Batch, EncodedImages
 from simzss.data.loader import Piece, TrainingDataError, TrainLoader
 from simzss.data.decode import decode_crop, plan_crop
+from simzss.data.tar_members import read_members, tar_samples
 from simzss.data.sampling import (
     SharedState,
     batches_per_epoch,
@@ -294,7 +298,7 @@ class TrainStream(IterableDataset):
         stages: List[Any] = [
             *shards,
             partial(_fail_if_unproductive, stats=stats, limit=4 * len(self.urls) + 32),
-            wds.tarfile_to_samples(handler=stats.tar_error if count_errors else _ignore_tar_error),
+            partial(tar_samples, handler=stats.tar_error if count_errors else _ignore_tar_error, lazy=True),
             partial(_count_raw, stats=stats),
         ]
         if ranged:
@@ -313,6 +317,11 @@ class TrainStream(IterableDataset):
         samples, positions = [], []
         crop_seed = make_seed(self.stream_seed, self.epoch, self.rank)
         for offset, (read_index, raw) in enumerate(items):
+            try:
+                raw = read_members(raw)  # the bytes of this worker's own samples only (tar_members, lazy)
+            except OSError as exc:
+                stats.skip("read_error", f"{sample_location(raw)}: {exc}"[:500])
+                continue
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(make_seed(crop_seed, read_index))
                 sample = self.decode_sample(raw, stats)

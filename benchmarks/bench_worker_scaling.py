@@ -1,0 +1,128 @@
+"""How the loader's ceiling grows with data workers, measured on one core; prints JSON.
+
+Every data worker reads its rank's whole sample sequence (so that all agree on the shuffled order) and decodes only
+its own chunks. So one worker's CPU time for an epoch of N samples is ``N * read + N / W * decode``: the reading is
+paid W times per trained sample. This benchmark runs the real stream in process *as worker 0 of W* (the DataLoader's
+worker info is stood in for, so chunking and dealing are exactly those of W workers), times its CPU over one epoch,
+and reports the ceiling of W such workers on W cores: ``N / (one worker's CPU seconds)`` img/s.
+
+It compares the tar reader of the stream (``simzss.data.tar_members``: plain local shards read from their headers)
+with webdataset's ``tarfile_to_samples`` (the reader before), on the photo-like shards of ``bench_e2e.py``.
+
+    python benchmarks/bench_worker_scaling.py --samples 1024 --workers 1 2 4 8 14
+    python benchmarks/bench_worker_scaling.py --samples 1024 --workers 1 14 --resize-short 288
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import class_names, machine_info, synthetic_captions  # noqa: E402
+from photo_shards import make_photo_shards  # noqa: E402
+
+import webdataset as wds  # noqa: E402
+
+from simzss.concepts import ConceptBank  # noqa: E402
+from simzss.config import DataConfig  # noqa: E402
+from simzss.data.convert.resize import ResizeOptions, resize_shards  # noqa: E402
+from simzss.data import stream as stream_mod  # noqa: E402
+from simzss.data.stream import SkipStats, build_train_loader  # noqa: E402
+from simzss.data.tokenize import load_tokenizer, train_bpe_tokenizer  # noqa: E402
+
+
+class EpochRead(Exception):
+    """Worker 0 has read one whole epoch (raised before it decodes anything of the next)."""
+
+
+def webdataset_reader(shards: Any, handler: Any, lazy: bool = False) -> Any:
+    """The stream's former tar stage: webdataset's own reader (every member's bytes, read by every worker)."""
+    return wds.tarfile_to_samples(handler=handler)(shards)
+
+
+def worker_seconds(shards: List[str], tokenizer: Any, workers: int, batch: int, reader: str) -> Dict[str, float]:
+    """CPU seconds of worker 0 of ``workers`` over one epoch, and of its reading alone."""
+    cfg = DataConfig(shards=shards, workers=workers, shuffle_buffer=1000)
+    loader = build_train_loader(cfg, tokenizer, ConceptBank.default(), batch_size=batch, context_length=32)
+    stream = loader.dataset
+    per_epoch = stream.samples_per_epoch
+    patches = [mock.patch.object(stream_mod, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=workers))]
+    if reader == "webdataset":
+        patches.append(mock.patch.object(stream_mod, "tar_samples", webdataset_reader))
+    for p in patches:
+        p.start()
+    try:
+        t0 = time.process_time()
+        read = sum(1 for _ in stream._epoch_order(0, 0, SkipStats(0), count_errors=True))
+        read_seconds = time.process_time() - t0
+        decode_chunk = stream._piece
+
+        def this_epoch_only(base: int, start: int, items: Any, stats: Any) -> Any:
+            if base + start >= per_epoch:  # worker 0's first chunk of the next epoch: the epoch is read
+                raise EpochRead
+            return decode_chunk(base, start, items, stats)
+
+        stream._piece = this_epoch_only
+        t0 = time.process_time()
+        decoded = 0
+        try:
+            for piece in stream._pieces():
+                decoded += len(piece.positions)
+        except EpochRead:
+            pass
+        total_seconds = time.process_time() - t0
+    finally:
+        for p in reversed(patches):
+            p.stop()
+        loader.close()
+    return {"samples_read": read, "samples_decoded": decoded, "cpu_seconds": round(total_seconds, 3),
+            "read_cpu_ms_per_sample": round(read_seconds / read * 1000, 4),
+            "ceiling_img_per_s": round(per_epoch / total_seconds, 1)}
+
+
+def main(argv: List[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 14])
+    p.add_argument("--readers", nargs="+", default=["webdataset", "simzss"], choices=["webdataset", "simzss"])
+    p.add_argument("--resize-short", type=int, default=0,
+                   help="measure on the shards pre-resized to this short side (simzss shards resize; 0: originals)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # one worker = one core
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = make_photo_shards(Path(tmp) / "shards", args.samples, shard_size=256)
+        if args.resize_short:
+            out = Path(tmp) / f"shards{args.resize_short}"
+            resize_shards(shards, out, ResizeOptions(short_side=args.resize_short), processes=1, show_progress=False)
+            shards = sorted(str(s) for s in out.glob("*.tar"))
+        train_bpe_tokenizer([c for c, _ in synthetic_captions(2000, class_names(60), seed=0)], Path(tmp) / "tok",
+                            vocab_size=1024, min_frequency=1)
+        tokenizer = load_tokenizer(str(Path(tmp) / "tok"))
+        worker_seconds(shards, tokenizer, 1, args.batch_size, "simzss")  # warm-up: imports, page cache
+        runs = {reader: {str(w): worker_seconds(shards, tokenizer, w, args.batch_size, reader) for w in args.workers}
+                for reader in args.readers}
+    ratios = {}
+    if set(args.readers) == {"webdataset", "simzss"}:
+        ratios = {w: round(runs["simzss"][str(w)]["ceiling_img_per_s"] / runs["webdataset"][str(w)]["ceiling_img_per_s"], 2)
+                  for w in args.workers}
+    print(json.dumps({"benchmark": "bench_worker_scaling", "samples": args.samples, "batch_size": args.batch_size,
+                      "resize_short": args.resize_short or None,
+                      "runs": runs, "ceiling_ratio_simzss_vs_webdataset": ratios,
+                      "machine": machine_info(torch.device("cpu"))}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
