@@ -14,7 +14,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import json
 import re
@@ -105,7 +105,10 @@ class DataConfig:
     # where training images are decoded and cropped: cpu (data workers; torchvision, reduced-size JPEG decoding) |
     # gpu (nvJPEG on the training device; needs CUDA) | pil (the former PIL decode + crop, for comparisons)
     decode: str = "cpu"
-    workers: int = 4
+    # data workers per training process: a number (0 = decode in the training process) or auto (the cores this
+    # process may use, shared by the training processes of the node, less two for the training loop; at least one
+    # on two cores); the batches are the same for any number (simzss.data.loader.resolve_workers)
+    workers: Union[int, str] = "auto"
     shuffle_buffer: int = 1000
     resampled: bool = False
     max_concepts: int = 32
@@ -123,6 +126,9 @@ class DataConfig:
             raise ConfigError(f"data.image_size must be a positive number of pixels, got {self.image_size}")
         if self.decode not in ("cpu", "gpu", "pil"):
             raise ConfigError(f"data.decode must be cpu, gpu or pil, got {self.decode!r}")
+        if self.workers != "auto" and (isinstance(self.workers, (str, bool)) or self.workers < 0):
+            raise ConfigError(f"data.workers must be auto or a number >= 0 (0 = load in the training process), "
+                              f"got {self.workers!r}")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"data.shuffle_buffer must be >= 0 (0: no shuffling), got {self.shuffle_buffer}")
 

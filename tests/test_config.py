@@ -118,3 +118,25 @@ def test_train_device_option(capsys: pytest.CaptureFixture[str]) -> None:
     if not torch.cuda.is_available():
         assert main(["--config", demo, "--device", "cuda", "--print-config"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_data_workers_auto_by_default_and_resolved_from_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from simzss.config import ConfigError, DataConfig, TrainConfig, load_config
+    from simzss.data import loader
+
+    assert DataConfig().workers == "auto"
+    assert load_config(TrainConfig, None, ["data.workers=6"]).data.workers == 6
+    assert load_config(TrainConfig, None, ["data.workers=auto"]).data.workers == "auto"
+    for bad in ("data.workers=-1", "data.workers=many"):
+        with pytest.raises(ConfigError, match="data.workers must be auto or a number"):
+            load_config(TrainConfig, None, [bad])
+    with pytest.raises(ConfigError, match="data.workers"):  # OmegaConf's own words for a boolean
+        load_config(TrainConfig, None, ["data.workers=true"])
+    # cores per training process on the node, less two for the loop (less one on small machines)
+    assert [loader.auto_workers(c, 1) for c in (1, 2, 3, 4, 16)] == [0, 1, 2, 2, 14]
+    assert loader.auto_workers(96, 8) == 10 and loader.auto_workers(7, 1) == 5 and loader.auto_workers(4, 8) == 0
+    monkeypatch.setattr(loader, "usable_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert loader.resolve_workers("auto") == 6 and loader.resolve_workers(3) == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert loader.resolve_workers("auto") == 14

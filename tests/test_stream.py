@@ -696,3 +696,17 @@ def test_a_shard_cut_after_its_headers_were_read_is_a_counted_skip(tmp_path, tok
     assert sorted(k for b in batches for k in b.keys) == ["k0-00000"] + [f"k1-{i:05d}" for i in range(8, 16)]
     assert sum(b.skipped.get("read_error", 0) for b in batches) == 7
     assert caplog.text.count("cut short since its headers were read") == 7
+
+
+def test_auto_workers_give_the_batches_of_any_number_of_workers(tmp_path, tokenizer, bank, monkeypatch):
+    """``data.workers: auto`` only sets how many processes decode: the batches are those of 0 workers."""
+    from simzss.data import loader as loader_mod
+
+    shards = _make_shards(tmp_path / "d", [6, 6])
+    monkeypatch.setattr(loader_mod, "usable_cores", lambda: 4)  # auto: 2 workers
+    auto = _loader(_cfg(shards, workers="auto", shuffle_buffer=5), tokenizer, bank, seed=1)
+    assert auto.num_workers == 2
+    in_process = _loader(_cfg(shards, workers=0, shuffle_buffer=5), tokenizer, bank, seed=1)
+    a, b = list(auto), list(in_process)
+    auto.close()
+    assert _keys(a) == _keys(b) and all(torch.equal(x.images, y.images) for x, y in zip(a, b))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
+import os
 import signal
 import weakref
 from collections import Counter
@@ -102,6 +103,33 @@ def _end_abandoned_workers(*, at_exit: bool = False) -> None:
 # Registered at import, after multiprocessing's own exit hook, so it runs before that hook waits for the workers
 # (and after the per-loader hooks, registered later, that close live loaders in order).
 atexit.register(_end_abandoned_workers, at_exit=True)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a SLURM allocation or ``taskset``), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers(cores: int, processes: int) -> int:
+    """``data.workers: auto``: the cores of each of the node's ``processes`` training processes, less two for the
+    training loop and its pinning thread (less one on three cores or fewer, so two cores still get a worker)."""
+    per_process = max(1, cores // max(1, processes))
+    return per_process - 2 if per_process > 3 else per_process - 1
+
+
+def resolve_workers(setting: int | str) -> int:
+    """The number of data workers of ``data.workers`` (a number, or ``auto``: :func:`auto_workers` of this
+    process's usable cores and the ``LOCAL_WORLD_SIZE`` that torchrun and ``accelerate launch`` set)."""
+    if setting != "auto":
+        return int(setting)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    workers = auto_workers(usable_cores(), processes)
+    logger.info("data.workers=auto: %d per process (%d usable cores, %d training process(es) on this node)",
+                workers, usable_cores(), processes)
+    return workers
 
 
 def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
@@ -289,4 +317,4 @@ class TrainLoader:
         self._restart(epoch * self.per_epoch + consumed * self.batch_size + max(0, shift))
 
 
-__all__ = ["Piece", "TrainLoader", "TrainingDataError"]
+__all__ = ["Piece", "TrainLoader", "TrainingDataError", "auto_workers", "resolve_workers", "usable_cores"]

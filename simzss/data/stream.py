@@ -53,6 +53,7 @@ docs/CONTRACTS.md) and is wrapped in a :class:`TrainLoader` with its own :class:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -75,7 +76,7 @@ from simzss.data.shards import (
     local_shard_path,
 )
 from simzss.data.batch import Batch, EncodedImages
-from simzss.data.loader import Piece, TrainingDataError, TrainLoader
+from simzss.data.loader import Piece, TrainingDataError, TrainLoader, resolve_workers
 from simzss.data.decode import decode_crop, plan_crop
 from simzss.data.tar_members import read_members, tar_samples
 from simzss.data.sampling import (
@@ -510,6 +511,7 @@ def build_train_loader(
 
     ``num_samples`` is ``cfg.num_samples`` or the sum of ``sizes.json`` over the matched shards.
     """
+    cfg = dataclasses.replace(cfg, workers=resolve_workers(cfg.workers))
     check_loader_args(
         batch_size=batch_size, context_length=context_length, rank=rank, world_size=world_size, workers=cfg.workers
     )

@@ -42,7 +42,6 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.eval.every >= 0, f"eval.every must be >= 0, got {cfg.eval.every}"),
         (bool(cfg.run_name) and "/" not in cfg.run_name, f"run_name must be a non-empty folder name, got {cfg.run_name!r}"),
         (bool(cfg.data.shards) or cfg.data.feature_cache is not None, "data.shards is empty (and no data.feature_cache)"),
-        (cfg.data.workers >= 0, f"data.workers must be >= 0 (0 = load in the training process), got {cfg.data.workers}"),
         (cfg.model.vision.normalization == "imagenet",
          f"model.vision.normalization={cfg.model.vision.normalization!r}: training feeds ImageNet-normalised images "
          "(DINOv2's statistics); 'clip' exists only to evaluate imported release checkpoints"),

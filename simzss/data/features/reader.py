@@ -33,6 +33,7 @@ from simzss.data.batch import Batch
 from simzss.data.features.format import (
     CLS_FILE, DTYPES, IMAGE_ROW_MEMBER, PATCHES_FILE, CacheError, cache_nbytes, feature_shapes, read_cache_meta,
 )
+from simzss.data.loader import resolve_workers
 from simzss.data.sampling import SharedState, batches_per_epoch
 from simzss.data.shards import SIZES_FILE, read_sizes
 from simzss.data.stream import SkipStats, TrainLoader, TrainStream, check_loader_args, sample_location
@@ -246,6 +247,7 @@ def build_cached_loader(cfg: DataConfig, tokenizer: Any, bank: Any, *, batch_siz
     """
     if not cfg.feature_cache:
         raise ValueError("DataConfig.feature_cache is not set")
+    cfg = dataclasses.replace(cfg, workers=resolve_workers(cfg.workers))
     where = cfg.feature_cache_device
     if where not in FEATURE_CACHE_DEVICES:
         raise CacheError(f"data.feature_cache_device must be one of {', '.join(FEATURE_CACHE_DEVICES)}, got {where!r}")
