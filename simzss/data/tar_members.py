@@ -69,9 +69,9 @@ def _octal(field: bytes) -> Optional[int]:
 
 
 def _checksum_ok(header: bytes) -> bool:
-    stored = _octal(header[148:156])
-    computed = sum(header[:148]) + 8 * 0x20 + sum(header[156:])
-    return stored is not None and stored == computed
+    field = header[148:156]
+    stored = _octal(field)
+    return stored is not None and stored == sum(header) - sum(field) + 8 * 0x20  # the field counts as spaces
 
 
 def plain_members(path: str) -> Optional[List[Tuple[str, int, int]]]:
