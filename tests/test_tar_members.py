@@ -159,3 +159,19 @@ def test_lazy_members_read_the_same_bytes(tmp_path: Path) -> None:
     assert all(isinstance(s["jpg"], MemberData) for s in lazy)
     assert [read_members(s) for s in lazy] == eager
     assert read_members(eager[0]) is eager[0]  # nothing to read
+
+
+def test_ustar_prefixed_names_and_v7_headers_read_as_tarfile_reads_them(tmp_path: Path) -> None:
+    deep = "/".join(["folder"] * 20) + "/k1"  # 146 characters: ustar splits it into prefix + name
+    ustar = _raw_tar(tmp_path / "ustar.tar", [(f"{deep}.txt", b"deep"), ("k2.txt", b"two")])
+    assert plain_members(str(ustar)) is not None  # no extension header needed: still the fast path
+    assert ustar.read_bytes()[345:352] == b"folder/"  # the prefix field is in use
+    assert [s["__key__"] for s in _same_as_webdataset([str(ustar)])] == [deep, "k2"]
+    v7 = _raw_tar(tmp_path / "v7.tar", [("k1.txt", b"one"), ("k1.cls", b"1")], fmt=tarfile.USTAR_FORMAT)
+    data = bytearray(v7.read_bytes())
+    data[257:265] = bytes(8)  # no magic: a V7 header; fix its checksum so that tarfile still reads it
+    data[148:156] = b" " * 8
+    data[148:156] = f"{sum(data[:512]):06o}\0 ".encode()
+    v7.write_bytes(bytes(data))
+    assert plain_members(str(v7)) is not None
+    _same_as_webdataset([str(v7)])

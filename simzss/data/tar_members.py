@@ -98,10 +98,9 @@ def plain_members(path: str) -> Optional[List[Tuple[str, int, int]]]:
             if size is None or kind not in _REGULAR + (_DIRECTORY,):
                 return None  # base-256 sizes, links, GNU / pax extension headers...
             name = header[:100].split(b"\0", 1)[0]
-            if header[257:262] == b"ustar":
-                prefix = header[345:500].split(b"\0", 1)[0]
-                if prefix:
-                    name = prefix + b"/" + name
+            prefix = header[345:500].split(b"\0", 1)[0]  # ustar's long names; tarfile joins it whatever the magic
+            if prefix:
+                name = prefix + b"/" + name
             try:
                 text = name.decode("utf-8")
             except UnicodeDecodeError:
