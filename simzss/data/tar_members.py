@@ -2,11 +2,11 @@
 
 Every data worker reads its rank's whole sample sequence (to agree on the shuffled order) and decodes only its own
 chunks, so the cost of *reading* a sample is paid once per worker: with 14 workers, 14 times per trained sample.
-Python's ``tarfile`` (which webdataset uses) spends about 0.1 ms per sample parsing headers, which at 14 workers is
-as much CPU as a fifth of the decoding itself. A plain shard (what ``simzss shards`` / ``prepare`` and img2dataset
-write: regular files with ustar headers) is therefore read here from its 512-byte headers directly, about 20x
-faster, giving webdataset's ``group_by_keys`` exactly the ``{"fname", "data", "__url__"}`` members that its own
-tar reader would. With ``lazy=True`` a member's ``data`` is a :class:`MemberData` (where its bytes are) instead of
+Through webdataset's reader (Python's ``tarfile``) that costs about 0.12 ms per sample, which at 14 workers is
+about two thirds of the CPU the decoding itself takes (``benchmarks/bench_worker_scaling.py``). A plain shard (what
+``simzss shards`` / ``prepare`` and img2dataset write: regular files with ustar headers) is therefore read here
+from its 512-byte headers directly (parsed about 20x faster than by ``tarfile``), giving webdataset's
+``group_by_keys`` exactly the ``{"fname", "data", "__url__"}`` members that its own tar reader would. With ``lazy=True`` a member's ``data`` is a :class:`MemberData` (where its bytes are) instead of
 the bytes: a worker then reads the bytes of the samples it decodes only (:func:`read_members`), not those of the
 other workers' samples, and its shuffle buffer holds no image data.
 
