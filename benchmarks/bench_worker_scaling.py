@@ -43,7 +43,7 @@ from simzss.data.tokenize import load_tokenizer, train_bpe_tokenizer  # noqa: E4
 
 
 class EpochRead(Exception):
-    """Worker 0 has read one whole epoch (raised before it decodes anything of the next)."""
+    """Worker 0 has read and dealt one whole epoch (raised before it reads anything of the next)."""
 
 
 def webdataset_reader(shards: Any, handler: Any, lazy: bool = False) -> Any:
@@ -66,14 +66,14 @@ def worker_seconds(shards: List[str], tokenizer: Any, workers: int, batch: int, 
         t0 = time.process_time()
         read = sum(1 for _ in stream._epoch_order(0, 0, SkipStats(0), count_errors=True))
         read_seconds = time.process_time() - t0
-        decode_chunk = stream._piece
+        epoch_order = stream._epoch_order
 
-        def this_epoch_only(base: int, start: int, items: Any, stats: Any) -> Any:
-            if base + start >= per_epoch:  # worker 0's first chunk of the next epoch: the epoch is read
+        def this_epoch_only(epoch: int, *args: Any, **kwargs: Any) -> Any:
+            if epoch > 0:  # epoch 0 is read and dealt: stop before the next one's shuffle buffer fills
                 raise EpochRead
-            return decode_chunk(base, start, items, stats)
+            return epoch_order(epoch, *args, **kwargs)
 
-        stream._piece = this_epoch_only
+        stream._epoch_order = this_epoch_only
         t0 = time.process_time()
         decoded = 0
         try:
