@@ -7,6 +7,9 @@ times, on one core, what a training worker does per image:
 - ``train_decode_crop``: :func:`simzss.data.decode.decode_crop`, the default ``data.decode=cpu`` path
   (torchvision decode, DCT-scaled when the crop allows, bicubic crop on the uint8 tensor), and its parts:
   ``train_decode`` (the decode alone) and ``train_crop`` (the crop of already decoded pixels);
+- ``simd_decode_crop``: the same box and DCT-scaled decode, resampled by Pillow in one ``resize(box=...)`` call:
+  the candidate path for pillow-simd (issue 16 asked whether it measures better; run this benchmark in an
+  environment where pillow-simd replaces Pillow to see; the answer is in ``benchmarks/RESULTS.md``);
 - ``decode`` and ``decode_crop``: the former PIL path (``data.decode=pil``): :func:`simzss.data.transforms.decode_image`
   with the draft-mode floor of a 224 px crop at scale 0.9, then a bicubic ``RandomResizedCrop``.
 
@@ -27,10 +30,12 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
+import PIL
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -38,8 +43,24 @@ from common import machine_info  # noqa: E402
 from photo_shards import photo_jpeg  # noqa: E402
 
 from simzss.data.convert.resize import ResizeOptions, resize_image  # noqa: E402
-from simzss.data.decode import crop_box, decode_crop, resized_crop  # noqa: E402
+from simzss.data.decode import crop_box, decode_crop, exif_orientation, oriented_size, resized_crop  # noqa: E402
 from simzss.data.transforms import decode_image, decode_min_size  # noqa: E402
+
+
+def pillow_decode_crop(data: bytes, image_size: int) -> torch.Tensor:
+    """decode_crop's box and DCT-scaled decode, resampled by Pillow in one call (the pillow-simd candidate)."""
+    header = Image.open(io.BytesIO(data))
+    width, height = header.size
+    orientation = exif_orientation(header)
+    top, left, h, w = crop_box(*reversed(oriented_size(width, height, orientation)), (0.9, 1.0))
+    scale = next((s for s in (8, 4, 2) if min(h, w) // s >= image_size), 1)
+    img = Image.open(io.BytesIO(data))
+    if scale > 1:
+        img.draft("RGB", (width // scale, height // scale))
+    img = ImageOps.exif_transpose(img.convert("RGB"))
+    factor = round(max(width, height) / max(img.size))
+    box = (left / factor, top / factor, min(img.width, (left + w) / factor), min(img.height, (top + h) / factor))
+    return TF.pil_to_tensor(img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box))
 
 
 def cpu_ms_per_image(images: List[bytes], work: Callable[[bytes], object], repeats: int) -> float:
@@ -86,6 +107,9 @@ def main() -> None:
     def train_decode_crop(data: bytes) -> object:
         return decode_crop(data, args.image_size, (0.9, 1.0), "bicubic")
 
+    def simd_decode_crop(data: bytes) -> object:
+        return pillow_decode_crop(data, args.image_size)
+
     def train_decode(data: bytes) -> object:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
@@ -96,7 +120,8 @@ def main() -> None:
         return resized_crop(pixels, crop_box(pixels.shape[1], pixels.shape[2], (0.9, 1.0)), args.image_size, "bicubic")
 
     cost = {}
-    for name, work in (("train_decode_crop", train_decode_crop), ("train_decode", train_decode),
+    for name, work in (("train_decode_crop", train_decode_crop), ("simd_decode_crop", simd_decode_crop),
+                       ("train_decode", train_decode),
                        ("train_crop", train_crop), ("decode", decode), ("decode_crop", decode_and_crop)):
         before = cpu_ms_per_image(originals, work, args.repeats)
         after = cpu_ms_per_image(resized, work, args.repeats)
@@ -116,6 +141,9 @@ def main() -> None:
         "cpu_ms_per_image": cost,
         # one core's images/s for the default path against the former PIL path (same images, same run)
         "train_vs_pil_decode_crop": round(cost["decode_crop"]["ms_before"] / cost["train_decode_crop"]["ms_before"], 2),
+        # the Pillow one-call path against the default, one core, same images and run (pillow-simd: see "pillow")
+        "simd_vs_train_decode_crop": round(cost["train_decode_crop"]["ms_before"] / cost["simd_decode_crop"]["ms_before"], 2),
+        "pillow": {"version": PIL.__version__, "pillow_simd": "post" in PIL.__version__},
         "resize_cost_ms_per_image_once": round(resize_ms, 2),
         "machine": machine_info(torch.device("cpu")),
     }, indent=1))
