@@ -11,6 +11,7 @@ with webdataset's ``tarfile_to_samples`` (the reader before), on the photo-like 
 
     python benchmarks/bench_worker_scaling.py --samples 1024 --workers 1 2 4 8 14
     python benchmarks/bench_worker_scaling.py --samples 1024 --workers 1 14 --resize-short 288
+    python benchmarks/bench_worker_scaling.py --samples 4096 --workers 1 14 --cache   # the feature cache's stream
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from simzss.concepts import ConceptBank  # noqa: E402
 from simzss.config import DataConfig  # noqa: E402
 from simzss.data.convert.resize import ResizeOptions, resize_shards  # noqa: E402
 from simzss.data import stream as stream_mod  # noqa: E402
+from simzss.data.features import build_cached_loader  # noqa: E402
 from simzss.data.stream import SkipStats, build_train_loader  # noqa: E402
 from simzss.data.tokenize import load_tokenizer, train_bpe_tokenizer  # noqa: E402
 
@@ -51,10 +53,16 @@ def webdataset_reader(shards: Any, handler: Any, lazy: bool = False) -> Any:
     return wds.tarfile_to_samples(handler=handler)(shards)
 
 
-def worker_seconds(shards: List[str], tokenizer: Any, workers: int, batch: int, reader: str) -> Dict[str, float]:
-    """CPU seconds of worker 0 of ``workers`` over one epoch, and of its reading alone."""
-    cfg = DataConfig(shards=shards, workers=workers, shuffle_buffer=1000)
-    loader = build_train_loader(cfg, tokenizer, ConceptBank.default(), batch_size=batch, context_length=32)
+def worker_seconds(source: str, tokenizer: Any, workers: int, batch: int, reader: str,
+                   cache: bool = False) -> Dict[str, float]:
+    """CPU seconds of worker 0 of ``workers`` over one epoch, and of its reading alone; ``source`` is a shards
+    folder, or with ``cache`` a feature cache (the cached stream: captions, concepts and a feature row each)."""
+    if cache:
+        cfg = DataConfig(feature_cache=source, workers=workers, shuffle_buffer=1000)
+        loader = build_cached_loader(cfg, tokenizer, ConceptBank.default(), batch_size=batch, context_length=32)
+    else:
+        cfg = DataConfig(shards=[source], workers=workers, shuffle_buffer=1000)
+        loader = build_train_loader(cfg, tokenizer, ConceptBank.default(), batch_size=batch, context_length=32)
     stream = loader.dataset
     per_epoch = stream.samples_per_epoch
     patches = [mock.patch.object(stream_mod, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=workers))]
@@ -91,34 +99,55 @@ def worker_seconds(shards: List[str], tokenizer: Any, workers: int, batch: int, 
             "ceiling_img_per_s": round(per_epoch / total_seconds, 1)}
 
 
+def make_cache(work: Path, captions: int) -> str:
+    """A toy feature cache of ``captions`` captions (4 per 64 px image; a 1-block ViT-S/14 at 56 px): what matters
+    here is its caption stream, which every worker reads."""
+    from bench_cache import make_data, save_tower
+
+    from simzss.cli.cache_features import cache_features
+
+    data = make_data(work / "toy", max(1, captions // 4), 4, 64, 128)
+    vision = save_tower(work / "toy", "vit_small_patch14_reg4_dinov2", 1, image_size=56)
+    cache_features([str(data["shards"])], work / "cache", vision=vision, image_size=56, views=1, dtype="fp16",
+                   batch_size=64, device=torch.device("cpu"), workers=0, overwrite=True, progress=False)
+    return str(work / "cache")
+
+
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 14])
     p.add_argument("--readers", nargs="+", default=["webdataset", "simzss"], choices=["webdataset", "simzss"])
+    p.add_argument("--cache", action="store_true",
+                   help="measure the feature cache's stream instead (a toy cache of --samples captions, 4 per image)")
     p.add_argument("--resize-short", type=int, default=0,
                    help="measure on the shards pre-resized to this short side (simzss shards resize; 0: originals)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one worker = one core
     with tempfile.TemporaryDirectory() as tmp:
-        shards = make_photo_shards(Path(tmp) / "shards", args.samples, shard_size=256)
-        if args.resize_short:
-            out = Path(tmp) / f"shards{args.resize_short}"
-            resize_shards(shards, out, ResizeOptions(short_side=args.resize_short), processes=1, show_progress=False)
-            shards = sorted(str(s) for s in out.glob("*.tar"))
+        if args.cache:
+            source = make_cache(Path(tmp), args.samples)
+        else:
+            source = str(Path(make_photo_shards(Path(tmp) / "shards", args.samples, shard_size=256)[0]).parent)
+            if args.resize_short:
+                out = Path(tmp) / f"shards{args.resize_short}"
+                resize_shards(sorted(str(p) for p in Path(source).glob("*.tar")), out,
+                              ResizeOptions(short_side=args.resize_short), processes=1, show_progress=False)
+                source = str(out)
         train_bpe_tokenizer([c for c, _ in synthetic_captions(2000, class_names(60), seed=0)], Path(tmp) / "tok",
                             vocab_size=1024, min_frequency=1)
         tokenizer = load_tokenizer(str(Path(tmp) / "tok"))
-        worker_seconds(shards, tokenizer, 1, args.batch_size, "simzss")  # warm-up: imports, page cache
-        runs = {reader: {str(w): worker_seconds(shards, tokenizer, w, args.batch_size, reader) for w in args.workers}
+        worker_seconds(source, tokenizer, 1, args.batch_size, "simzss", args.cache)  # warm-up: imports, page cache
+        runs = {reader: {str(w): worker_seconds(source, tokenizer, w, args.batch_size, reader, args.cache)
+                         for w in args.workers}
                 for reader in args.readers}
     ratios = {}
     if set(args.readers) == {"webdataset", "simzss"}:
         ratios = {w: round(runs["simzss"][str(w)]["ceiling_img_per_s"] / runs["webdataset"][str(w)]["ceiling_img_per_s"], 2)
                   for w in args.workers}
     print(json.dumps({"benchmark": "bench_worker_scaling", "samples": args.samples, "batch_size": args.batch_size,
-                      "resize_short": args.resize_short or None,
+                      "resize_short": args.resize_short or None, "feature_cache": args.cache,
                       "runs": runs, "ceiling_ratio_simzss_vs_webdataset": ratios,
                       "machine": machine_info(torch.device("cpu"))}, indent=1))
     return 0
