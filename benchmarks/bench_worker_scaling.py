@@ -48,7 +48,7 @@ class EpochRead(Exception):
     """Worker 0 has read and dealt one whole epoch (raised before it reads anything of the next)."""
 
 
-def webdataset_reader(shards: Any, handler: Any, lazy: bool = False) -> Any:
+def webdataset_reader(shards: Any, handler: Any) -> Any:
     """The stream's former tar stage: webdataset's own reader (every member's bytes, read by every worker)."""
     return wds.tarfile_to_samples(handler=handler)(shards)
 

@@ -140,3 +140,5 @@ def test_data_workers_auto_by_default_and_resolved_from_the_cores(monkeypatch: p
     assert loader.resolve_workers("auto") == 6 and loader.resolve_workers(3) == 3
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert loader.resolve_workers("auto") == 14
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "eight")  # a launcher's garbage: one process, a warning, no traceback
+    assert loader.resolve_workers("auto") == 14

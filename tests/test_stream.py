@@ -619,7 +619,7 @@ def test_gpu_decoding_without_a_gpu_is_a_one_line_error(tmp_path, tokenizer, ban
 # --------------------------------------------------------------------------------------------------
 
 
-def _webdataset_reader(shards, handler, lazy=False):
+def _webdataset_reader(shards, handler):
     import webdataset as wds
 
     return wds.tarfile_to_samples(handler=handler)(shards)
@@ -661,8 +661,13 @@ def test_a_worker_reads_the_bytes_of_its_own_samples_only(tmp_path, tokenizer, b
     loader = _loader(_cfg(shards, workers=3), tokenizer, bank, batch_size=4)
     stream = loader.dataset
     read: List[str] = []
-    real = MemberData.read
-    monkeypatch.setattr(MemberData, "read", lambda self: read.append(self.path) or real(self))
+    real = stream_mod.read_members
+
+    def counting(sample):
+        read.extend(v.path for v in sample.values() if isinstance(v, MemberData))
+        return real(sample)
+
+    monkeypatch.setattr(stream_mod, "read_members", counting)
     monkeypatch.setattr(stream_mod, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=3))
     pieces = []
     for piece in stream._pieces():

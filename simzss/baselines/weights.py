@@ -19,6 +19,7 @@ import torch
 
 from simzss.weights_files import pickled_code
 
+
 class WeightsFileError(ValueError):
     """A weights file that cannot be used (the message is one line naming the file and the fix)."""
 

@@ -125,10 +125,16 @@ def resolve_workers(setting: int | str) -> int:
     process's usable cores and the ``LOCAL_WORLD_SIZE`` that torchrun and ``accelerate launch`` set)."""
     if setting != "auto":
         return int(setting)
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    workers = auto_workers(usable_cores(), processes)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    try:
+        processes = max(1, int(local))
+    except ValueError:
+        logger.warning("LOCAL_WORLD_SIZE=%r is not a number: data.workers=auto counts one process per node", local)
+        processes = 1
+    cores = usable_cores()
+    workers = auto_workers(cores, processes)
     logger.info("data.workers=auto: %d per process (%d usable cores, %d training process(es) on this node)",
-                workers, usable_cores(), processes)
+                workers, cores, processes)
     return workers
 
 

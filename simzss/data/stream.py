@@ -299,7 +299,7 @@ class TrainStream(IterableDataset):
         stages: List[Any] = [
             *shards,
             partial(_fail_if_unproductive, stats=stats, limit=4 * len(self.urls) + 32),
-            partial(tar_samples, handler=stats.tar_error if count_errors else _ignore_tar_error, lazy=True),
+            partial(tar_samples, handler=stats.tar_error if count_errors else _ignore_tar_error),
             partial(_count_raw, stats=stats),
         ]
         if ranged:
@@ -319,7 +319,7 @@ class TrainStream(IterableDataset):
         crop_seed = make_seed(self.stream_seed, self.epoch, self.rank)
         for offset, (read_index, raw) in enumerate(items):
             try:
-                raw = read_members(raw)  # the bytes of this worker's own samples only (tar_members, lazy)
+                raw = read_members(raw)  # the bytes of this worker's own samples only (tar_members)
             except OSError as exc:
                 stats.skip("read_error", f"{sample_location(raw)}: {exc}"[:500])
                 continue

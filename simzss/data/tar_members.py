@@ -1,21 +1,21 @@
-"""The training stream's tar reading: webdataset's samples, with a fast path for plain local shards.
+"""The training stream's tar reading: webdataset's samples, read cheaply from plain local shards.
 
 Every data worker reads its rank's whole sample sequence (to agree on the shuffled order) and decodes only its own
 chunks, so the cost of *reading* a sample is paid once per worker: with 14 workers, 14 times per trained sample.
 Through webdataset's reader (Python's ``tarfile``) that costs about 0.12 ms per sample, which at 14 workers is
-about two thirds of the CPU the decoding itself takes (``benchmarks/bench_worker_scaling.py``). A plain shard (what
-``simzss shards`` / ``prepare`` and img2dataset write: regular files with ustar headers) is therefore read here
-from its 512-byte headers directly (parsed about 20x faster than by ``tarfile``), giving webdataset's
-``group_by_keys`` exactly the ``{"fname", "data", "__url__"}`` members that its own tar reader would. With ``lazy=True`` a member's ``data`` is a :class:`MemberData` (where its bytes are) instead of
-the bytes: a worker then reads the bytes of the samples it decodes only (:func:`read_members`), not those of the
-other workers' samples, and its shuffle buffer holds no image data.
+about two thirds of the CPU the decoding itself takes (``benchmarks/bench_worker_scaling.py``).
 
-Anything else takes webdataset's path unchanged: remote or ``pipe:`` URLs, and any local shard whose headers are
-not all plain (a bad checksum, a GNU or pax extension header, a link or device, a truncated file, ...). The scan
-that decides this reads only the headers, before any member is handed on, so a damaged shard behaves exactly as
-before (its complete samples kept, the error counted by the handler).
+A plain shard (what ``simzss shards`` / ``prepare`` and img2dataset write: regular files with ustar headers) is
+therefore read here from its 512-byte headers directly (parsed about 20x faster than by ``tarfile``), and each
+member's ``data`` is a :class:`MemberData`, where its bytes are: a worker reads the bytes of the samples it decodes
+only (:func:`read_members`), and its shuffle buffer holds no image data. Grouping into samples is webdataset's own
+``group_by_keys``, so keys, suffixes and skipped members are exactly what its reader gives.
+
+Anything else takes webdataset's path unchanged, bytes included: remote or ``pipe:`` URLs, and any local shard
+whose headers are not all plain (a bad checksum, a GNU or pax extension header, a link or device, a truncated
+file, ...). The scan that decides this reads only the headers, before any member is handed on, so a damaged shard
+behaves exactly as before (its complete samples kept, the error counted by the handler).
 """
-
 from __future__ import annotations
 
 import os
@@ -33,29 +33,27 @@ _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator def
 
 @dataclass(frozen=True)
 class MemberData:
-    """Where a member's bytes are in a local shard; :meth:`read` reads them."""
+    """Where a member's bytes are in a local shard (:func:`read_members` reads them)."""
 
     path: str
     offset: int
     size: int
 
-    def read(self) -> bytes:
-        """The member's bytes; OSError when the shard is gone or was cut short since its headers were read."""
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, self.size, self.offset)
-        finally:
-            os.close(fd)
-        if len(data) != self.size:
-            raise OSError(f"{self.path}: cut short since its headers were read (member at byte {self.offset})")
-        return data
-
 
 def read_members(sample: Dict[str, Any]) -> Dict[str, Any]:
     """``sample`` with every :class:`MemberData` value replaced by its bytes (OSError if one cannot be read)."""
-    if not any(isinstance(v, MemberData) for v in sample.values()):
+    lazy = {k: v for k, v in sample.items() if isinstance(v, MemberData)}
+    if not lazy:
         return sample
-    return {k: v.read() if isinstance(v, MemberData) else v for k, v in sample.items()}
+    fd = os.open(next(iter(lazy.values())).path, os.O_RDONLY)  # a sample's members all come from one shard
+    try:
+        data = {k: os.pread(fd, v.size, v.offset) for k, v in lazy.items()}
+    finally:
+        os.close(fd)
+    for k, v in lazy.items():
+        if len(data[k]) != v.size:
+            raise OSError(f"{v.path}: cut short since its headers were read (member at byte {v.offset})")
+    return {**sample, **data}
 
 
 def _octal(field: bytes) -> Optional[int]:
@@ -127,40 +125,24 @@ def _skipped(name: str) -> bool:
     return top_meta or _SKIP_META.match(name) is not None
 
 
-def _members_of(shard: Dict[str, Any], handler: Callable[[Exception], bool], lazy: bool) -> Iterator[Dict[str, Any]]:
+def _members_of(shard: Dict[str, Any], handler: Callable[[Exception], bool]) -> Iterator[Dict[str, Any]]:
     """One shard's members followed by webdataset's end-of-shard marker ``{}``."""
     url = shard["url"]
     members = plain_members(url) if _is_local_file(url) else None
     if members is None:
         yield from tariterators.tar_file_expander(tariterators.url_opener([shard], handler=handler), handler=handler)
         return
-    if lazy:
-        for name, offset, size in members:
-            if not _skipped(name):
-                yield {"fname": name, "data": MemberData(url, offset, size), "__url__": url}
-        yield {}
-        return
-    try:
-        fd = os.open(url, os.O_RDONLY)
-        try:
-            for name, offset, size in members:
-                if not _skipped(name):
-                    yield {"fname": name, "data": os.pread(fd, size, offset), "__url__": url}
-        finally:
-            os.close(fd)
-    except OSError as exn:  # the file went away or became unreadable since its headers were read
-        exn.args = exn.args + (url,)
-        if not handler(exn):
-            return
+    for name, offset, size in members:
+        if not _skipped(name):
+            yield {"fname": name, "data": MemberData(url, offset, size), "__url__": url}
     yield {}
 
 
-def tar_samples(shards: Iterable[Dict[str, Any]], handler: Callable[[Exception], bool], *,
-                lazy: bool = False) -> Iterator[Dict[str, Any]]:
-    """The samples (``{"__key__", "__url__", EXT: bytes, ...}``) of the shards ``{"url": ...}`` in order: what
-    ``webdataset.tarfile_to_samples(handler=handler)`` yields, read faster from plain local shards. With ``lazy``
-    the members of plain local shards are :class:`MemberData` (see :func:`read_members`)."""
-    files = (member for shard in shards for member in _members_of(shard, handler, lazy))
+def tar_samples(shards: Iterable[Dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[Dict[str, Any]]:
+    """The samples (``{"__key__", "__url__", EXT: ...}``) of the shards ``{"url": ...}`` in order: what
+    ``webdataset.tarfile_to_samples(handler=handler)`` yields, with :class:`MemberData` in place of the bytes for
+    plain local shards (:func:`read_members` reads them)."""
+    files = (member for shard in shards for member in _members_of(shard, handler))
     return tariterators.group_by_keys(files, handler=handler)
 
 
