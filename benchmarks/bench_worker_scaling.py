@@ -6,8 +6,11 @@ paid W times per trained sample. This benchmark runs the real stream in process 
 worker info is stood in for, so chunking and dealing are exactly those of W workers), times its CPU over one epoch,
 and reports the ceiling of W such workers on W cores: ``N / (one worker's CPU seconds)`` img/s.
 
-It compares the tar reader of the stream (``simzss.data.tar_members``: plain local shards read from their headers)
-with webdataset's ``tarfile_to_samples`` (the reader before), on the photo-like shards of ``bench_e2e.py``.
+It compares three ways for a worker to walk the shards, on the photo-like shards of ``bench_e2e.py``:
+``webdataset`` (its ``tarfile_to_samples``, the reader before issue 16), ``headers`` (``simzss.data.tar_members``:
+plain local shards read from their tar headers) and ``index`` (``simzss.data.shard_index``: the shards' ``.idx``
+files, what the stream uses when the shards are indexed). A worker reads the bytes of its own samples only with the
+last two.
 
     python benchmarks/bench_worker_scaling.py --samples 1024 --workers 1 2 4 8 14
     python benchmarks/bench_worker_scaling.py --samples 1024 --workers 1 14 --resize-short 288
@@ -17,6 +20,7 @@ with webdataset's ``tarfile_to_samples`` (the reader before), on the photo-like 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -40,17 +44,36 @@ from simzss.config import DataConfig  # noqa: E402
 from simzss.data.convert.resize import ResizeOptions, resize_shards  # noqa: E402
 from simzss.data import stream as stream_mod  # noqa: E402
 from simzss.data.features import build_cached_loader  # noqa: E402
+from simzss.data.shard_index import remove_index, write_index  # noqa: E402
 from simzss.data.stream import SkipStats, build_train_loader  # noqa: E402
+from simzss.data.tar_members import tar_samples  # noqa: E402
 from simzss.data.tokenize import load_tokenizer, train_bpe_tokenizer  # noqa: E402
+
+
+READERS = ("webdataset", "headers", "index")
 
 
 class EpochRead(Exception):
     """Worker 0 has read and dealt one whole epoch (raised before it reads anything of the next)."""
 
 
-def webdataset_reader(shards: Any, handler: Any) -> Any:
+def webdataset_reader(shards: Any, handler: Any, warn: bool = True) -> Any:
     """The stream's former tar stage: webdataset's own reader (every member's bytes, read by every worker)."""
     return wds.tarfile_to_samples(handler=handler)(shards)
+
+
+def header_reader(shards: Any, handler: Any, warn: bool = True) -> Any:
+    """The stream's tar stage for shards without an index: their tar headers."""
+    return tar_samples(shards, handler)
+
+
+def set_indexes(source: str, indexed: bool) -> None:
+    """Index every shard of the folder ``source``, or remove their indexes."""
+    for path in sorted(Path(source).glob("*.tar")):
+        if indexed:
+            assert write_index(str(path)) == "written", path
+        else:
+            remove_index(str(path))
 
 
 def worker_seconds(source: str, tokenizer: Any, workers: int, batch: int, reader: str,
@@ -66,8 +89,9 @@ def worker_seconds(source: str, tokenizer: Any, workers: int, batch: int, reader
     stream = loader.dataset
     per_epoch = stream.samples_per_epoch
     patches = [mock.patch.object(stream_mod, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=workers))]
-    if reader == "webdataset":
-        patches.append(mock.patch.object(stream_mod, "tar_samples", webdataset_reader))
+    if reader != "index":
+        patches.append(mock.patch.object(stream_mod, "indexed_samples",
+                                         webdataset_reader if reader == "webdataset" else header_reader))
     for p in patches:
         p.start()
     try:
@@ -118,7 +142,7 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 14])
-    p.add_argument("--readers", nargs="+", default=["webdataset", "simzss"], choices=["webdataset", "simzss"])
+    p.add_argument("--readers", nargs="+", default=list(READERS), choices=READERS)
     p.add_argument("--cache", action="store_true",
                    help="measure the feature cache's stream instead (a toy cache of --samples captions, 4 per image)")
     p.add_argument("--resize-short", type=int, default=0,
@@ -138,17 +162,18 @@ def main(argv: List[str] | None = None) -> int:
         train_bpe_tokenizer([c for c, _ in synthetic_captions(2000, class_names(60), seed=0)], Path(tmp) / "tok",
                             vocab_size=1024, min_frequency=1)
         tokenizer = load_tokenizer(str(Path(tmp) / "tok"))
-        worker_seconds(source, tokenizer, 1, args.batch_size, "simzss", args.cache)  # warm-up: imports, page cache
-        runs = {reader: {str(w): worker_seconds(source, tokenizer, w, args.batch_size, reader, args.cache)
-                         for w in args.workers}
-                for reader in args.readers}
-    ratios = {}
-    if set(args.readers) == {"webdataset", "simzss"}:
-        ratios = {w: round(runs["simzss"][str(w)]["ceiling_img_per_s"] / runs["webdataset"][str(w)]["ceiling_img_per_s"], 2)
-                  for w in args.workers}
+        worker_seconds(source, tokenizer, 1, args.batch_size, "headers", args.cache)  # warm-up: imports, page cache
+        runs = {}
+        for reader in args.readers:
+            set_indexes(source, reader == "index")
+            runs[reader] = {str(w): worker_seconds(source, tokenizer, w, args.batch_size, reader, args.cache)
+                            for w in args.workers}
+    ratios = {f"{a}_vs_{b}": {str(w): round(runs[a][str(w)]["ceiling_img_per_s"]
+                                            / runs[b][str(w)]["ceiling_img_per_s"], 2) for w in args.workers}
+              for a, b in itertools.combinations(reversed(READERS), 2) if a in runs and b in runs}
     print(json.dumps({"benchmark": "bench_worker_scaling", "samples": args.samples, "batch_size": args.batch_size,
                       "resize_short": args.resize_short or None, "feature_cache": args.cache,
-                      "runs": runs, "ceiling_ratio_simzss_vs_webdataset": ratios,
+                      "runs": runs, "ceiling_ratios": ratios,
                       "machine": machine_info(torch.device("cpu"))}, indent=1))
     return 0
 

@@ -441,7 +441,9 @@ def test_killed_prepare_resumes_without_partial_or_duplicate_shards(tmp_path: Pa
     assert summary["total_samples"] == shards * per_shard
     names = [f"shard-{s:06d}.tar" for s in range(shards)]
     assert read_sizes(out, missing_ok=False) == {n: per_shard for n in names}
-    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["fingerprints.json", "sizes.json"])  # no temps
+    # no temps; every shard indexed, the one finished before the kill included
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + [f"{n}.idx" for n in names]
+                                                           + ["fingerprints.json", "sizes.json"])
     for s, name in enumerate(names):
         _check_output(out, name, [f"{s:04d}{i:04d}" for i in range(per_shard)])
 

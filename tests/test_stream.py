@@ -626,9 +626,12 @@ def _webdataset_reader(shards, handler):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_fast_lazy_tar_reading_gives_the_batches_of_webdatasets_reader(tmp_path, tokenizer, bank, monkeypatch,
-                                                                     workers):
+def test_indexed_and_header_reading_give_the_batches_of_webdatasets_reader(tmp_path, tokenizer, bank, monkeypatch,
+                                                                           workers):
+    """The three ways to walk a shard (its index, its tar headers, webdataset's reader) give identical batches."""
     from simzss.data import stream as stream_mod
+    from simzss.data import tar_members
+    from simzss.data.shard_index import write_index
 
     shards = _make_shards(tmp_path / "d", [7, 5, 9])
     cfg = _cfg(shards, workers=workers, shuffle_buffer=6)
@@ -642,13 +645,23 @@ def test_fast_lazy_tar_reading_gives_the_batches_of_webdatasets_reader(tmp_path,
         loader.close()
         return out
 
-    ours = two_epochs()
-    monkeypatch.setattr(stream_mod, "tar_samples", _webdataset_reader)
+    from_headers = two_epochs()
+    assert [write_index(s) for s in shards] == ["written"] * 3
+
+    def no_header_reading(url):
+        raise AssertionError(f"{url}: tar headers read although the shard has a fresh index")
+
+    with monkeypatch.context() as m:
+        m.setattr(tar_members, "plain_members", no_header_reading)
+        from_index = two_epochs()
+    monkeypatch.setattr(stream_mod, "indexed_samples", lambda shards, handler, warn: _webdataset_reader(shards, handler))
     theirs = two_epochs()
-    assert _keys(ours) == _keys(theirs) and len(ours) == 2 * (21 // 4)
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a.images, b.images) and torch.equal(a.input_ids, b.input_ids)
-        assert torch.equal(a.concept_mask, b.concept_mask) and a.skipped == b.skipped
+    assert _keys(from_index) == _keys(from_headers) == _keys(theirs) and len(theirs) == 2 * (21 // 4)
+    for a, b, c in zip(from_index, from_headers, theirs):
+        assert torch.equal(a.images, c.images) and torch.equal(b.images, c.images)
+        assert torch.equal(a.input_ids, c.input_ids) and torch.equal(b.input_ids, c.input_ids)
+        assert torch.equal(a.concept_mask, c.concept_mask) and torch.equal(b.concept_mask, c.concept_mask)
+        assert a.skipped == b.skipped == c.skipped
 
 
 def test_a_worker_reads_the_bytes_of_its_own_samples_only(tmp_path, tokenizer, bank, monkeypatch):

@@ -27,9 +27,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    """Every file's bytes, except fingerprints.json (it records the shards' mtimes, which differ per run)."""
+    """Every file's bytes, except fingerprints.json and the shard indexes (they record the shards' mtimes, which
+    differ per run)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "fingerprints.json"}
+            if p.is_file() and p.name != "fingerprints.json" and not p.name.endswith(".idx")}
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(world: Path, tmp_path: Path) -> None:
@@ -153,7 +154,8 @@ def test_cli_refuses_non_empty_output_and_overwrites_on_request(tmp_path: Path, 
     assert demo_data.main(args) == 2
     assert "not empty" in capsys.readouterr().err
     assert demo_data.main(args[:3] + ["--num-val", "0", "--image-size", "48", "--shard-size", "5", "--overwrite"]) == 0
-    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["fingerprints.json", "shard-000000.tar", "sizes.json"]
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
+        "fingerprints.json", "shard-000000.tar", "shard-000000.tar.idx", "sizes.json"]
     assert not any((tmp_path / "val" / "images").iterdir())
 
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from simzss.data.shard_index import remove_index
 from simzss.data.shards import expand_shards, read_fingerprints, source_fingerprint
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def drop_stale_outputs(out: str | os.PathLike[str], plan: Sequence[tuple[str, Pa
                          "train would read them with the new ones: pass --overwrite to remove them and redo all")
     for name in stale:
         (out / name).unlink()
+        remove_index(str(out / name))
         log.warning("%s: removed; its input is gone or changed (--overwrite)", out / name)
     return len(stale)
 

@@ -39,6 +39,7 @@ from simzss.data.outputs import (
     drop_stale_outputs, plan_outputs, problems_summary, stale_outputs, writable_folder,
 )
 from simzss.data.pool import PoolInterrupted, exit_with_parent, sigterm_raises, stop_pool, worker_environment
+from simzss.data.shard_index import index_kept_shard, index_new_shard
 from simzss.data.shards import (
     IMAGE_EXTENSIONS,
     MAX_CAPTION_CHARS,
@@ -238,6 +239,8 @@ def process_shard(src: str, dst: str, extractor: "ConceptExtractor", bank: "Conc
     res.samples, res.error = write_one_of_many(dst, annotated(), src)
     if res.error is not None:
         res.status = "failed"
+    else:
+        index_new_shard(dst)
     res.seconds = time.perf_counter() - t0
     res.cpu_seconds = time.process_time() - c0
     res.key_hashes = np.asarray(hashes, dtype=np.uint64).tobytes() if res.status == "done" else b""
@@ -307,6 +310,7 @@ def prepare_shards(
                 record = records[dst.name]
                 results.append(ShardResult(shard=src, output=str(dst), status="skipped", samples=sizes[dst.name],
                                            truncated=record.get("truncated"), key_hashes=_written_key_hashes(dst)))
+                index_kept_shard(dst)
                 continue
             redo[why] += 1
             log.debug("%s: redoing %s: %s", src, dst, why)

@@ -21,10 +21,10 @@ the shard sizes (no DDP hang); the last ``num_samples % (batch_size * world_size
 batch) are left out of the epoch.
 
 Workers: each of a rank's data workers reads the rank's whole sequence and runs the same seeded shuffle, so all agree
-on the output order. That reading is paid once per worker, so it is kept cheap (:mod:`simzss.data.tar_members`):
-plain local shards are read from their tar headers, and a worker reads the bytes of its own samples only (its
-shuffle buffer holds where the bytes are, not the bytes); other sources go through webdataset's reader with the
-bytes. Output positions are cut into chunks of
+on the output order. That reading is paid once per worker, so it is kept cheap: a plain local shard is walked from
+its index (:mod:`simzss.data.shard_index`, ``NAME.tar.idx``) or else from its tar headers
+(:mod:`simzss.data.tar_members`), and a worker reads the bytes of its own samples only (its shuffle buffer holds
+where the bytes are, not the bytes); other sources go through webdataset's reader with the bytes. Output positions are cut into chunks of
 :func:`~simzss.data.sampling.chunk_size` samples, and chunk ``j`` of a pass belongs to worker ``j % workers``, which
 alone decodes, crops and tokenises its samples. The DataLoader returns the workers' pieces strictly round robin, so
 the main process receives the rank's sequence in order, whatever the number of workers. Workers run on into the
@@ -78,7 +78,8 @@ from simzss.data.shards import (
 from simzss.data.batch import Batch, EncodedImages
 from simzss.data.loader import Piece, TrainingDataError, TrainLoader, resolve_workers
 from simzss.data.decode import decode_crop, plan_crop
-from simzss.data.tar_members import read_members, tar_samples
+from simzss.data.shard_index import indexed_samples, log_index_coverage
+from simzss.data.tar_members import read_members
 from simzss.data.sampling import (
     SharedState,
     batches_per_epoch,
@@ -299,7 +300,7 @@ class TrainStream(IterableDataset):
         stages: List[Any] = [
             *shards,
             partial(_fail_if_unproductive, stats=stats, limit=4 * len(self.urls) + 32),
-            partial(tar_samples, handler=stats.tar_error if count_errors else _ignore_tar_error),
+            partial(indexed_samples, handler=stats.tar_error if count_errors else _ignore_tar_error, warn=count_errors),
             partial(_count_raw, stats=stats),
         ]
         if ranged:
@@ -529,6 +530,7 @@ def build_train_loader(
     if cfg.workers > 0:
         # Tokenising in forked workers after the parent used the Rust thread pool would deadlock-warn.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log_index_coverage(urls)
     state = SharedState(cfg.workers, seed=seed)
     dataset = TrainStream(
         urls,

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from simzss.data.shards import atomic_write_bytes, write_shard, write_sizes
+from simzss.data.shard_index import index_new_shard
 
 
 RGB = tuple[int, int, int]
@@ -548,7 +549,8 @@ def generate_toy_world(
 ) -> dict[str, Any]:
     """Write the toy world (train shards + labelled val split) under ``out_dir``; return a summary.
 
-    Same arguments -> byte-identical files (except ``train/fingerprints.json``, which records the shards' mtimes).
+    Same arguments -> byte-identical files (except ``train/fingerprints.json`` and the shard indexes ``*.tar.idx``,
+    which record the shards' mtimes).
     ``out_dir/train`` and ``out_dir/val`` must be absent or empty unless ``overwrite`` (then they are replaced).
     """
     if num_train < 0 or num_val < 0:
@@ -569,6 +571,7 @@ def generate_toy_world(
         name = f"shard-{shard:06d}.tar"
         stop = min(start + shard_size, num_train)
         sizes[name] = write_shard(train_dir / name, _train_samples(seed, start, stop, image_size, class_counts))
+        index_new_shard(train_dir / name)
     write_sizes(train_dir, sizes)
 
     (val_dir / "images").mkdir()

@@ -11,6 +11,9 @@ member's ``data`` is a :class:`MemberData`, where its bytes are: a worker reads 
 only (:func:`read_members`), and its shuffle buffer holds no image data. Grouping into samples is webdataset's own
 ``group_by_keys``, so keys, suffixes and skipped members are exactly what its reader gives.
 
+A shard with an index (:mod:`simzss.data.shard_index`) is not even walked through its headers: the index holds what
+this module's reading gives.
+
 Anything else takes webdataset's path unchanged, bytes included: remote or ``pipe:`` URLs, and any local shard
 whose headers are not all plain (a bad checksum, a GNU or pax extension header, a link or device, a truncated
 file, ...). The scan that decides this reads only the headers, before any member is handed on, so a damaged shard
@@ -115,7 +118,8 @@ def plain_members(path: str) -> Optional[List[Tuple[str, int, int]]]:
         os.close(fd)
 
 
-def _is_local_file(url: str) -> bool:
+def is_local_file(url: str) -> bool:
+    """Whether ``url`` names an existing local file (not a URL or a ``pipe:`` command)."""
     return "://" not in url and not url.startswith("pipe:") and os.path.isfile(url)
 
 
@@ -125,17 +129,31 @@ def _skipped(name: str) -> bool:
     return top_meta or _SKIP_META.match(name) is not None
 
 
-def _members_of(shard: Dict[str, Any], handler: Callable[[Exception], bool]) -> Iterator[Dict[str, Any]]:
-    """One shard's members followed by webdataset's end-of-shard marker ``{}``."""
-    url = shard["url"]
-    members = plain_members(url) if _is_local_file(url) else None
-    if members is None:
-        yield from tariterators.tar_file_expander(tariterators.url_opener([shard], handler=handler), handler=handler)
-        return
+def _plain_files(url: str, members: List[Tuple[str, int, int]]) -> Iterator[Dict[str, Any]]:
+    """The member records of a plain shard (``plain_members``) followed by webdataset's end-of-shard marker ``{}``."""
     for name, offset, size in members:
         if not _skipped(name):
             yield {"fname": name, "data": MemberData(url, offset, size), "__url__": url}
     yield {}
+
+
+def _members_of(shard: Dict[str, Any], handler: Callable[[Exception], bool]) -> Iterator[Dict[str, Any]]:
+    """One shard's members followed by webdataset's end-of-shard marker ``{}``."""
+    url = shard["url"]
+    members = plain_members(url) if is_local_file(url) else None
+    if members is None:
+        yield from tariterators.tar_file_expander(tariterators.url_opener([shard], handler=handler), handler=handler)
+        return
+    yield from _plain_files(url, members)
+
+
+def plain_samples(path: str, handler: Callable[[Exception], bool]) -> Optional[Iterator[Dict[str, Any]]]:
+    """The samples of the local shard ``path`` as :func:`tar_samples` gives them (all values :class:`MemberData`),
+    or None when the shard is not plain (:func:`plain_members`)."""
+    members = plain_members(path) if is_local_file(path) else None
+    if members is None:
+        return None
+    return tariterators.group_by_keys(_plain_files(path, members), handler=handler)
 
 
 def tar_samples(shards: Iterable[Dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[Dict[str, Any]]:
@@ -146,4 +164,4 @@ def tar_samples(shards: Iterable[Dict[str, Any]], handler: Callable[[Exception],
     return tariterators.group_by_keys(files, handler=handler)
 
 
-__all__ = ["MemberData", "plain_members", "read_members", "tar_samples"]
+__all__ = ["MemberData", "is_local_file", "plain_members", "plain_samples", "read_members", "tar_samples"]

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from simzss.data.outputs import drop_stale_outputs, plan_outputs, problems_summary, writable_folder
 from simzss.data.pool import PoolInterrupted, exit_with_parent, run_jobs, sigterm_raises
+from simzss.data.shard_index import index_kept_shard, index_new_shard
 from simzss.data.shards import (
     IMAGE_EXTENSIONS,
     ShardReadError,
@@ -162,6 +163,8 @@ def resize_shard(src: str, dst: str, options: ResizeOptions) -> ResizeResult:
     if res.error is not None:
         res.status = "failed"
         log.error("%s: shard failed, no output written: %s", src, res.error)
+    else:
+        index_new_shard(dst)
     return res
 
 
@@ -215,6 +218,7 @@ def resize_shards(
             if reuse_problem(src, dst, records.get(dst.name), made_with, sizes) is None:
                 results.append(ResizeResult(src, str(dst), "skipped", samples=sizes[dst.name],
                                             truncated=records[dst.name].get("truncated")))
+                index_kept_shard(dst)
                 continue
         todo.append((src, str(dst), options))
     log.info("%d shard(s): %d to resize, %d already done", len(plan), len(todo), len(plan) - len(todo))

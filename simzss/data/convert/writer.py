@@ -31,6 +31,7 @@ from simzss.concepts import ConceptExtractor
 from simzss.data.convert.resize import ResizeOptions, resize_image
 from simzss.data.pool import PoolInterrupted, exit_with_parent, run_jobs, sigterm_raises
 from simzss.data.prepare import CONCEPTS_EXT, CONCEPTS_VERSION
+from simzss.data.shard_index import index_kept_shard, index_new_shard, remove_index
 from simzss.data.shards import (
     atomic_write_bytes, clean_stale_temps, file_fingerprint, read_fingerprints, read_sizes, write_one_of_many,
     write_sizes,
@@ -220,6 +221,8 @@ def build_shard(dst: str, records: Sequence[Record]) -> ShardOutcome:
     out.samples, out.error = write_one_of_many(dst, annotated(), dst)
     if out.error is not None:
         out.status = "failed"
+    else:
+        index_new_shard(dst)
     return out
 
 
@@ -320,6 +323,7 @@ def write_dataset(
         for p in out.glob("*.tar"):
             if _SHARD_NAME.match(p.name) and p.name not in names:
                 p.unlink()
+                remove_index(str(p))
     try:
         sizes = read_sizes(out, verify=False)  # each shard is checked against its fingerprint below
     except ValueError as e:
@@ -340,6 +344,7 @@ def write_dataset(
                     and record.get("made_with") == made_with
                     and {k: record.get(k) for k in ("size", "mtime_ns")} == file_fingerprint(out / name)):
                 outcomes.append(ShardOutcome(name, "skipped", samples=sizes[name]))
+                index_kept_shard(out / name)
                 continue
             redone += 1
         todo.append((str(out / name), chunk))

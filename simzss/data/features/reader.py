@@ -36,6 +36,7 @@ from simzss.data.features.format import (
 from simzss.data.loader import resolve_workers
 from simzss.data.sampling import SharedState, batches_per_epoch
 from simzss.data.shards import SIZES_FILE, read_sizes
+from simzss.data.shard_index import log_index_coverage
 from simzss.data.stream import SkipStats, TrainLoader, TrainStream, check_loader_args, sample_location
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,7 @@ def build_cached_loader(cfg: DataConfig, tokenizer: Any, bank: Any, *, batch_siz
     if cfg.workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     urls = [str(cache / n) for n in names]
+    log_index_coverage(urls)
     data_cfg = dataclasses.replace(cfg, shards=urls, image_size=int(meta["image_size"]))
     dataset = _CachedFeatureStream(
         urls, data_cfg, tokenizer, bank, batch_size=batch_size, context_length=context_length, rank=rank,

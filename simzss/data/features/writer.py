@@ -35,6 +35,7 @@ from simzss.data.features.format import (
     CACHE_FORMAT, CACHE_VERSION, CLS_FILE, DTYPES, IMAGE_ROW_MEMBER, META_FILE, PATCHES_FILE, CacheError,
     cache_nbytes, image_identity, input_fingerprint, load_meta_file, meta_settings, weights_fingerprint,
 )
+from simzss.data.shard_index import index_new_shard
 from simzss.data.shards import (
     IMAGE_EXTENSIONS, SIZES_FILE, ShardReadError, atomic_path, atomic_write_bytes, clean_stale_temps,
     expand_shards, iter_samples, write_shard, write_sizes,
@@ -444,6 +445,7 @@ def write_feature_cache(
                     s["concepts.json"] = c.concepts
                 samples.append(s)
             sizes[name] = write_shard(out / name, samples)
+            index_new_shard(out / name)
         if dropped:
             skipped["caption_of_bad_image"] += dropped
         write_sizes(out, sizes)
