@@ -46,6 +46,7 @@ from photo_shards import make_photo_shards
 from simzss.config import TrainConfig, load_config
 from simzss.data.convert.resize import DEFAULT_SHORT_SIDE, ResizeOptions, resize_shards
 from simzss.data.device import to_device
+from simzss.data.shard_index import index_coverage
 from simzss.data.tokenize import train_bpe_tokenizer
 from simzss.engine.trainer import Trainer
 from simzss.models.zeroshot import get_mean_std
@@ -225,7 +226,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  epochs=args.epochs, workers=workers, device=device, small=args.small,
                                  log_every=max(1, math.ceil(steps_per_epoch * args.epochs / 8)),
                                  decode="cpu" if variant == "resized" else variant)
-                run = {"variant": variant, "mean_jpeg_kb": round(kb, 1), **measure(cfg, args.model_only_steps or 12)}
+                indexed = index_coverage(sorted(str(p) for p in folder.glob("*.tar"))).get("fresh", 0)
+                run = {"variant": variant, "mean_jpeg_kb": round(kb, 1), "shards_indexed": indexed,
+                       **measure(cfg, args.model_only_steps or 12)}
                 print(json.dumps(run), file=sys.stderr, flush=True)
                 runs.append(run)
         report = {

@@ -62,6 +62,7 @@ def photo_jpeg(seed: int, width: int = WIDTH, height: int = HEIGHT, quality: int
 
 
 def _write_one(args: tuple) -> tuple:
+    from simzss.data.shard_index import index_new_shard
     from simzss.data.shards import write_shard
 
     path, start, stop, captions, names = args
@@ -72,20 +73,27 @@ def _write_one(args: tuple) -> tuple:
                     for c, sp in spans]
         samples.append({"__key__": f"{i:08d}", "jpg": photo_jpeg(i), "txt": caption,
                         "concepts.json": {"version": 1, "concepts": concepts}})
-    return Path(path).name, write_shard(path, samples)
+    written = write_shard(path, samples)
+    index_new_shard(path)  # as simzss's own shard writers do
+    return Path(path).name, written
 
 
 def make_photo_shards(out: str | os.PathLike, samples: int, processes: int | None = None,
                       shard_size: int = SHARD_SIZE) -> List[str]:
-    """``samples`` photo-like samples in ``out`` (shards of ``shard_size`` + ``sizes.json``); reused when ``out``
-    already holds exactly that many in shards of that size. Returns the shard paths."""
+    """``samples`` photo-like samples in ``out`` (shards of ``shard_size``, indexed as ``simzss shards`` writes them,
+    + ``sizes.json``); reused when ``out`` already holds exactly that many in shards of that size. Returns the shard
+    paths."""
+    from simzss.data.shard_index import index_kept_shard
     from simzss.data.shards import write_sizes
 
     out = Path(out)
     marker = out / MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("samples") == samples \
             and json.loads(marker.read_text()).get("shard_size", SHARD_SIZE) == shard_size:
-        return sorted(str(p) for p in out.glob("*.tar"))
+        kept = sorted(str(p) for p in out.glob("*.tar"))
+        for path in kept:
+            index_kept_shard(path)
+        return kept
     out.mkdir(parents=True, exist_ok=True)
     names = class_names(60)
     captions = synthetic_captions(samples, names, seed=0)

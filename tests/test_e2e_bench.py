@@ -67,6 +67,7 @@ def test_cpu_path_reports_consistent_figures(bench, tmp_path: Path) -> None:
     # shards are reused by a second call with the same sample count (the marker records it)
     marker = json.loads((tmp_path / "shards" / "photo_shards.json").read_text())
     assert marker["samples"] == 40 and len(list((tmp_path / "shards").glob("*.tar"))) == 1
+    assert run["shards_indexed"] == 1  # indexed as simzss's own shard writers index them
 
 
 @pytest.mark.slow
@@ -78,6 +79,7 @@ def test_variants_run_the_same_shards_through_other_input_paths(bench, tmp_path:
     report = json.loads(out.read_text())
     assert [run["variant"] for run in report["runs"]] == ["resized", "pil"]
     resized, pil = report["runs"]
+    assert resized["shards_indexed"] == pil["shards_indexed"] == 1
     assert report["resize_short"] == 128 and report["resize_seconds"] >= 0
     # the resized shards hold the same samples with smaller images; pil reads the originals
     assert resized["mean_jpeg_kb"] < pil["mean_jpeg_kb"] / 3 and pil["mean_jpeg_kb"] == report["mean_jpeg_kb"]
