@@ -15,6 +15,7 @@ last two.
     python benchmarks/bench_worker_scaling.py --samples 1024 --workers 1 2 4 8 14
     python benchmarks/bench_worker_scaling.py --samples 1024 --workers 1 14 --resize-short 288
     python benchmarks/bench_worker_scaling.py --samples 4096 --workers 1 14 --cache   # the feature cache's stream
+    python benchmarks/bench_worker_scaling.py --samples 1792 --batch-size 256 --workers 1 14  # chunks of 64, as in training
 """
 
 from __future__ import annotations

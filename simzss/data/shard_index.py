@@ -192,7 +192,7 @@ def _indexed(url: str, warn: bool) -> Optional[List[Dict[str, Any]]]:
         return None
     except (OSError, UnusableIndex) as exc:
         # stale ones are counted in the start-up line (log_index_coverage); damaged ones are news, once per file
-        loud = warn and not getattr(exc, "stale", False) and url not in _warned
+        loud = warn and not (isinstance(exc, UnusableIndex) and exc.stale) and url not in _warned
         _warned.add(url)
         log.log(logging.WARNING if loud else logging.DEBUG, "%s; reading the shard's tar headers instead "
                 "(`simzss shards index` rewrites it)", exc)

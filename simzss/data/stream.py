@@ -24,11 +24,12 @@ Workers: each of a rank's data workers reads the rank's whole sequence and runs 
 on the output order. That reading is paid once per worker, so it is kept cheap: a plain local shard is walked from
 its index (:mod:`simzss.data.shard_index`, ``NAME.tar.idx``) or else from its tar headers
 (:mod:`simzss.data.tar_members`), and a worker reads the bytes of its own samples only (its shuffle buffer holds
-where the bytes are, not the bytes); other sources go through webdataset's reader with the bytes. Output positions are cut into chunks of
-:func:`~simzss.data.sampling.chunk_size` samples, and chunk ``j`` of a pass belongs to worker ``j % workers``, which
-alone decodes, crops and tokenises its samples. The DataLoader returns the workers' pieces strictly round robin, so
-the main process receives the rank's sequence in order, whatever the number of workers. Workers run on into the
-next epoch while the main process finishes the current one (no restart, no refill stall at the boundary).
+where the bytes are, not the bytes); other sources go through webdataset's reader with the bytes. Output positions
+are cut into chunks of :func:`~simzss.data.sampling.chunk_size` samples, and chunk ``j`` of a pass belongs to
+worker ``j % workers``, which alone decodes, crops and tokenises its samples. The DataLoader returns the workers'
+pieces strictly round robin, so the main process receives the rank's sequence in order, whatever the number of
+workers. Workers run on into the next epoch while the main process finishes the current one (no restart, no refill
+stall at the boundary).
 
 Skipped samples (counted and logged) are replaced by the ones that follow, which may come from the start of the
 next epoch's sequence (that epoch then begins a little further on). A stream that only skips stops with an error

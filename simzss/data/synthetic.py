@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from simzss.data.shards import atomic_write_bytes, write_shard, write_sizes
 from simzss.data.shard_index import index_new_shard
+from simzss.data.shards import atomic_write_bytes, write_shard, write_sizes
 
 
 RGB = tuple[int, int, int]

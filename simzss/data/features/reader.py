@@ -35,8 +35,8 @@ from simzss.data.features.format import (
 )
 from simzss.data.loader import resolve_workers
 from simzss.data.sampling import SharedState, batches_per_epoch
-from simzss.data.shards import SIZES_FILE, read_sizes
 from simzss.data.shard_index import log_index_coverage
+from simzss.data.shards import SIZES_FILE, read_sizes
 from simzss.data.stream import SkipStats, TrainLoader, TrainStream, check_loader_args, sample_location
 
 log = logging.getLogger(__name__)
